@@ -1,0 +1,130 @@
+// Helpers shared by the registration files: error reporting into MXNet, dtype/shape checks,
+// and the (outer, channels, inner) view of a tensor around one axis.
+#pragma once
+
+#include <cstdint>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "mxnet/lib_api.h"
+#include "attrs.h"
+
+namespace qo {
+
+namespace detail {
+// lib_api.h keeps every error message ever raised and MXNet prints them all with each new
+// error, so a second mistake would be reported with the first one's text. MXerrorMsgs has no
+// clear(); its message list is reached through the member-pointer idiom below (explicit
+// template instantiation may name private members).
+using MsgList = std::vector<std::stringstream*>;
+MsgList mxnet::ext::MXerrorMsgs::*error_list_member();
+template <MsgList mxnet::ext::MXerrorMsgs::*M>
+struct ErrorListAccess {
+  friend MsgList mxnet::ext::MXerrorMsgs::*error_list_member() { return M; }
+};
+template struct ErrorListAccess<&mxnet::ext::MXerrorMsgs::messages>;
+
+/*! \brief Report one error: drop the messages MXNet has already shown, then add this one. */
+inline void report_error(const char* what) {
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  MsgList& msgs = mxnet::ext::MXerrorMsgs::get()->*error_list_member();
+  for (auto* m : msgs) delete m;
+  msgs.clear();
+  MX_ERROR_MSG << what;
+}
+}  // namespace detail
+
+/*! \brief Run `body`; turn an AttrError (or any std::exception) into MXNet's error channel. */
+template <typename F>
+inline mxnet::ext::MXReturnValue guarded(F&& body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    detail::report_error(e.what());
+    return mxnet::ext::MX_FAIL;
+  }
+}
+
+/*! \brief View a shape as (outer, channels, inner) around `axis`. */
+struct AxisView {
+  int64_t outer = 1, channels = 1, inner = 1;
+};
+
+template <typename Shape>
+inline AxisView axis_view(const Shape& shape, int axis) {
+  AxisView v;
+  for (int i = 0; i < static_cast<int>(shape.size()); ++i) {
+    const int64_t d = static_cast<int64_t>(shape[i]);
+    if (i < axis) v.outer *= d;
+    else if (i == axis) v.channels = d;
+    else v.inner *= d;
+  }
+  return v;
+}
+
+// MXNet hands an unknown dimension over as (unsigned)-1.
+constexpr unsigned int kUnknownDim = static_cast<unsigned int>(-1);
+
+inline bool shape_known(const std::vector<unsigned int>& s) {
+  if (s.empty()) return false;
+  for (auto d : s)
+    if (d == kUnknownDim) return false;
+  return true;
+}
+
+/*! \brief True when `have` is unknown or agrees with `want` wherever it is known. */
+inline bool shape_compatible(const std::vector<unsigned int>& have,
+                             const std::vector<unsigned int>& want) {
+  if (have.empty()) return true;
+  if (have.size() != want.size()) return false;
+  for (size_t i = 0; i < have.size(); ++i)
+    if (have[i] != kUnknownDim && have[i] != want[i]) return false;
+  return true;
+}
+
+/*! \brief Shapes must be fully known when an external operator infers them: MXNet 1.9 gives
+ *  it no output shapes (so nothing can be inferred backwards through it) and would store a
+ *  returned unknown dimension as 4294967295. */
+inline void require_known_shape(const std::string& op, const char* input,
+                                const std::vector<unsigned int>& s) {
+  if (!shape_known(s))
+    throw AttrError(op + ": the shape of '" + input + "' is not known when shapes are inferred; "
+                    "give its variable a shape (mx.sym.var(name, shape=...)) or initialize "
+                    "Gluon parameters with known sizes (MXNet 1.9's external operators "
+                    "cannot infer input shapes backwards)");
+}
+
+inline std::string shape_str(const std::vector<unsigned int>& s) {
+  std::string r = "(";
+  for (size_t i = 0; i < s.size(); ++i)
+    r += (i ? "," : "") + (s[i] == kUnknownDim ? std::string("?") : std::to_string(s[i]));
+  return r + (s.size() == 1 ? ",)" : ")");
+}
+
+inline const char* dtype_name(int t) {
+  switch (t) {
+    case mxnet::ext::kFloat32: return "float32";
+    case mxnet::ext::kFloat64: return "float64";
+    case mxnet::ext::kFloat16: return "float16";
+    case mxnet::ext::kUint8: return "uint8";
+    case mxnet::ext::kInt32: return "int32";
+    case mxnet::ext::kInt8: return "int8";
+    case mxnet::ext::kInt64: return "int64";
+    default: return "unknown";
+  }
+}
+
+/*! \brief All inputs must be float32 (the spec computes in float32); outputs are float32. */
+inline void require_float32(const std::string& op, const std::vector<const char*>& names,
+                            const std::vector<int>& types) {
+  for (size_t i = 0; i < types.size(); ++i) {
+    if (types[i] != mxnet::ext::kFloat32 && types[i] != -1)
+      throw AttrError(op + ": input '" + names[i] + "' must be float32, got " +
+                      dtype_name(types[i]));
+  }
+}
+
+}  // namespace qo

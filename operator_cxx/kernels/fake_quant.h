@@ -1,0 +1,187 @@
+// Symmetric fake quantization kernels, TensorRT / ONNX QuantizeLinear->DequantizeLinear aligned.
+//
+// Plain C++ with no MXNet types, so the kernels can be unit-tested alone and shared with a
+// future CUDA build: the per-element math lives in QO_HD inline functions.
+//
+// Numerics (DESIGN.md section 3): scale s = amax / qmax in float32; q = clamp(rint(x / s));
+// y = q * s.  Divide by s (never multiply by 1/s: ties would round differently from ONNX).
+// A zero range gives signed zeros exactly as ONNX Runtime does (+0 for x > 0, -0 otherwise:
+// its x/0 saturates), except that NaN stays NaN (DESIGN.md: NaN in gives NaN out).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define QO_HD __host__ __device__ __forceinline__
+#else
+#define QO_HD inline
+#endif
+
+// Hot loops get an AVX2/FMA clone next to the portable x86-64-v2 build; the loader picks at run
+// time.  (Vectorized rounding needs SSE4.1 at least, which x86-64-v2 guarantees.)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define QO_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define QO_CLONES
+#endif
+
+namespace qo {
+
+/*! \brief Integer range of a b-bit symmetric quantizer. Weights use the narrow range. */
+struct QRange {
+  float qmin;
+  float qmax;
+};
+
+QO_HD QRange qrange(int nbits, bool narrow) {
+  const float qmax = static_cast<float>((1 << (nbits - 1)) - 1);
+  return QRange{narrow ? -qmax : -qmax - 1.0f, qmax};
+}
+
+/*! \brief Scale from a range, computed in float32 as the deployment engine does. */
+QO_HD float scale_of(float amax, float qmax) { return amax / qmax; }
+
+/*! \brief One element: dequant(quant(x)). Clamp as ternaries so the loop vectorizes and NaN
+ *  passes through (comparisons with NaN are false).  `+ 0.0f` turns a rounded -0 into +0, as
+ *  the integer code 0 dequantizes to +0 in the engine. */
+QO_HD float fake_quant(float x, float s, float qmin, float qmax) {
+  float q = std::nearbyint(x / s);
+  q = q < qmin ? qmin : q;
+  q = q > qmax ? qmax : q;
+  return (q + 0.0f) * s;
+}
+
+/*! \brief One element under a zero (or unusable) range. */
+QO_HD float zero_range(float x) { return x != x ? x : (x > 0.0f ? 0.0f : -0.0f); }
+
+/*! \brief A scale the quantizer can divide by. */
+QO_HD bool usable_scale(float s) { return s > 0.0f && s <= 3.402823466e38f; }
+
+/*! \brief y[i] = fake_quant(x[i]) over n elements with one scale. */
+QO_CLONES inline void fake_quant_tensor(const float* x, float* y, int64_t n, float amax,
+                                        QRange r) {
+  const float s = scale_of(amax, r.qmax);
+  if (!usable_scale(s)) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) y[i] = zero_range(x[i]);
+    return;
+  }
+  const float qmin = r.qmin, qmax = r.qmax;
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) y[i] = fake_quant(x[i], s, qmin, qmax);
+}
+
+/*! \brief Per-channel fake quantization of a tensor viewed as (outer, channels, inner). */
+QO_CLONES inline void fake_quant_channels(const float* x, float* y, int64_t outer,
+                                          int64_t channels, int64_t inner,
+                                          const float* amax, QRange r) {
+  const float qmin = r.qmin, qmax = r.qmax;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const float s = scale_of(amax[c], qmax);
+      const int64_t base = (o * channels + c) * inner;
+      const float* xp = x + base;
+      float* yp = y + base;
+      if (!usable_scale(s)) {
+#pragma omp simd
+        for (int64_t i = 0; i < inner; ++i) yp[i] = zero_range(xp[i]);
+        continue;
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < inner; ++i) yp[i] = fake_quant(xp[i], s, qmin, qmax);
+    }
+  }
+}
+
+/*! \brief max |x| over n elements; NaN is ignored (it never wins a comparison). */
+QO_CLONES inline float abs_max(const float* x, int64_t n) {
+  float m = 0.0f;
+#pragma omp parallel for simd reduction(max : m) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+/*! \brief Per-channel max |x| of a tensor viewed as (outer, channels, inner). */
+QO_CLONES inline void abs_max_channels(const float* x, int64_t outer, int64_t channels,
+                                       int64_t inner, float* amax) {
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < channels; ++c) {
+    float m = 0.0f;
+    for (int64_t o = 0; o < outer; ++o) {
+      const float* xp = x + (o * channels + c) * inner;
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < inner; ++i) {
+        const float a = std::fabs(xp[i]);
+        m = a > m ? a : m;
+      }
+    }
+    amax[c] = m;
+  }
+}
+
+/*! \brief dst = src (or dst += src when accumulate), parallel. */
+QO_CLONES inline void copy_or_add(const float* src, float* dst, int64_t n, bool accumulate) {
+  if (accumulate) {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  } else {
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
+/*! \brief `clip` mode: the straight-through gradient where the clamp did not act, i.e. the
+ *  rounded code lies in [qmin, qmax]; zero where the value saturated.  (Comparing x with
+ *  qmax * s instead would clip the channel's own maximum, as 127 * (amax / 127) can round
+ *  below amax.)  An unusable scale passes the gradient through. */
+QO_HD float clip_grad(float g, float x, float s, float qmin, float qmax) {
+  const float q = std::nearbyint(x / s);
+  return (q >= qmin && q <= qmax) ? g : 0.0f;
+}
+
+QO_CLONES inline void clip_grad_tensor(const float* g, const float* x, float* dx, int64_t n,
+                                       float amax, QRange r) {
+  const float s = scale_of(amax, r.qmax);
+  const float qmin = r.qmin, qmax = r.qmax;
+  if (!usable_scale(s)) {
+    copy_or_add(g, dx, n, false);
+    return;
+  }
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) dx[i] = clip_grad(g[i], x[i], s, qmin, qmax);
+}
+
+/*! \brief Per-channel form of clip_grad_tensor, tensor viewed as (outer, channels, inner). */
+QO_CLONES inline void clip_grad_channels(const float* g, const float* x, float* dx, int64_t outer,
+                                         int64_t channels, int64_t inner, const float* amax,
+                                         QRange r) {
+  const float qmin = r.qmin, qmax = r.qmax;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const float s = scale_of(amax[c], qmax);
+      const int64_t base = (o * channels + c) * inner;
+      if (!usable_scale(s)) {
+        for (int64_t i = 0; i < inner; ++i) dx[base + i] = g[base + i];
+        continue;
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < inner; ++i)
+        dx[base + i] = clip_grad(g[base + i], x[base + i], s, qmin, qmax);
+    }
+  }
+}
+
+/*! \brief Exponential moving average of a range; an uninitialized range (<= 0) takes the
+ *  batch value, so the first batch initializes it and a loaded range is kept. */
+QO_HD float ema_update(float current, float batch, float decay) {
+  if (!(current > 0.0f)) return batch;
+  return decay * current + (1.0f - decay) * batch;
+}
+
+}  // namespace qo

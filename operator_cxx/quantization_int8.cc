@@ -1,0 +1,192 @@
+// Registration of Quantization_int8: TensorRT-aligned symmetric fake quantization for QAT.
+//
+// Inputs:  data, minmax (aux: range, shape (1,) or (C,)), qstate (aux: [step, training]).
+// Output:  dequant(quant(data)).
+// The kernels are in kernels/fake_quant.h; this file binds them to lib_api.h.
+#include <string>
+#include <vector>
+
+#include "common/attrs.h"
+#include "common/op_utils.h"
+#include "kernels/fake_quant.h"
+
+using namespace mxnet::ext;
+
+namespace {
+
+const char* kOp = "Quantization_int8";
+
+struct Int8Params {
+  int nbits;
+  bool is_weight;
+  bool perchannel;
+  long long delay_quant;
+  float ema_decay;
+  bool clip_grad;
+  bool fix_act_scale;
+  int channel_axis;
+
+  explicit Int8Params(const qo::AttrMap& a) {
+    qo::check_known_keys(kOp, a,
+                         {"nbits", "is_weight", "is_weight_perchannel", "delay_quant",
+                          "ema_decay", "grad_mode", "fix_act_scale", "channel_axis"});
+    nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 8, 2, 16));
+    is_weight = qo::attr_bool(kOp, a, "is_weight", false);
+    perchannel = qo::attr_bool(kOp, a, "is_weight_perchannel", false);
+    delay_quant = qo::attr_int(kOp, a, "delay_quant", 0, 0, 1LL << 40);
+    ema_decay = qo::attr_float(kOp, a, "ema_decay", 0.99f, 0.0f, 1.0f);
+    clip_grad = qo::attr_choice(kOp, a, "grad_mode", {"ste", "clip"}, 0) == 1;
+    fix_act_scale = qo::attr_bool(kOp, a, "fix_act_scale", false);
+    channel_axis = static_cast<int>(qo::attr_int(kOp, a, "channel_axis", 0, 0, 7));
+    if (perchannel && !is_weight)
+      throw qo::AttrError(std::string(kOp) +
+                          ": is_weight_perchannel=True needs is_weight=True (activations are "
+                          "quantized per tensor)");
+  }
+  bool per_channel() const { return is_weight && perchannel; }
+  qo::QRange range() const { return qo::qrange(nbits, is_weight); }
+};
+
+// Shape of `data` seen around the channel axis (a per-tensor quantizer has one channel).
+qo::AxisView view_of(const Int8Params& p, const std::vector<int64_t>& shape) {
+  if (p.per_channel()) return qo::axis_view(shape, p.channel_axis);
+  qo::AxisView v;
+  for (auto d : shape) v.inner *= d;
+  return v;
+}
+
+MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
+  return qo::guarded([&] {
+    Int8Params p(attrs);
+    (void)p;
+    *num_in = 3;
+    *num_out = 1;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue infer_type(const qo::AttrMap& attrs, std::vector<int>* in, std::vector<int>* out) {
+  return qo::guarded([&] {
+    qo::require_float32(kOp, {"data", "minmax", "qstate"}, *in);
+    for (auto& t : *in) t = kFloat32;
+    (*out)[0] = kFloat32;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue infer_stype(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
+  for (auto& s : *in) s = kDefaultStorage;
+  for (auto& s : *out) s = kDefaultStorage;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
+                          std::vector<std::vector<unsigned int>>* out) {
+  return qo::guarded([&] {
+    Int8Params p(attrs);
+    const auto& data = (*in)[0];
+    qo::require_known_shape(kOp, "data", data);
+    unsigned int channels = 1;
+    if (p.per_channel()) {
+      if (p.channel_axis >= static_cast<int>(data.size()))
+        throw qo::AttrError(std::string(kOp) + ": channel_axis=" +
+                            std::to_string(p.channel_axis) + " is outside data of shape " +
+                            qo::shape_str(data));
+      channels = data[p.channel_axis];
+    }
+    const std::vector<unsigned int> want_mm{channels};
+    auto& mm = (*in)[1];
+    if (!qo::shape_compatible(mm, want_mm))
+      throw qo::AttrError(std::string(kOp) + ": 'minmax' must have shape " +
+                          qo::shape_str(want_mm) + " for data of shape " + qo::shape_str(data) +
+                          (p.per_channel() ? " (one range per channel)" : " (one range)") +
+                          ", got " + qo::shape_str(mm));
+    mm = want_mm;
+    const std::vector<unsigned int> want_st{2};
+    auto& st = (*in)[2];
+    if (!qo::shape_compatible(st, want_st))
+      throw qo::AttrError(std::string(kOp) + ": 'qstate' must have shape (2,) ([step, "
+                          "training]), got " + qo::shape_str(st));
+    st = want_st;
+    (*out)[0] = data;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue mutate_inputs(const qo::AttrMap&, std::vector<int>* idx) {
+  idx->push_back(1);  // minmax
+  idx->push_back(2);  // qstate
+  return MX_SUCCESS;
+}
+
+MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
+                      std::vector<MXTensor>* outputs, const OpResource&) {
+  return qo::guarded([&] {
+    const Int8Params p(attrs);
+    MXTensor& data = (*inputs)[0];
+    float* mm = (*inputs)[1].data<float>();
+    float* st = (*inputs)[2].data<float>();
+    const float* x = data.data<float>();
+    float* y = (*outputs)[0].data<float>();
+    const int64_t n = data.size();
+    const qo::AxisView v = view_of(p, data.shape);
+    const bool training = st[1] > 0.5f;
+    const float step = st[0];
+
+    if (p.is_weight) {
+      if (p.per_channel()) qo::abs_max_channels(x, v.outer, v.channels, v.inner, mm);
+      else mm[0] = qo::abs_max(x, n);
+    } else if (training) {
+      const float batch = qo::abs_max(x, n);
+      mm[0] = (p.fix_act_scale && mm[0] > 0.0f) ? mm[0] : qo::ema_update(mm[0], batch, p.ema_decay);
+    }
+    if (training) st[0] = step + 1.0f;
+
+    if (training && step < static_cast<float>(p.delay_quant)) {
+      qo::copy_or_add(x, y, n, false);
+    } else if (p.per_channel()) {
+      qo::fake_quant_channels(x, y, v.outer, v.channels, v.inner, mm, p.range());
+    } else {
+      qo::fake_quant_tensor(x, y, n, mm[0], p.range());
+    }
+    return MX_SUCCESS;
+  });
+}
+
+// Backward inputs: [out_grad, data, minmax, qstate, output]; outputs: grads of the inputs.
+MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
+                       std::vector<MXTensor>* outputs, const OpResource&) {
+  return qo::guarded([&] {
+    const Int8Params p(attrs);
+    const float* g = (*inputs)[0].data<float>();
+    MXTensor& data = (*inputs)[1];
+    const float* mm = (*inputs)[2].data<float>();
+    const float* st = (*inputs)[3].data<float>();
+    float* dx = (*outputs)[0].data<float>();
+    const int64_t n = data.size();
+    // Forward already counted this step, so the step it ran at is st[0] - 1.
+    const bool delayed = st[1] > 0.5f && st[0] - 1.0f < static_cast<float>(p.delay_quant);
+    if (!p.clip_grad || delayed) {
+      qo::copy_or_add(g, dx, n, false);
+    } else if (!p.per_channel()) {
+      qo::clip_grad_tensor(g, data.data<float>(), dx, n, mm[0], p.range());
+    } else {
+      const qo::AxisView v = view_of(p, data.shape);
+      qo::clip_grad_channels(g, data.data<float>(), dx, v.outer, v.channels, v.inner, mm,
+                             p.range());
+    }
+    // minmax and qstate are auxiliary states: MXNet never reads gradients for them.
+    return MX_SUCCESS;
+  });
+}
+
+}  // namespace
+
+REGISTER_OP(Quantization_int8)
+    .setParseAttrs(parse_attrs)
+    .setInferType(infer_type)
+    .setInferSType(infer_stype)
+    .setInferShape(infer_shape)
+    .setMutateInputs(mutate_inputs)
+    .setForward(forward, "cpu")
+    .setBackward(backward, "cpu");

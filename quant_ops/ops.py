@@ -1,0 +1,184 @@
+"""Python front of the operators: nd / sym functions, quantizer state, Gluon blocks.
+
+Quantizer state is ordinary auxiliary arrays, so checkpoints are plain ``.params`` files:
+
+* ``minmax``: the range (amax), shape ``(1,)`` or ``(channels,)``;
+* ``qstate``: ``[step, training]``: training forward passes seen (drives ``delay_quant``)
+  and the mode flag.  MXNet's external-operator API does not tell an operator whether it
+  runs in training, so the mode is data: ``set_training`` writes it, and Gluon nets keep it
+  in step with ``autograd.is_training()`` through ``track_training``.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Iterable, Mapping
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from .errors import QuantOpsError
+
+
+class OperatorError(QuantOpsError, mx.base.MXNetError):
+    """Bad input to an operator of the library (attribute, shape, dtype).  Also an
+    ``MXNetError``, so code written against plain MXNet still catches it."""
+
+
+def _operator_message(op: str, err: Exception) -> str | None:
+    """The library's own message inside an MXNetError, if the error is the library's."""
+    for line in str(err).splitlines():
+        if f"{op}:" in line:
+            return line[line.index(f"{op}:"):].strip()
+    return None
+
+QUANTIZERS = ("Quantization_int8",)
+STATE_NAMES = ("minmax", "qstate")
+GRAD_SUM_SUFFIX = "_qo_gradsum"
+
+
+# -- gradient accumulation ---------------------------------------------------------------
+# The external-operator API does not pass OpReqType, so an operator whose gradient lands
+# directly in a leaf's buffer overwrites it even under grad_req='add'.  The wrappers below
+# route a leaf input through MXNet's own identity op, whose backward honours 'add'; the
+# quantizer's gradient then goes to an intermediate buffer.  Intermediate tensors never get
+# 'add' (unless MXNET_EXEC_ENABLE_ADDTO=1 is set), so they pass straight in.
+
+def _is_symbol_leaf(x: Any) -> bool:
+    return isinstance(x, mx.sym.Symbol) and x.get_children() is None
+
+
+def _is_nd_leaf(x: Any) -> bool:
+    return isinstance(x, mx.nd.NDArray) and x.grad is not None and autograd.is_recording()
+
+
+# MXNet 1.9.1 sizes a buffer from the inputs' ranks before calling an external operator's
+# shape inference and overflows it (or segfaults) when an input's rank is unknown.  State
+# variables therefore always carry a rank: (0,) means one dimension of a size still unknown.
+_STATE_SHAPES = {1: "(0,)", 2: "(2,)"}
+
+
+def _give_state_rank(args: list) -> None:
+    for i, v in enumerate(args):
+        if i in _STATE_SHAPES and _is_symbol_leaf(v) and "__shape__" not in v.list_attr():
+            v._set_attr(__shape__=_STATE_SHAPES[i])
+
+
+_INPUTS = ("data", "minmax", "qstate")
+
+
+def _wrap(raw):
+    @functools.wraps(raw)
+    def quantizer(*args, **kwargs):
+        args = list(args) + [kwargs.pop(k) for k in _INPUTS[len(args):] if k in kwargs]
+        if args and isinstance(args[0], mx.sym.Symbol):
+            _give_state_rank(args)
+            if _is_symbol_leaf(args[0]):
+                args[0] = mx.sym.identity(args[0], name=args[0].name + GRAD_SUM_SUFFIX)
+        elif args and _is_nd_leaf(args[0]):
+            args[0] = mx.nd.identity(args[0])
+        try:
+            return raw(*args, **kwargs)
+        except mx.base.MXNetError as e:
+            msg = _operator_message(raw.__name__, e)
+            if msg is None:
+                raise
+            raise OperatorError(msg) from None
+
+    quantizer.__qo_raw__ = raw  # type: ignore[attr-defined]
+    return quantizer
+
+
+def install_wrappers() -> None:
+    """Replace ``mx.nd.<Q>`` and ``mx.sym.<Q>`` with gradient-accumulation-safe wrappers."""
+    for name in QUANTIZERS:
+        for mods in ((mx.nd, mx.nd.op, mx.ndarray), (mx.sym, mx.sym.op, mx.symbol)):
+            raw = getattr(mods[0], name)
+            raw = getattr(raw, "__qo_raw__", raw)
+            wrapped = _wrap(raw)
+            for m in mods:
+                setattr(m, name, wrapped)
+
+
+def raw_op(F, name: str):
+    """The operator as MXNet registered it, without the leaf wrapper."""
+    f = getattr(F, name)
+    return getattr(f, "__qo_raw__", f)
+
+
+# -- state helpers ---------------------------------------------------------------------
+
+def is_state_name(name: str) -> bool:
+    return name.endswith(("_minmax", "_qstate"))
+
+
+def set_training(arrays: Mapping[str, mx.nd.NDArray] | Iterable[mx.nd.NDArray] | gluon.Block,
+                 training: bool) -> int:
+    """Set the mode flag of every ``*_qstate`` array (a dict such as ``exe.aux_dict``, an
+    iterable of qstate arrays, or a Gluon block).  Returns how many were set."""
+    if isinstance(arrays, gluon.Block):
+        arrays = {p.name: p.data() for p in arrays.collect_params().values()
+                  if p.name.endswith("_qstate") and p._data is not None}
+    if isinstance(arrays, Mapping):
+        arrays = [v for k, v in arrays.items() if k.endswith("_qstate")]
+    n = 0
+    for a in arrays:
+        if a.shape != (2,):
+            raise QuantOpsError(f"a qstate array must have shape (2,), got {a.shape}")
+        a[1:2] = 1.0 if training else 0.0
+        n += 1
+    return n
+
+
+def track_training(net: gluon.Block) -> gluon.Block:
+    """Keep the quantizers' mode flag equal to ``autograd.is_training()`` on every call of
+    ``net`` (hybridized or not); the flag is written only when the mode changes."""
+    if getattr(net, "_qo_tracking", False):
+        return net
+
+    def hook(block, _inputs):
+        mode = autograd.is_training()
+        if block._qo_mode != mode:
+            set_training(block, mode)
+            block._qo_mode = mode
+
+    net._qo_mode = None
+    net._qo_tracking = True
+    net.register_forward_pre_hook(hook)
+    if isinstance(net, gluon.HybridBlock):
+        # Gluon warns that hooks of a hybridized block are lost when it is a child; this hook
+        # sits on the outermost block, where it runs on every call, so the warning is noise.
+        hybridize = net.hybridize
+
+        @functools.wraps(hybridize)
+        def quiet_hybridize(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*still having forward hook")
+                return hybridize(*args, **kwargs)
+
+        net.hybridize = quiet_hybridize
+    return net
+
+
+# -- Gluon --------------------------------------------------------------------------
+
+class FakeQuantInt8(gluon.HybridBlock):
+    """``Quantization_int8`` as a Gluon block with its state as (non-trained) parameters.
+
+    Use it on a weight (``is_weight=True``) or an activation.  Its mode starts as inference
+    (``qstate = [0, 0]``): call ``track_training`` on the outermost net (hooks on children of
+    a hybridized net do not run), or ``set_training`` explicitly.
+    """
+
+    def __init__(self, channels: int = 1, prefix: str | None = None, params=None,
+                 **attrs: Any):
+        super().__init__(prefix=prefix, params=params)
+        self._attrs = attrs
+        with self.name_scope():
+            self.minmax = self.params.get("minmax", shape=(channels,), init="zeros",
+                                          grad_req="null", differentiable=False)
+            self.qstate = self.params.get("qstate", shape=(2,), init="zeros",
+                                          grad_req="null", differentiable=False)
+
+    def hybrid_forward(self, F, x, minmax, qstate):  # noqa: N803 (Gluon's signature)
+        return F.Quantization_int8(x, minmax, qstate, **self._attrs)
