@@ -122,11 +122,12 @@ def set_training(arrays: Mapping[str, mx.nd.NDArray] | Iterable[mx.nd.NDArray] |
     if isinstance(arrays, Mapping):
         arrays = [v for k, v in arrays.items() if k.endswith("_qstate")]
     n = 0
-    for a in arrays:
-        if a.shape != (2,):
-            raise QuantOpsError(f"a qstate array must have shape (2,), got {a.shape}")
-        a[1:2] = 1.0 if training else 0.0
-        n += 1
+    with autograd.pause():  # an in-place write is refused while autograd records
+        for a in arrays:
+            if a.shape != (2,):
+                raise QuantOpsError(f"a qstate array must have shape (2,), got {a.shape}")
+            a[1:2] = 1.0 if training else 0.0
+            n += 1
     return n
 
 

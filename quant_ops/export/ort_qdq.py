@@ -1,4 +1,5 @@
-"""Run ONNX QuantizeLinear -> DequantizeLinear in onnxruntime: the deployment reference."""
+"""ONNX QuantizeLinear -> DequantizeLinear run by onnxruntime: the reference that simulated
+quantization must equal bit for bit."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,0 +1,522 @@
+#!/usr/bin/env python
+"""Benchmark of ``Quantization_int8`` (CPU) against its floors and alternatives.
+
+For each case the same tensors are timed with:
+
+* ``quant_ops``: the fused operator (the raw MXNet op, without the Python leaf wrapper);
+* ``copy floor``: the fastest plain copy of the same bytes (``NDArray.copyto`` into a
+  preallocated array, or ``np.copyto``); forward+backward cases copy twice (x -> y, dy -> dx),
+  since the fused op reads and writes two tensors there too;
+* ``composed nd``: the same math from stock MXNet nd operators (range, scale, divide,
+  round half to even, clip, multiply; the backward is the straight-through copy of dy);
+* ``torch``: ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` with the
+  range computed by ``torch.aminmax`` where the case computes one (when torch imports).
+
+Each timing is the median of ``--repeats`` calls, each timed with ``time.perf_counter`` around
+the call plus ``mx.nd.waitall()``, after ``--warmup`` untimed calls.
+
+    PYTHONPATH=. python bench/bench_ops.py [--quick] [--repeats N] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import mxnet as mx  # noqa: E402
+from mxnet import autograd  # noqa: E402
+
+import quant_ops  # noqa: E402
+from quant_ops import reference as ref  # noqa: E402
+
+f32 = np.float32
+OP = "Quantization_int8"
+RAW = quant_ops.ops.raw_op(mx.nd, OP)
+
+ACT_SHAPE = (64, 256, 28, 28)
+WEIGHT_SHAPE = (256, 256, 3, 3)
+QUICK_ACT_SHAPE = (16, 64, 28, 28)
+QUICK_WEIGHT_SHAPE = (64, 64, 3, 3)
+EMA_DECAY = 0.99
+# (v + 1.5 * 2^23) - 1.5 * 2^23 rounds v to an integer half to even in float32 arithmetic for
+# |v| < 2^22; larger |v| are clipped to [qmin, qmax] right after, so the result is exact.
+# (mx.nd.rint rounds halves down and mx.nd.round away from zero: neither is the spec's rint.)
+MAGIC = 12582912.0
+
+COLUMNS = ("quant_ops", "copy_floor", "composed_nd", "torch")
+
+
+# -- cases ------------------------------------------------------------------------------------
+
+CASES: list[dict[str, Any]] = [
+    dict(name="act_infer_fwd", tensor="act", bwd=False, training=False,
+         attrs=dict(is_weight=False),
+         desc="activation, per-tensor, inference (calibrated range), forward"),
+    dict(name="act_train_fwd", tensor="act", bwd=False, training=True,
+         attrs=dict(is_weight=False, ema_decay=EMA_DECAY),
+         desc="activation, per-tensor, training (EMA range update), forward"),
+    dict(name="act_train_fwdbwd", tensor="act", bwd=True, training=True,
+         attrs=dict(is_weight=False, ema_decay=EMA_DECAY),
+         desc="activation, per-tensor, training, forward+backward"),
+    dict(name="w_pt_fwd", tensor="weight", bwd=False, training=True,
+         attrs=dict(is_weight=True, is_weight_perchannel=False),
+         desc="weight, per-tensor (range = max|w|), forward"),
+    dict(name="w_pc_fwd", tensor="weight", bwd=False, training=True,
+         attrs=dict(is_weight=True, is_weight_perchannel=True),
+         desc="weight, per-channel axis 0 (range = max|w| per channel), forward"),
+    dict(name="w_pt_fwdbwd", tensor="weight", bwd=True, training=True,
+         attrs=dict(is_weight=True, is_weight_perchannel=False),
+         desc="weight, per-tensor, forward+backward"),
+    dict(name="w_pc_fwdbwd", tensor="weight", bwd=True, training=True,
+         attrs=dict(is_weight=True, is_weight_perchannel=True),
+         desc="weight, per-channel, forward+backward"),
+]
+
+
+def _ref_attrs(case) -> ref.Int8Attrs:
+    a = case["attrs"]
+    return ref.Int8Attrs(is_weight=a.get("is_weight", False),
+                         is_weight_perchannel=a.get("is_weight_perchannel", False),
+                         ema_decay=a.get("ema_decay", 0.99))
+
+
+def _per_channel(case) -> bool:
+    return bool(case["attrs"].get("is_weight_perchannel", False))
+
+
+def _qmin(case) -> float:
+    return -127.0 if case["attrs"].get("is_weight", False) else -128.0
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+def measure(fn: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
+    """Median over `repeats` calls of fn() + mx.nd.waitall(), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        r = fn()
+        mx.nd.waitall()
+        del r
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = fn()
+        mx.nd.waitall()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        del r
+    return {"median_ms": statistics.median(samples), "min_ms": min(samples),
+            "samples_ms": [round(s, 5) for s in samples]}
+
+
+# -- implementations --------------------------------------------------------------------------
+
+def initial_state(case, x_np: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(minmax, qstate) before the first call: a calibrated range for activations."""
+    channels = x_np.shape[0] if _per_channel(case) else 1
+    if case["tensor"] == "act":
+        mm = ref.abs_max(x_np)  # calibrated range (PTQ max calibration)
+    else:
+        mm = np.zeros(channels, dtype=f32)
+    return mm.astype(f32), np.array([0.0, 1.0 if case["training"] else 0.0], dtype=f32)
+
+
+class QuantOps:
+    """The fused operator on nd arrays; state arrays are updated in place by the op."""
+
+    def __init__(self, case, x_np, g_np):
+        mm, st = initial_state(case, x_np)
+        self.case = case
+        self.mm, self.st = mx.nd.array(mm), mx.nd.array(st)
+        self.x = mx.nd.array(x_np)
+        self.g = mx.nd.array(g_np)
+        self.attrs = case["attrs"]
+        if case["bwd"]:
+            self.x.attach_grad(grad_req="write")  # raw op writes dx straight into x.grad
+
+    def fwd(self):
+        return RAW(self.x, self.mm, self.st, **self.attrs)
+
+    def fwdbwd(self):
+        with autograd.record():
+            y = RAW(self.x, self.mm, self.st, **self.attrs)
+        y.backward(self.g)
+        return self.x.grad
+
+    def fn(self):
+        return self.fwdbwd if self.case["bwd"] else self.fwd
+
+
+class ComposedND:
+    """The same math from stock MXNet nd operators (float32 throughout)."""
+
+    def __init__(self, case, x_np, g_np):
+        mm, st = initial_state(case, x_np)
+        self.case = case
+        self.x = mx.nd.array(x_np)
+        self.g = mx.nd.array(g_np)
+        self.dx = mx.nd.zeros(x_np.shape)
+        self.mm, self.st = mx.nd.array(mm), mx.nd.array(st)
+        self.decay = mx.nd.array([EMA_DECAY])
+        self.one_minus_decay = mx.nd.array([f32(1) - f32(EMA_DECAY)])
+        self.step_inc = mx.nd.array([1.0, 0.0])
+        self.qmin = _qmin(case)
+        self.bshape = (-1,) + (1,) * (x_np.ndim - 1)
+
+    def _range(self):
+        c, x = self.case, self.x
+        if c["tensor"] == "weight":
+            if _per_channel(c):
+                amax = mx.nd.max(mx.nd.abs(x).reshape((x.shape[0], -1)), axis=1)
+            else:
+                amax = mx.nd.max(mx.nd.abs(x))
+            self.mm[:] = amax
+        elif c["training"]:
+            batch = mx.nd.max(mx.nd.abs(x)).reshape((1,))
+            ema = self.mm * self.decay + self.one_minus_decay * batch
+            self.mm[:] = mx.nd.where(self.mm > 0, ema, batch)
+        if c["training"]:
+            self.st += self.step_inc
+        return self.mm
+
+    def fwd(self):
+        amax = self._range()
+        s = (amax / 127.0).reshape(self.bshape if _per_channel(self.case) else (1,) * self.x.ndim)
+        v = mx.nd.broadcast_div(self.x, s)
+        q = mx.nd.clip((v + MAGIC) - MAGIC, self.qmin, 127.0)
+        return mx.nd.broadcast_mul(q, s)
+
+    def fwdbwd(self):
+        y = self.fwd()
+        self.g.copyto(self.dx)  # straight-through gradient: dx = dy
+        return y, self.dx
+
+    def fn(self):
+        return self.fwdbwd if self.case["bwd"] else self.fwd
+
+
+class Torch:
+    """torch.fake_quantize_* with the range from torch.aminmax where the case computes one."""
+
+    def __init__(self, torch, case, x_np, g_np):
+        mm, st = initial_state(case, x_np)
+        self.t, self.case = torch, case
+        self.x = torch.from_numpy(x_np.copy())
+        self.g = torch.from_numpy(g_np.copy())
+        if case["bwd"]:
+            self.x.requires_grad_()
+        self.mm = torch.from_numpy(mm.copy())
+        self.st = torch.from_numpy(st.copy())
+        self.qmin = int(_qmin(case))
+        self.decay = torch.tensor(EMA_DECAY, dtype=torch.float32)
+        self.zp1 = torch.zeros(1, dtype=torch.int32)
+        self.zpc = torch.zeros(x_np.shape[0], dtype=torch.int32)
+
+    def fwd(self):
+        t, c = self.t, self.case
+        with t.no_grad():  # range bookkeeping, as torch's observers do it
+            xd = self.x.detach()
+            if c["tensor"] == "weight":
+                if _per_channel(c):
+                    lo, hi = t.aminmax(xd.reshape(xd.shape[0], -1), dim=1)
+                else:
+                    lo, hi = t.aminmax(xd)
+                self.mm.copy_(t.maximum(-lo, hi).reshape(self.mm.shape))
+            elif c["training"]:
+                lo, hi = t.aminmax(xd)
+                batch = t.maximum(-lo, hi)
+                ema = self.decay * self.mm + (1 - self.decay) * batch
+                self.mm.copy_(t.where(self.mm > 0, ema, batch))
+            if c["training"]:
+                self.st[0] += 1
+            scale = self.mm / 127.0
+        if _per_channel(c):
+            return t.fake_quantize_per_channel_affine(self.x, scale, self.zpc, 0, self.qmin, 127)
+        return t.fake_quantize_per_tensor_affine(self.x, scale, self.zp1, self.qmin, 127)
+
+    def fwdbwd(self):
+        self.x.grad = None
+        y = self.fwd()
+        y.backward(self.g)
+        return self.x.grad
+
+    def fn(self):
+        return self.fwdbwd if self.case["bwd"] else self.fwd
+
+
+def copy_floors(x_np, g_np, bwd: bool, repeats: int, warmup: int) -> dict[str, Any]:
+    """Fastest plain copy of the same bytes: one tensor forward, two for forward+backward."""
+    x, g = mx.nd.array(x_np), mx.nd.array(g_np)
+    ox, og = mx.nd.zeros(x.shape), mx.nd.zeros(g.shape)
+    dx, dg = np.empty_like(x_np), np.empty_like(g_np)
+
+    def mx_copy():
+        x.copyto(ox)
+        if bwd:
+            g.copyto(og)
+
+    def np_copy():
+        np.copyto(dx, x_np)
+        if bwd:
+            np.copyto(dg, g_np)
+
+    res = {"mx_copyto": measure(mx_copy, repeats, warmup),
+           "np_copyto": measure(np_copy, repeats, warmup)}
+    best = min(res, key=lambda k: res[k]["median_ms"])
+    return {"median_ms": res[best]["median_ms"], "min_ms": res[best]["min_ms"],
+            "method": best, "candidates": res}
+
+
+# -- verification -----------------------------------------------------------------------------
+
+def _with_ties(x: np.ndarray, amax: np.ndarray, axis: int | None, rng) -> np.ndarray:
+    """Put exact .5 quotients (x / s = k + 0.5) into a fifth of the elements."""
+    x = x.copy()
+    s = ref.scale_of(amax, 8)
+    s = s.reshape(()) if axis is None else s.reshape((-1,) + (1,) * (x.ndim - 1))
+    k = rng.integers(-100, 100, size=x.shape).astype(f32) + f32(0.5)
+    tie = (k * np.broadcast_to(s, x.shape)).astype(f32)
+    tie_ok = (tie / np.broadcast_to(s, x.shape)) == k  # exact .5 quotient in float32
+    pick = (rng.random(x.shape) < 0.2) & tie_ok
+    x[pick] = tie[pick]
+    return x
+
+
+def _compare(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    a, b = np.asarray(a, f32), np.asarray(b, f32)
+    eq = (a == b) | (np.isnan(a) & np.isnan(b))
+    bit = a.view(np.uint32) == b.view(np.uint32)
+    return {"equal_fraction": float(eq.mean()), "bitwise_fraction": float(bit.mean()),
+            "max_abs_diff": float(np.max(np.abs(a - b))) if a.size else 0.0}
+
+
+def verify(torch, rng) -> dict[str, Any]:
+    """Each forward case on a small sample with exact ties: quant_ops, composed nd and torch
+    against quant_ops.reference; also the straight-through gradient of quant_ops."""
+    out: dict[str, Any] = {}
+    shapes = {"act": (4, 8, 6, 6), "weight": (16, 8, 3, 3)}
+    for case in CASES:
+        if case["bwd"]:
+            continue
+        shape = shapes[case["tensor"]]
+        x = rng.standard_normal(shape).astype(f32)
+        axis = 0 if _per_channel(case) else None
+        x = _with_ties(x, ref.abs_max(x, axis), axis, rng)
+        mm0, st0 = initial_state(case, x)
+        want, want_mm, _ = ref.quantization_int8_forward(x, mm0, st0, _ref_attrs(case))
+        g = rng.standard_normal(shape).astype(f32)
+        res: dict[str, Any] = {"shape": list(shape)}
+
+        q = QuantOps(case, x, g)
+        res["quant_ops"] = _compare(q.fwd().asnumpy(), want)
+        res["quant_ops_minmax_equal"] = bool(np.array_equal(q.mm.asnumpy(), want_mm))
+        qb = QuantOps(dict(case, bwd=True), x, g)
+        qb.fwdbwd()
+        res["quant_ops_grad_is_dy"] = bool(np.array_equal(qb.x.grad.asnumpy(), g))
+
+        c = ComposedND(case, x, g)
+        res["composed_nd"] = _compare(c.fwd().asnumpy(), want)
+        res["composed_nd_minmax_equal"] = bool(np.array_equal(c.mm.asnumpy(), want_mm))
+        if torch is not None:
+            t = Torch(torch, case, x, g)
+            with torch.no_grad():
+                res["torch"] = _compare(t.fwd().numpy(), want)
+        out[case["name"]] = res
+    return out
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def import_torch(threads: int):
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001  (any import failure skips the column)
+        return None, f"torch column skipped: import torch failed ({type(e).__name__}: {e})"
+    torch.set_num_threads(threads)
+    return torch, None
+
+
+def ratio(a, b):
+    return (a / b) if (a is not None and b is not None and b > 0) else None
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows, file=sys.stdout):
+    head = ["case", "quant_ops ms", "copy floor ms", "composed nd ms", "torch ms",
+            "qo/copy", "nd/qo", "torch/qo"]
+    lines = []
+    for r in rows:
+        ms, rt = r["ms"], r["ratios"]
+        lines.append([r["case"], fmt(ms["quant_ops"], ".3f"), fmt(ms["copy_floor"], ".3f"),
+                      fmt(ms["composed_nd"], ".3f"), fmt(ms["torch"], ".3f"),
+                      fmt(rt["quant_ops/copy"], ".2f"), fmt(rt["composed/quant_ops"], ".1f"),
+                      fmt(rt["torch/quant_ops"], ".1f")])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+
+    def row(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    print(row(head), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for line in lines:
+        print(row(line), file=file)
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"small tensors {QUICK_ACT_SHAPE} / {QUICK_WEIGHT_SHAPE} and few repeats "
+                        "(smoke test)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per measurement on the activation tensor (default 20; "
+                        "5 with --quick)")
+    p.add_argument("--weight-repeats", type=int, default=None,
+                   help="timed calls on the (small) weight tensor (default 5 x --repeats)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls first (default 3; 1 with --quick)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench_ops.json",
+                   help="JSON output path (default bench/results/bench_ops.json)")
+    args = p.parse_args(argv)
+
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
+    w_repeats = args.weight_repeats if args.weight_repeats is not None else 5 * repeats
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if repeats < 1 or w_repeats < 1 or warmup < 0:
+        p.error("--repeats and --weight-repeats must be >= 1, --warmup >= 0")
+    act_shape = QUICK_ACT_SHAPE if args.quick else ACT_SHAPE
+    w_shape = QUICK_WEIGHT_SHAPE if args.quick else WEIGHT_SHAPE
+
+    threads = os.cpu_count() or 1
+    notes = []
+    torch = None
+    if args.no_torch:
+        notes.append("torch column skipped: --no-torch")
+    else:
+        torch, why = import_torch(threads)
+        if why:
+            notes.append(why)
+
+    rng = np.random.default_rng(args.seed)
+    tensors = {
+        "act": (rng.standard_normal(act_shape).astype(f32),
+                rng.standard_normal(act_shape).astype(f32)),
+        "weight": ((rng.standard_normal(w_shape) * 0.05).astype(f32),
+                   rng.standard_normal(w_shape).astype(f32)),
+    }
+
+    machine = {
+        "cpu_count": threads,
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mxnet": mx.__version__,
+        "numpy": np.__version__,
+        "torch": getattr(torch, "__version__", None),
+        "quant_ops": quant_ops.__version__,
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "mxnet_threads": int(os.environ.get("OMP_NUM_THREADS") or threads),
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+    }
+    print(f"machine: {threads} CPUs ({machine['processor']}), python {machine['python']}, "
+          f"mxnet {mx.__version__}, numpy {np.__version__}, torch {machine['torch']}")
+    print(f"threads: MXNet/quant_ops OpenMP {machine['mxnet_threads']} (default: all CPUs), torch "
+          f"set_num_threads({threads}) -> {machine['torch_threads']}")
+    print(f"tensors: activation {act_shape}, weight {w_shape}; median of {repeats} "
+          f"(activation) / {w_repeats} (weight) calls after {warmup} warm-up calls")
+    for n in notes:
+        print("note:", n)
+
+    sys.stdout.flush()
+    verification = verify(torch, np.random.default_rng(args.seed + 1))
+    print("\nverification against quant_ops.reference (small sample with exact .5 ties), "
+          "fraction of equal elements:")
+    for name, v in verification.items():
+        parts = [f"quant_ops {v['quant_ops']['equal_fraction']:.4f}",
+                 f"composed nd {v['composed_nd']['equal_fraction']:.4f}"]
+        if "torch" in v:
+            parts.append(f"torch {v['torch']['equal_fraction']:.4f}")
+        parts.append(f"range equal: qo {v['quant_ops_minmax_equal']}, "
+                     f"nd {v['composed_nd_minmax_equal']}; qo grad == dy: "
+                     f"{v['quant_ops_grad_is_dy']}")
+        print(f"  {name:14s} " + ", ".join(parts))
+
+    rows = []
+    for case in CASES:
+        x_np, g_np = tensors[case["tensor"]]
+        n = repeats if case["tensor"] == "act" else w_repeats
+        t: dict[str, Any] = {}
+        t["quant_ops"] = measure(QuantOps(case, x_np, g_np).fn(), n, warmup)
+        t["copy_floor"] = copy_floors(x_np, g_np, case["bwd"], n, warmup)
+        t["composed_nd"] = measure(ComposedND(case, x_np, g_np).fn(), n, warmup)
+        if torch is not None:
+            t["torch"] = measure(Torch(torch, case, x_np, g_np).fn(), n, warmup)
+        ms = {k: (t[k]["median_ms"] if k in t else None) for k in COLUMNS}
+        rows.append({
+            "case": case["name"], "desc": case["desc"], "shape": list(x_np.shape),
+            "bytes": int(x_np.nbytes), "backward": case["bwd"], "repeats": n,
+            "attrs": case["attrs"], "ms": ms,
+            "ratios": {"quant_ops/copy": ratio(ms["quant_ops"], ms["copy_floor"]),
+                       "composed/quant_ops": ratio(ms["composed_nd"], ms["quant_ops"]),
+                       "torch/quant_ops": ratio(ms["torch"], ms["quant_ops"])},
+            "timings": t,
+        })
+        print(f"  measured {case['name']}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+
+    sys.stderr.flush()
+    print("\nmedian milliseconds (copy floor: fastest of mx copyto / np.copyto; fwd+bwd "
+          "rows copy two tensors):")
+    print_table(rows)
+    result = {
+        "schema": 1, "machine": machine,
+        "config": {"quick": args.quick, "repeats_act": repeats, "repeats_weight": w_repeats,
+                   "warmup": warmup, "seed": args.seed, "act_shape": list(act_shape),
+                   "weight_shape": list(w_shape), "columns": list(COLUMNS)},
+        "notes": notes + [
+            "quant_ops: raw operator (no leaf-copy wrapper); fwd+bwd records with "
+            "mx.autograd on a leaf with grad_req='write'",
+            "composed_nd: divide, (v + 1.5*2^23) - 1.5*2^23 (round half to even), clip, "
+            "multiply, plus the range ops; backward = copy of dy (straight-through)",
+            "torch: range by torch.aminmax (no_grad) + torch.fake_quantize_*; its backward "
+            "masks dy outside the clip range",
+        ],
+        "verification": verification,
+        "rows": rows,
+    }
+    write_json(args.out, result)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

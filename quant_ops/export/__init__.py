@@ -1,0 +1,1 @@
+"""Deployment formats and checks against the engines that run them."""
