@@ -3,14 +3,22 @@
 
 For each case the same tensors are timed with:
 
-* ``quant_ops``: the fused operator (the raw MXNet op, without the Python leaf wrapper);
+* ``quant_ops``: the fused operator (the raw MXNet op, without the Python leaf wrapper), which
+  allocates its output as in real use; ``qo prealloc`` is the same call with ``out=`` a
+  preallocated array (kernel + dispatch, no allocation);
 * ``copy floor``: the fastest plain copy of the same bytes (``NDArray.copyto`` into a
   preallocated array, or ``np.copyto``); forward+backward cases copy twice (x -> y, dy -> dx),
-  since the fused op reads and writes two tensors there too;
+  since the fused op reads and writes two tensors there too; ``alloc copy`` (informational)
+  is ``NDArray.copy()``, which allocates its output like the operator does;
 * ``composed nd``: the same math from stock MXNet nd operators (range, scale, divide,
   round half to even, clip, multiply; the backward is the straight-through copy of dy);
 * ``torch``: ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` with the
   range computed by ``torch.aminmax`` where the case computes one (when torch imports).
+
+MXNet 1.9's CPU storage has no pool: a large output is a fresh glibc ``mmap`` whose pages fault
+in on first write, which for a 51 MB tensor costs several times the copy itself.
+``--malloc-tuned`` sets glibc's mmap and trim thresholds to 1 GiB (as ``MALLOC_MMAP_THRESHOLD_``
+/ ``MALLOC_TRIM_THRESHOLD_`` would) so freed blocks are reused, to show the cost without that.
 
 Each timing is the median of ``--repeats`` calls, each timed with ``time.perf_counter`` around
 the call plus ``mx.nd.waitall()``, after ``--warmup`` untimed calls.
@@ -36,6 +44,24 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+
+def _requested_threads(argv: list[str]) -> int:
+    """--threads, else $OMP_NUM_THREADS, else every CPU."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--threads", type=int, default=None)
+    ns, _ = pre.parse_known_args(argv)
+    if ns.threads is not None:
+        return max(1, ns.threads)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
+
+
+# MXNet 1.9 reads OMP_NUM_THREADS once, when it loads; without it, it uses half the CPUs on
+# x86 (it assumes hyper-threading), i.e. one thread on a 2-CPU machine.  Set it first so that
+# MXNet (and the operator, which runs on MXNet's worker thread) uses the thread count asked for.
+if __name__ == "__main__" and "mxnet" not in sys.modules:
+    os.environ["OMP_NUM_THREADS"] = str(_requested_threads(sys.argv[1:]))
+
 import mxnet as mx  # noqa: E402
 from mxnet import autograd  # noqa: E402
 
@@ -56,7 +82,8 @@ EMA_DECAY = 0.99
 # (mx.nd.rint rounds halves down and mx.nd.round away from zero: neither is the spec's rint.)
 MAGIC = 12582912.0
 
-COLUMNS = ("quant_ops", "copy_floor", "composed_nd", "torch")
+COLUMNS = ("quant_ops", "quant_ops_prealloc", "copy_floor", "alloc_copy", "composed_nd",
+           "torch")
 
 
 # -- cases ------------------------------------------------------------------------------------
@@ -145,16 +172,22 @@ class QuantOps:
         if case["bwd"]:
             self.x.attach_grad(grad_req="write")  # raw op writes dx straight into x.grad
 
+        self.out = None
+
     def fwd(self):
-        return RAW(self.x, self.mm, self.st, **self.attrs)
+        return RAW(self.x, self.mm, self.st, **self.attrs, **self._out())
 
     def fwdbwd(self):
         with autograd.record():
-            y = RAW(self.x, self.mm, self.st, **self.attrs)
+            y = RAW(self.x, self.mm, self.st, **self.attrs, **self._out())
         y.backward(self.g)
         return self.x.grad
 
-    def fn(self):
+    def _out(self):
+        return {} if self.out is None else {"out": self.out}
+
+    def fn(self, prealloc: bool = False):
+        self.out = mx.nd.zeros(self.x.shape) if prealloc else None
         return self.fwdbwd if self.case["bwd"] else self.fwd
 
 
@@ -278,6 +311,50 @@ def copy_floors(x_np, g_np, bwd: bool, repeats: int, warmup: int) -> dict[str, A
             "method": best, "candidates": res}
 
 
+def alloc_copy(x_np, g_np, bwd: bool, repeats: int, warmup: int) -> dict[str, Any]:
+    """A copy that allocates its output (as the operator's forward does); the backward copy
+    goes into a preallocated array (as the operator's gradient goes into x.grad)."""
+    x, g = mx.nd.array(x_np), mx.nd.array(g_np)
+    og = mx.nd.zeros(g.shape)
+
+    def fn():
+        y = x.copy()
+        if bwd:
+            g.copyto(og)
+        return y
+
+    return measure(fn, repeats, warmup)
+
+
+def dispatch_overhead(repeats: int, warmup: int) -> dict[str, Any]:
+    """Per-call fixed cost: each path on a one-element tensor."""
+    x = mx.nd.array([0.5])
+    mm, st, out = mx.nd.array([1.0]), mx.nd.array([0.0, 0.0]), mx.nd.zeros((1,))
+    xn, on = x.asnumpy(), np.empty(1, dtype=f32)
+    return {
+        "quant_ops_fwd": measure(lambda: RAW(x, mm, st), repeats, warmup)["median_ms"],
+        "quant_ops_fwd_prealloc": measure(lambda: RAW(x, mm, st, out=out), repeats,
+                                          warmup)["median_ms"],
+        "mx_copyto": measure(lambda: x.copyto(out), repeats, warmup)["median_ms"],
+        "mx_abs": measure(lambda: mx.nd.abs(x), repeats, warmup)["median_ms"],
+        "np_copyto": measure(lambda: np.copyto(on, xn), repeats, warmup)["median_ms"],
+    }
+
+
+def malloc_keep_freed_memory() -> str:
+    """glibc: serve large blocks from the heap and never trim it, so a freed output's pages
+    are reused instead of being unmapped and faulted in again."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold,
+                                                                       1 << 30) == 1
+    if not ok:
+        raise RuntimeError("mallopt failed")
+    return "glibc mallopt(M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 1 GiB)"
+
+
 # -- verification -----------------------------------------------------------------------------
 
 def _with_ties(x: np.ndarray, amax: np.ndarray, axis: int | None, rng) -> np.ndarray:
@@ -338,6 +415,26 @@ def verify(torch, rng) -> dict[str, Any]:
 
 # -- main -------------------------------------------------------------------------------------
 
+def openmp_threads() -> int | None:
+    """omp_get_max_threads() of the OpenMP runtime loaded in this process (MXNet sets it on
+    the main thread to the count its workers use), or None when none can be found."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    for lib in sorted(libs):
+        name = os.path.basename(lib)
+        if name.startswith(("libgomp", "libiomp", "libomp")):
+            try:
+                return int(ctypes.CDLL(lib).omp_get_max_threads())
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
 def import_torch(threads: int):
     try:
         import torch
@@ -356,15 +453,14 @@ def fmt(v, spec):
 
 
 def print_table(rows, file=sys.stdout):
-    head = ["case", "quant_ops ms", "copy floor ms", "composed nd ms", "torch ms",
-            "qo/copy", "nd/qo", "torch/qo"]
+    head = ["case", "quant_ops", "qo prealloc", "copy floor", "alloc copy", "composed nd",
+            "torch", "qo/copy", "qo_pre/copy", "nd/qo", "torch/qo"]
     lines = []
     for r in rows:
         ms, rt = r["ms"], r["ratios"]
-        lines.append([r["case"], fmt(ms["quant_ops"], ".3f"), fmt(ms["copy_floor"], ".3f"),
-                      fmt(ms["composed_nd"], ".3f"), fmt(ms["torch"], ".3f"),
-                      fmt(rt["quant_ops/copy"], ".2f"), fmt(rt["composed/quant_ops"], ".1f"),
-                      fmt(rt["torch/quant_ops"], ".1f")])
+        lines.append([r["case"], *(fmt(ms[k], ".3f") for k in COLUMNS),
+                      fmt(rt["quant_ops/copy"], ".2f"), fmt(rt["quant_ops_prealloc/copy"], ".2f"),
+                      fmt(rt["composed/quant_ops"], ".1f"), fmt(rt["torch/quant_ops"], ".1f")])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
 
     def row(cells):
@@ -403,6 +499,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls first (default 3; 1 with --quick)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch column")
+    p.add_argument("--malloc-tuned", action="store_true",
+                   help="keep freed memory in glibc's heap (mmap/trim thresholds 1 GiB) so "
+                        "large outputs do not page-fault on every call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OpenMP threads for MXNet (via OMP_NUM_THREADS, set before mxnet "
+                        "loads) and torch.set_num_threads (default: $OMP_NUM_THREADS, else all "
+                        "CPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench_ops.json",
                    help="JSON output path (default bench/results/bench_ops.json)")
@@ -416,8 +519,12 @@ def main(argv=None) -> int:
     act_shape = QUICK_ACT_SHAPE if args.quick else ACT_SHAPE
     w_shape = QUICK_WEIGHT_SHAPE if args.quick else WEIGHT_SHAPE
 
-    threads = os.cpu_count() or 1
+    cpus = os.cpu_count() or 1
+    mx_threads = openmp_threads()  # before torch.set_num_threads touches the shared runtime
+    threads = mx_threads or args.threads or cpus
     notes = []
+    if args.malloc_tuned:
+        notes.append("malloc tuned: " + malloc_keep_freed_memory())
     torch = None
     if args.no_torch:
         notes.append("torch column skipped: --no-torch")
@@ -435,7 +542,7 @@ def main(argv=None) -> int:
     }
 
     machine = {
-        "cpu_count": threads,
+        "cpu_count": cpus,
         "processor": platform.processor() or platform.machine(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -444,13 +551,15 @@ def main(argv=None) -> int:
         "torch": getattr(torch, "__version__", None),
         "quant_ops": quant_ops.__version__,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "mxnet_threads": int(os.environ.get("OMP_NUM_THREADS") or threads),
+        "mxnet_omp_threads": mx_threads,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "malloc_tuned": args.malloc_tuned,
     }
-    print(f"machine: {threads} CPUs ({machine['processor']}), python {machine['python']}, "
+    print(f"machine: {cpus} CPUs ({machine['processor']}), python {machine['python']}, "
           f"mxnet {mx.__version__}, numpy {np.__version__}, torch {machine['torch']}")
-    print(f"threads: MXNet/quant_ops OpenMP {machine['mxnet_threads']} (default: all CPUs), torch "
-          f"set_num_threads({threads}) -> {machine['torch_threads']}")
+    print(f"threads: MXNet/quant_ops OpenMP {mx_threads} (OMP_NUM_THREADS="
+          f"{machine['omp_num_threads_env']}), torch set_num_threads({threads}) -> "
+          f"{machine['torch_threads']}; numpy copies are single-threaded")
     print(f"tensors: activation {act_shape}, weight {w_shape}; median of {repeats} "
           f"(activation) / {w_repeats} (weight) calls after {warmup} warm-up calls")
     for n in notes:
@@ -475,8 +584,11 @@ def main(argv=None) -> int:
         x_np, g_np = tensors[case["tensor"]]
         n = repeats if case["tensor"] == "act" else w_repeats
         t: dict[str, Any] = {}
-        t["quant_ops"] = measure(QuantOps(case, x_np, g_np).fn(), n, warmup)
+        qo = QuantOps(case, x_np, g_np)
+        t["quant_ops"] = measure(qo.fn(), n, warmup)
+        t["quant_ops_prealloc"] = measure(qo.fn(prealloc=True), n, warmup)
         t["copy_floor"] = copy_floors(x_np, g_np, case["bwd"], n, warmup)
+        t["alloc_copy"] = alloc_copy(x_np, g_np, case["bwd"], n, warmup)
         t["composed_nd"] = measure(ComposedND(case, x_np, g_np).fn(), n, warmup)
         if torch is not None:
             t["torch"] = measure(Torch(torch, case, x_np, g_np).fn(), n, warmup)
@@ -486,6 +598,8 @@ def main(argv=None) -> int:
             "bytes": int(x_np.nbytes), "backward": case["bwd"], "repeats": n,
             "attrs": case["attrs"], "ms": ms,
             "ratios": {"quant_ops/copy": ratio(ms["quant_ops"], ms["copy_floor"]),
+                       "quant_ops_prealloc/copy": ratio(ms["quant_ops_prealloc"],
+                                                        ms["copy_floor"]),
                        "composed/quant_ops": ratio(ms["composed_nd"], ms["quant_ops"]),
                        "torch/quant_ops": ratio(ms["torch"], ms["quant_ops"])},
             "timings": t,
@@ -493,10 +607,13 @@ def main(argv=None) -> int:
         print(f"  measured {case['name']}", file=sys.stderr, flush=True)
         sys.stdout.flush()
 
+    overhead = dispatch_overhead(5 * w_repeats, warmup)
     sys.stderr.flush()
-    print("\nmedian milliseconds (copy floor: fastest of mx copyto / np.copyto; fwd+bwd "
-          "rows copy two tensors):")
+    print("\nmedian milliseconds (copy floor: fastest of mx copyto / np.copyto into "
+          "preallocated arrays; fwd+bwd rows copy two tensors):")
     print_table(rows)
+    print("\nper-call fixed cost, one-element tensor (ms): " +
+          ", ".join(f"{k} {v:.4f}" for k, v in overhead.items()))
     result = {
         "schema": 1, "machine": machine,
         "config": {"quick": args.quick, "repeats_act": repeats, "repeats_weight": w_repeats,
@@ -511,6 +628,7 @@ def main(argv=None) -> int:
             "masks dy outside the clip range",
         ],
         "verification": verification,
+        "dispatch_overhead_ms": overhead,
         "rows": rows,
     }
     write_json(args.out, result)
