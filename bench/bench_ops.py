@@ -21,7 +21,8 @@ in on first write, which for a 51 MB tensor costs several times the copy itself.
 / ``MALLOC_TRIM_THRESHOLD_`` would) so freed blocks are reused, to show the cost without that.
 
 Each timing is the median of ``--repeats`` calls, each timed with ``time.perf_counter`` around
-the call plus ``mx.nd.waitall()``, after ``--warmup`` untimed calls.
+the call plus ``mx.nd.waitall()``, after ``--warmup`` untimed calls; the columns of a case are
+timed round-robin in five chunks, so a slow spell of a shared machine hits them alike.
 
     PYTHONPATH=. python bench/bench_ops.py [--quick] [--repeats N] [--out PATH]
 """
@@ -143,8 +144,37 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int) -> dict[str, Any]:
         mx.nd.waitall()
         samples.append((time.perf_counter() - t0) * 1e3)
         del r
+    return _summary(samples)
+
+
+def _summary(samples: list[float]) -> dict[str, Any]:
     return {"median_ms": statistics.median(samples), "min_ms": min(samples),
             "samples_ms": [round(s, 5) for s in samples]}
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                        rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """Like `measure` for several functions, timed round-robin in `rounds` chunks so that a
+    slow spell of the machine hits every column alike rather than one of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            r = fn()
+            mx.nd.waitall()
+            del r
+    rounds = max(1, min(rounds, repeats))
+    chunks = [repeats // rounds + (1 if i < repeats % rounds else 0) for i in range(rounds)]
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for chunk in chunks:
+        for name, fn in fns.items():
+            fn()  # untimed: wake this path's threads after the previous column's
+            mx.nd.waitall()
+            for _ in range(chunk):
+                t0 = time.perf_counter()
+                r = fn()
+                mx.nd.waitall()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+                del r
+    return {k: _summary(v) for k, v in samples.items()}
 
 
 # -- implementations --------------------------------------------------------------------------
@@ -288,8 +318,12 @@ class Torch:
         return self.fwdbwd if self.case["bwd"] else self.fwd
 
 
-def copy_floors(x_np, g_np, bwd: bool, repeats: int, warmup: int) -> dict[str, Any]:
-    """Fastest plain copy of the same bytes: one tensor forward, two for forward+backward."""
+def copy_fns(x_np, g_np, bwd: bool) -> dict[str, Callable[[], Any]]:
+    """Plain copies of the same bytes (one tensor forward, two for forward+backward):
+    ``mx_copyto`` / ``np_copyto`` into preallocated arrays (the floor is the faster), and
+    ``alloc_copy``, whose forward copy allocates its output as the operator does (the
+    backward copy goes into a preallocated array, as the operator's gradient goes into
+    x.grad)."""
     x, g = mx.nd.array(x_np), mx.nd.array(g_np)
     ox, og = mx.nd.zeros(x.shape), mx.nd.zeros(g.shape)
     dx, dg = np.empty_like(x_np), np.empty_like(g_np)
@@ -304,26 +338,13 @@ def copy_floors(x_np, g_np, bwd: bool, repeats: int, warmup: int) -> dict[str, A
         if bwd:
             np.copyto(dg, g_np)
 
-    res = {"mx_copyto": measure(mx_copy, repeats, warmup),
-           "np_copyto": measure(np_copy, repeats, warmup)}
-    best = min(res, key=lambda k: res[k]["median_ms"])
-    return {"median_ms": res[best]["median_ms"], "min_ms": res[best]["min_ms"],
-            "method": best, "candidates": res}
-
-
-def alloc_copy(x_np, g_np, bwd: bool, repeats: int, warmup: int) -> dict[str, Any]:
-    """A copy that allocates its output (as the operator's forward does); the backward copy
-    goes into a preallocated array (as the operator's gradient goes into x.grad)."""
-    x, g = mx.nd.array(x_np), mx.nd.array(g_np)
-    og = mx.nd.zeros(g.shape)
-
-    def fn():
+    def alloc_copy():
         y = x.copy()
         if bwd:
             g.copyto(og)
         return y
 
-    return measure(fn, repeats, warmup)
+    return {"copy_mx_copyto": mx_copy, "copy_np_copyto": np_copy, "alloc_copy": alloc_copy}
 
 
 def dispatch_overhead(repeats: int, warmup: int) -> dict[str, Any]:
@@ -454,12 +475,13 @@ def fmt(v, spec):
 
 def print_table(rows, file=sys.stdout):
     head = ["case", "quant_ops", "qo prealloc", "copy floor", "alloc copy", "composed nd",
-            "torch", "qo/copy", "qo_pre/copy", "nd/qo", "torch/qo"]
+            "torch", "qo/copy", "qo_pre/copy", "qo/mx_copy", "nd/qo", "torch/qo"]
     lines = []
     for r in rows:
         ms, rt = r["ms"], r["ratios"]
         lines.append([r["case"], *(fmt(ms[k], ".3f") for k in COLUMNS),
                       fmt(rt["quant_ops/copy"], ".2f"), fmt(rt["quant_ops_prealloc/copy"], ".2f"),
+                      fmt(rt["quant_ops/mx_copyto"], ".2f"),
                       fmt(rt["composed/quant_ops"], ".1f"), fmt(rt["torch/quant_ops"], ".1f")])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
 
@@ -495,7 +517,7 @@ def main(argv=None) -> int:
                    help="timed calls per measurement on the activation tensor (default 20; "
                         "5 with --quick)")
     p.add_argument("--weight-repeats", type=int, default=None,
-                   help="timed calls on the (small) weight tensor (default 5 x --repeats)")
+                   help="timed calls on the (small) weight tensor (default 10 x --repeats)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls first (default 3; 1 with --quick)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch column")
@@ -506,16 +528,25 @@ def main(argv=None) -> int:
                    help="OpenMP threads for MXNet (via OMP_NUM_THREADS, set before mxnet "
                         "loads) and torch.set_num_threads (default: $OMP_NUM_THREADS, else all "
                         "CPUs)")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated subset of: " + ", ".join(c["name"] for c in CASES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench_ops.json",
                    help="JSON output path (default bench/results/bench_ops.json)")
     args = p.parse_args(argv)
 
     repeats = args.repeats if args.repeats is not None else (5 if args.quick else 20)
-    w_repeats = args.weight_repeats if args.weight_repeats is not None else 5 * repeats
+    w_repeats = args.weight_repeats if args.weight_repeats is not None else 10 * repeats
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if repeats < 1 or w_repeats < 1 or warmup < 0:
         p.error("--repeats and --weight-repeats must be >= 1, --warmup >= 0")
+    cases = CASES
+    if args.cases:
+        want = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = sorted(set(want) - {c["name"] for c in CASES})
+        if unknown:
+            p.error(f"unknown case(s) {', '.join(unknown)}")
+        cases = [c for c in CASES if c["name"] in want]
     act_shape = QUICK_ACT_SHAPE if args.quick else ACT_SHAPE
     w_shape = QUICK_WEIGHT_SHAPE if args.quick else WEIGHT_SHAPE
 
@@ -580,18 +611,18 @@ def main(argv=None) -> int:
         print(f"  {name:14s} " + ", ".join(parts))
 
     rows = []
-    for case in CASES:
+    for case in cases:
         x_np, g_np = tensors[case["tensor"]]
         n = repeats if case["tensor"] == "act" else w_repeats
-        t: dict[str, Any] = {}
-        qo = QuantOps(case, x_np, g_np)
-        t["quant_ops"] = measure(qo.fn(), n, warmup)
-        t["quant_ops_prealloc"] = measure(qo.fn(prealloc=True), n, warmup)
-        t["copy_floor"] = copy_floors(x_np, g_np, case["bwd"], n, warmup)
-        t["alloc_copy"] = alloc_copy(x_np, g_np, case["bwd"], n, warmup)
-        t["composed_nd"] = measure(ComposedND(case, x_np, g_np).fn(), n, warmup)
+        fns = {"quant_ops": QuantOps(case, x_np, g_np).fn(),
+               "quant_ops_prealloc": QuantOps(case, x_np, g_np).fn(prealloc=True),
+               **copy_fns(x_np, g_np, case["bwd"]),
+               "composed_nd": ComposedND(case, x_np, g_np).fn()}
         if torch is not None:
-            t["torch"] = measure(Torch(torch, case, x_np, g_np).fn(), n, warmup)
+            fns["torch"] = Torch(torch, case, x_np, g_np).fn()
+        t: dict[str, Any] = measure_interleaved(fns, n, warmup)
+        best = min(("copy_mx_copyto", "copy_np_copyto"), key=lambda k: t[k]["median_ms"])
+        t["copy_floor"] = dict(t[best], method=best)
         ms = {k: (t[k]["median_ms"] if k in t else None) for k in COLUMNS}
         rows.append({
             "case": case["name"], "desc": case["desc"], "shape": list(x_np.shape),
@@ -600,6 +631,8 @@ def main(argv=None) -> int:
             "ratios": {"quant_ops/copy": ratio(ms["quant_ops"], ms["copy_floor"]),
                        "quant_ops_prealloc/copy": ratio(ms["quant_ops_prealloc"],
                                                         ms["copy_floor"]),
+                       "quant_ops/mx_copyto": ratio(ms["quant_ops"],
+                                                    t["copy_mx_copyto"]["median_ms"]),
                        "composed/quant_ops": ratio(ms["composed_nd"], ms["quant_ops"]),
                        "torch/quant_ops": ratio(ms["torch"], ms["quant_ops"])},
             "timings": t,
@@ -607,7 +640,7 @@ def main(argv=None) -> int:
         print(f"  measured {case['name']}", file=sys.stderr, flush=True)
         sys.stdout.flush()
 
-    overhead = dispatch_overhead(5 * w_repeats, warmup)
+    overhead = dispatch_overhead(max(50, w_repeats), warmup)
     sys.stderr.flush()
     print("\nmedian milliseconds (copy floor: fastest of mx copyto / np.copyto into "
           "preallocated arrays; fwd+bwd rows copy two tensors):")
@@ -626,6 +659,12 @@ def main(argv=None) -> int:
             "multiply, plus the range ops; backward = copy of dy (straight-through)",
             "torch: range by torch.aminmax (no_grad) + torch.fake_quantize_*; its backward "
             "masks dy outside the clip range",
+            "quant_ops_prealloc: the operator with out= a preallocated array; alloc_copy: "
+            "NDArray.copy(), which allocates like the operator: MXNet 1.9's CPU storage is "
+            "not pooled, so an output above glibc's mmap threshold (32 MiB at most) is fresh "
+            "pages that fault in on first write (see --malloc-tuned)",
+            "threads: MXNet 1.9 uses OMP_NUM_THREADS when set, else half the CPUs on x86; "
+            "this script sets OMP_NUM_THREADS from --threads before mxnet loads",
         ],
         "verification": verification,
         "dispatch_overhead_ms": overhead,

@@ -25,10 +25,12 @@ want=$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] pip install -r requirements.txt"
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-  echo "[setup] pip install -e . (builds the operator library)"
-  .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
   echo "$want" > "$stamp"
 fi
+# The checkout itself is the installed package (a .pth entry, as an editable install makes);
+# `pip install --no-build-isolation .` makes a regular install instead.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD" > "$site/quant_ops_checkout.pth"
 # Builds (or re-builds, when operator_cxx/ changed) the library and checks it loads.
 .venv/bin/python -c "import quant_ops, mxnet as mx; mx.nd.Quantization_int8" \
   || { echo "[setup] quant_ops failed to import" >&2; exit 1; }
