@@ -17,8 +17,9 @@ For each case the same tensors are timed with:
 
 MXNet 1.9's CPU storage has no pool: a large output is a fresh glibc ``mmap`` whose pages fault
 in on first write, which for a 51 MB tensor costs several times the copy itself.
-``--malloc-tuned`` sets glibc's mmap and trim thresholds to 1 GiB (as ``MALLOC_MMAP_THRESHOLD_``
-/ ``MALLOC_TRIM_THRESHOLD_`` would) so freed blocks are reused, to show the cost without that.
+By default the bench sets glibc's mmap and trim thresholds to 1 GiB and one arena (as
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_ARENA_MAX`` would) so freed
+blocks are reused by every column alike (``--no-malloc-tuning`` leaves the defaults).
 
 Each timing is the median of ``--repeats`` calls, each timed with ``time.perf_counter`` around
 the call plus ``mx.nd.waitall()``, after ``--warmup`` untimed calls; the columns of a case are
@@ -201,7 +202,6 @@ class QuantOps:
         self.attrs = case["attrs"]
         if case["bwd"]:
             self.x.attach_grad(grad_req="write")  # raw op writes dx straight into x.grad
-
         self.out = None
 
     def fwd(self):
@@ -352,7 +352,22 @@ def dispatch_overhead(repeats: int, warmup: int) -> dict[str, Any]:
     x = mx.nd.array([0.5])
     mm, st, out = mx.nd.array([1.0]), mx.nd.array([0.0, 0.0]), mx.nd.zeros((1,))
     xn, on = x.asnumpy(), np.empty(1, dtype=f32)
+    xl, g = mx.nd.array([0.5]), mx.nd.array([1.0])
+    xl.attach_grad()
+
+    def fwdbwd(f):
+        def run():
+            with autograd.record():
+                y = f()
+            y.backward(g)
+            return xl.grad
+        return run
+
     return {
+        "quant_ops_fwdbwd": measure(fwdbwd(lambda: RAW(xl, mm, st)), repeats,
+                                    warmup)["median_ms"],
+        "mx_identity_fwdbwd": measure(fwdbwd(lambda: mx.nd.identity(xl)), repeats,
+                                      warmup)["median_ms"],
         "quant_ops_fwd": measure(lambda: RAW(x, mm, st), repeats, warmup)["median_ms"],
         "quant_ops_fwd_prealloc": measure(lambda: RAW(x, mm, st, out=out), repeats,
                                           warmup)["median_ms"],
@@ -368,12 +383,14 @@ def malloc_keep_freed_memory() -> str:
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1 and libc.mallopt(m_trim_threshold,
-                                                                       1 << 30) == 1
-    if not ok:
-        raise RuntimeError("mallopt failed")
-    return "glibc mallopt(M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 1 GiB)"
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    # One arena: a thread arena's heaps are at most 64 MiB, so a large block from a worker
+    # thread would be mmap'ed whatever the threshold.
+    for opt, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 30),
+                       (m_arena_max, 1)):
+        if libc.mallopt(opt, value) != 1:
+            raise RuntimeError(f"glibc mallopt({opt}, {value}) failed")
+    return "glibc mallopt(M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 1 GiB, M_ARENA_MAX = 1)"
 
 
 # -- verification -----------------------------------------------------------------------------
@@ -443,7 +460,8 @@ def openmp_threads() -> int | None:
 
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
+            libs = {line.split()[-1] for line in f
+                    if line.rstrip().endswith(".so") or ".so." in line}
     except OSError:
         return None
     for lib in sorted(libs):
@@ -521,9 +539,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls first (default 3; 1 with --quick)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch column")
-    p.add_argument("--malloc-tuned", action="store_true",
-                   help="keep freed memory in glibc's heap (mmap/trim thresholds 1 GiB) so "
-                        "large outputs do not page-fault on every call")
+    p.add_argument("--no-malloc-tuning", dest="malloc_tuned", action="store_false",
+                   help="leave glibc's defaults: every large output (of every column) is "
+                        "then fresh pages that fault in on first write, which swamps the "
+                        "kernels being compared (default: keep freed memory in the heap)")
     p.add_argument("--threads", type=int, default=None,
                    help="OpenMP threads for MXNet (via OMP_NUM_THREADS, set before mxnet "
                         "loads) and torch.set_num_threads (default: $OMP_NUM_THREADS, else all "
@@ -662,7 +681,7 @@ def main(argv=None) -> int:
             "quant_ops_prealloc: the operator with out= a preallocated array; alloc_copy: "
             "NDArray.copy(), which allocates like the operator: MXNet 1.9's CPU storage is "
             "not pooled, so an output above glibc's mmap threshold (32 MiB at most) is fresh "
-            "pages that fault in on first write (see --malloc-tuned)",
+            "pages that fault in on first write (see --no-malloc-tuning)",
             "threads: MXNet 1.9 uses OMP_NUM_THREADS when set, else half the CPUs on x86; "
             "this script sets OMP_NUM_THREADS from --threads before mxnet loads",
         ],

@@ -1,0 +1,130 @@
+"""A small IR of MXNet symbol JSON: nodes, their inputs and attributes, the heads.
+
+Parsed as plain data (never evaluated); written back as JSON that ``mx.sym.load_json``
+takes.  Node and tensor names are kept exactly, so a rewrite that is undone gives back the
+original JSON.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import QuantOpsError
+
+Entry = tuple  # (node index, output index, version)
+
+
+@dataclass
+class Node:
+    op: str                      # "null" for a variable
+    name: str
+    attrs: dict = field(default_factory=dict)
+    inputs: list = field(default_factory=list)   # list of [node, output, version]
+
+    @property
+    def is_var(self) -> bool:
+        return self.op == "null"
+
+
+@dataclass
+class Graph:
+    nodes: list
+    heads: list
+    attrs: dict = field(default_factory=dict)
+    source: str = "<graph>"      # file it came from, for error messages
+
+    # -- reading ----------------------------------------------------------------
+    @classmethod
+    def from_json(cls, text: str, source: str = "<graph>") -> "Graph":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise QuantOpsError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("nodes"), list) \
+                or not isinstance(d.get("heads"), list):
+            raise QuantOpsError(f"{source}: not an MXNet symbol file (needs 'nodes' and "
+                                "'heads')")
+        nodes = []
+        for i, n in enumerate(d["nodes"]):
+            if not isinstance(n, dict) or not isinstance(n.get("op"), str) \
+                    or not isinstance(n.get("name"), str):
+                raise QuantOpsError(f"{source}: node #{i} lacks a string 'op' or 'name'")
+            attrs = n.get("attrs", n.get("param", {})) or {}
+            if not isinstance(attrs, dict):
+                raise QuantOpsError(f"{source}: node '{n['name']}' has attributes that are "
+                                    "not a mapping")
+            inputs = []
+            for e in n.get("inputs", []):
+                if not (isinstance(e, list) and len(e) in (2, 3)
+                        and all(isinstance(v, int) for v in e) and 0 <= e[0] < i):
+                    raise QuantOpsError(f"{source}: node '{n['name']}' has a bad input {e!r} "
+                                        "(inputs must point at earlier nodes)")
+                inputs.append([e[0], e[1], e[2] if len(e) == 3 else 0])
+            nodes.append(Node(n["op"], n["name"], {str(k): str(v) for k, v in attrs.items()},
+                              inputs))
+        for h in d["heads"]:
+            if not (isinstance(h, list) and len(h) in (2, 3) and 0 <= h[0] < len(nodes)):
+                raise QuantOpsError(f"{source}: bad head {h!r}")
+        heads = [[h[0], h[1], h[2] if len(h) == 3 else 0] for h in d["heads"]]
+        return cls(nodes, heads, dict(d.get("attrs", {})), source)
+
+    @classmethod
+    def from_symbol(cls, sym) -> "Graph":
+        return cls.from_json(sym.tojson(), "<symbol>")
+
+    # -- writing ----------------------------------------------------------------
+    def to_json(self) -> str:
+        out_nodes = []
+        for n in self.nodes:
+            row = {"op": n.op, "name": n.name, "inputs": [list(e) for e in n.inputs]}
+            if n.attrs:
+                row["attrs"] = dict(n.attrs)
+            out_nodes.append(row)
+        return json.dumps({
+            "nodes": out_nodes,
+            "arg_nodes": [i for i, n in enumerate(self.nodes) if n.is_var],
+            "heads": [list(h) for h in self.heads],
+            "attrs": self.attrs or {"mxnet_version": ["int", 10901]},
+        }, indent=2)
+
+    def to_symbol(self):
+        import mxnet as mx
+
+        return mx.sym.load_json(self.to_json())
+
+    # -- queries ----------------------------------------------------------------
+    def consumers(self) -> dict:
+        """(node, output) -> list of (consumer index, input position)."""
+        uses: dict = {}
+        for i, n in enumerate(self.nodes):
+            for pos, e in enumerate(n.inputs):
+                uses.setdefault((e[0], e[1]), []).append((i, pos))
+        for h in self.heads:
+            uses.setdefault((h[0], h[1]), []).append((-1, self.heads.index(h)))
+        return uses
+
+    def index(self) -> dict:
+        return {n.name: i for i, n in enumerate(self.nodes)}
+
+    def ops(self) -> Iterator[tuple[int, Node]]:
+        return ((i, n) for i, n in enumerate(self.nodes) if not n.is_var)
+
+    # -- editing ----------------------------------------------------------------
+    def rebuilt(self, order: list, new_nodes: list) -> "Graph":
+        """A graph whose node k is ``new_nodes[k]``, where ``order[k]`` is the old index of
+        node k or None for an inserted node.  Inputs of the new nodes must already use new
+        indices; heads are remapped."""
+        old_to_new = {old: k for k, old in enumerate(order) if old is not None}
+        heads = [[old_to_new[h[0]], h[1], h[2]] for h in self.heads]
+        return Graph(new_nodes, heads, dict(self.attrs), self.source)
+
+
+def load_graph(path: str | Path) -> Graph:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise QuantOpsError(f"{p}: cannot read ({e.strerror})") from None
+    return Graph.from_json(text, str(p))

@@ -1,0 +1,164 @@
+"""Insert quantizers into a graph as a policy says, and strip them out again.
+
+One quantizer per tensor: a tensor that feeds several layers is quantized once.  A tensor
+that already comes out of a quantizer is left alone, so rewriting twice changes nothing.
+State variables are named ``<quantizer>_minmax`` / ``<quantizer>_qstate`` with the quantizer
+named ``<tensor>_<method>``, so a checkpoint is a plain ``.params`` file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import QuantOpsError
+from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
+from ..policy import METHODS
+from .ir import Graph, Node
+
+# input position of the weight, and the weight's output-channel axis, per layer op
+WEIGHT_INPUT = {"Convolution": (1, 0), "FullyConnected": (1, 0), "Deconvolution": (1, 1)}
+SHAPE_ADDED = "__qo_shape_added__"
+
+
+@dataclass
+class Rewrite:
+    """A rewritten graph, the state arrays it needs, and what was quantized."""
+
+    graph: Graph
+    new_aux: dict = field(default_factory=dict)      # name -> numpy array
+    table: list = field(default_factory=list)         # rows for the summary
+
+
+def _shape_str(shape) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _known_shape(node: Node, shapes: dict):
+    if node.name in shapes:
+        return tuple(int(d) for d in shapes[node.name])
+    s = node.attrs.get("__shape__")
+    if s:
+        dims = tuple(int(d) for d in s.strip("()[] ").replace(" ", "").split(",") if d)
+        if dims and all(d > 0 for d in dims):
+            return dims
+    return None
+
+
+def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewrite:
+    """Quantize the inputs of every layer the policy selects.
+
+    ``shapes`` maps variable names to shapes (e.g. from the params file); a quantized weight
+    needs one, as MXNet 1.9 cannot infer a shape backwards through an external operator.
+    """
+    shapes = shapes or {}
+    layers = [i for i, n in graph.ops() if n.op in policy.quantize_ops]
+    first, last = (layers[0], layers[-1]) if layers else (-1, -1)
+    policy.check_patterns(n.name for n in graph.nodes)
+
+    out_nodes: list = []
+    order: list = []
+    new_index: dict = {}               # old node index -> new index
+    quantized: dict = {}               # (old src, out) -> new entry of the quantizer output
+    res = Rewrite(graph)
+
+    def emit(node: Node, old=None) -> int:
+        out_nodes.append(node)
+        order.append(old)
+        return len(out_nodes) - 1
+
+    def add_quantizer(src_old: int, out_idx: int, spec, is_weight: bool, axis: int,
+                      consumer: Node, role: str) -> list:
+        src = graph.nodes[src_old]
+        tensor = src.name if out_idx == 0 else f"{src.name}_out{out_idx}"
+        qname = f"{tensor}_{spec.method}"
+        channels = 1
+        if is_weight and spec.per_channel:
+            shape = _known_shape(src, shapes)
+            if shape is None or not src.is_var:
+                raise QuantOpsError(f"{graph.source}: weight '{tensor}' of node "
+                                    f"'{consumer.name}' has no known shape: give the params "
+                                    "file (or input shapes) so it can be quantized per channel")
+            channels = shape[axis]
+        emitted = out_nodes[new_index[src_old]]
+        if is_weight and src.is_var and "__shape__" not in emitted.attrs:
+            shape = _known_shape(src, shapes)
+            if shape is None:
+                raise QuantOpsError(f"{graph.source}: weight '{tensor}' of node "
+                                    f"'{consumer.name}' has no known shape: give the params "
+                                    "file (or input shapes)")
+            emitted.attrs.update({"__shape__": _shape_str(shape), SHAPE_ADDED: "1"})
+        mm = emit(Node("null", f"{qname}_minmax", {"__shape__": _shape_str((channels,))}))
+        st = emit(Node("null", f"{qname}_qstate", {"__shape__": "(2,)"}))
+        data = [new_index[src_old], out_idx, 0]
+        if src.is_var:  # a leaf: route through identity so grad_req='add' accumulates
+            data = [emit(Node("_copy", f"{tensor}{GRAD_SUM_SUFFIX}", {}, [data])), 0, 0]
+        attrs = spec.op_attrs(is_weight=is_weight, channel_axis=axis)
+        q = emit(Node(METHODS[spec.method], qname, attrs,
+                      [data, [mm, 0, 0], [st, 0, 0]]))
+        res.new_aux[f"{qname}_minmax"] = np.zeros(channels, np.float32)
+        res.new_aux[f"{qname}_qstate"] = np.zeros(2, np.float32)
+        res.table.append({"node": consumer.name, "op": consumer.op, "input": role,
+                          "tensor": tensor, "quantizer": qname, "method": spec.method,
+                          "bits": spec.bits,
+                          "granularity": "per-channel" if channels > 1 or (
+                              is_weight and spec.per_channel) else "per-tensor"})
+        return [q, 0, 0]
+
+    for i, node in enumerate(graph.nodes):
+        rule = None
+        if not node.is_var and node.op in policy.quantize_ops:
+            rule = policy.rule_for(node.name, node.op, i == first, i == last)
+        new_inputs = [[new_index[e[0]], e[1], e[2]] for e in node.inputs]
+        if rule is not None:
+            w_pos, axis = WEIGHT_INPUT.get(node.op, (1, 0))
+            for pos, spec, is_w, role in ((0, rule.activation, False, "data"),
+                                          (w_pos, rule.weight, True, "weight")):
+                if spec is None or pos >= len(node.inputs):
+                    continue
+                src_old, out_idx = node.inputs[pos][0], node.inputs[pos][1]
+                if graph.nodes[src_old].op in QUANTIZERS:
+                    continue  # already quantized: rewriting is idempotent
+                key = (src_old, out_idx)
+                if key not in quantized:
+                    quantized[key] = add_quantizer(src_old, out_idx, spec, is_w, axis, node,
+                                                   role)
+                new_inputs[pos] = list(quantized[key])
+        new_index[i] = emit(Node(node.op, node.name, dict(node.attrs), new_inputs), i)
+    res.graph = graph.rebuilt(order, out_nodes)
+    return res
+
+
+def strip_quantizers(graph: Graph) -> Graph:
+    """Remove every quantizer, its state and its gradient-sum identity: the float graph."""
+    drop = set()
+    redirect: dict = {}     # old index of a removed node -> entry it forwards to
+    for i, n in enumerate(graph.nodes):
+        if n.op in QUANTIZERS:
+            drop.add(i)
+            data = n.inputs[0]
+            src = graph.nodes[data[0]]
+            if src.op == "_copy" and src.name.endswith(GRAD_SUM_SUFFIX):
+                drop.add(data[0])
+                data = src.inputs[0]
+            redirect[i] = data
+            for e in n.inputs[1:]:
+                drop.add(e[0])
+    out_nodes, order, new_index = [], [], {}
+
+    def resolve(e):
+        while e[0] in redirect:
+            e = redirect[e[0]]
+        return [new_index[e[0]], e[1], e[2]]
+
+    for i, n in enumerate(graph.nodes):
+        if i in drop:
+            continue
+        attrs = dict(n.attrs)
+        if attrs.pop(SHAPE_ADDED, None):
+            attrs.pop("__shape__", None)
+        new_index[i] = len(out_nodes)
+        out_nodes.append(Node(n.op, n.name, attrs, [resolve(e) for e in n.inputs]))
+        order.append(i)
+    heads = [resolve(h) for h in graph.heads]
+    return Graph(out_nodes, heads, dict(graph.attrs), graph.source)

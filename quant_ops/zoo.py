@@ -1,0 +1,34 @@
+"""gluoncv model-zoo access (architectures only: no weights can be downloaded here)."""
+from __future__ import annotations
+
+import sys
+
+from .errors import QuantOpsError
+
+
+def import_gluoncv():
+    """Import gluoncv 0.10.x, which raises RuntimeError at import when torch >= 2 is
+    importable (its torch version check); hide torch from that check only."""
+    if "gluoncv" in sys.modules:
+        return sys.modules["gluoncv"]
+    saved = sys.modules.get("torch", ...)
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        import gluoncv
+    except ImportError as e:
+        raise QuantOpsError(f"gluoncv is not installed ({e}): pip install gluoncv==0.10.5.post0")
+    finally:
+        if saved is ...:
+            del sys.modules["torch"]
+        else:
+            sys.modules["torch"] = saved
+    return gluoncv
+
+
+def get_model(name: str, **kwargs):
+    """A gluoncv model-zoo network with random weights (``pretrained=False``)."""
+    gcv = import_gluoncv()
+    try:
+        return gcv.model_zoo.get_model(name, pretrained=False, **kwargs)
+    except ValueError as e:
+        raise QuantOpsError(f"unknown gluoncv model {name!r}: {e}") from None

@@ -1,0 +1,121 @@
+"""Graph rewriting on real topologies (gluoncv model-zoo architectures, random weights):
+quantizers where TensorRT INT8 runs the layer, bindable, close to float at 16 bits,
+idempotent, and `strip` gives back the original graph exactly."""
+from __future__ import annotations
+
+import time
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import quant_ops
+from quant_ops.errors import QuantOpsError
+from quant_ops.graph.ir import Graph
+from quant_ops.graph.quantize import insert_quantizers, strip_quantizers
+from quant_ops.policy import QuantPolicy
+from quant_ops.zoo import get_model
+
+LAYERS = ("Convolution", "FullyConnected", "Deconvolution")
+
+
+def zoo_graph(name, shape):
+    net = get_model(name)
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.random.uniform(shape=shape)
+    net.hybridize()
+    y = net(x)
+    sym = net(mx.sym.var("data"))
+    params = {p.name: p.data() for p in net.collect_params().values()}
+    return net, x, y, sym, params
+
+
+def bind(sym, params, new_aux):
+    blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
+    values = {**params, **{k: mx.nd.array(v) for k, v in new_aux.items()}}
+    for k, p in blk.collect_params().items():
+        p._load_init(values[k], mx.cpu())
+    return blk
+
+
+def policy(bits=8, **kw):
+    d = {"preset": "trt_int8", "weight": {"bits": bits}, "activation": {"bits": bits}}
+    d.update(kw)
+    return QuantPolicy.from_dict(d)
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("resnet18_v1", (1, 3, 224, 224)),
+    ("mobilenetv2_0.25", (1, 3, 224, 224)),
+    ("cifar_resnet20_v1", (2, 3, 32, 32)),
+])
+def test_trt_int8_quantizes_every_layer_and_strips_exactly(name, shape):
+    net, x, y_float, sym, params = zoo_graph(name, shape)
+    g = Graph.from_symbol(sym)
+    shapes = {k: v.shape for k, v in params.items()}
+    rw = insert_quantizers(g, policy(16), shapes)
+    layers = [n for _, n in g.ops() if n.op in LAYERS]
+    q = rw.graph
+    qops = {n.name: n for _, n in q.ops()}
+    for layer in layers:  # both inputs of every conv/FC go through a quantizer
+        node = qops[layer.name]
+        for pos in (0, 1):
+            src = q.nodes[node.inputs[pos][0]]
+            assert src.op == "Quantization_int8", (layer.name, pos)
+            assert src.attrs["is_weight"] == ("True" if pos == 1 else "False")
+    weights = [r for r in rw.table if r["input"] == "weight"]
+    assert len(weights) == len(layers)
+    assert all(r["granularity"] == "per-channel" for r in weights)
+    # one quantizer per tensor
+    assert len({r["tensor"] for r in rw.table}) == len(rw.table)
+
+    blk = bind(q.to_symbol(), params, rw.new_aux)
+    quant_ops.set_training(blk, True)
+    blk(x)                               # observe activation ranges once
+    quant_ops.set_training(blk, False)
+    y = blk(x).asnumpy()
+    ref = y_float.asnumpy()
+    assert np.abs(y - ref).max() <= 1e-3 * np.abs(ref).max()   # 16 bits: close to float
+
+    again = insert_quantizers(q, policy(16), shapes)
+    assert again.graph.to_json() == q.to_json() and not again.new_aux   # idempotent
+    back = strip_quantizers(q)
+    assert back.to_symbol().tojson() == sym.tojson()
+    y_back = mx.gluon.SymbolBlock(back.to_symbol(), [mx.sym.var("data")])
+    for k, p in y_back.collect_params().items():
+        p._load_init(params[k], mx.cpu())
+    assert np.array_equal(y_back(x).asnumpy(), net(x).asnumpy())
+
+
+def test_rewriting_resnet50_is_fast():
+    _, _, _, sym, params = zoo_graph("resnet50_v1", (1, 3, 224, 224))
+    g = Graph.from_symbol(sym)
+    t = time.perf_counter()
+    rw = insert_quantizers(g, policy(), {k: v.shape for k, v in params.items()})
+    assert time.perf_counter() - t < 5.0  # generous; the bench measures it
+    assert len([r for r in rw.table if r["input"] == "weight"]) == 54
+
+
+def test_shared_input_quantized_once_and_skips_apply():
+    data = mx.sym.var("data")
+    a = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), name="conv_a")
+    b = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), name="conv_b")
+    out = mx.sym.FullyConnected(a + b, num_hidden=3, name="fc")
+    arg_shapes, _, _ = out.infer_shape(data=(1, 2, 8, 8))
+    shapes = dict(zip(out.list_arguments(), arg_shapes))
+    g = Graph.from_symbol(out)
+    rw = insert_quantizers(g, policy(), shapes)
+    data_q = [r for r in rw.table if r["tensor"] == "data"]
+    assert len(data_q) == 1                      # `data` feeds two convs: one quantizer
+    rw = insert_quantizers(g, policy(skip={"names": ["fc"]}), shapes)
+    assert "fc" not in {r["node"] for r in rw.table}
+    with pytest.raises(QuantOpsError, match="matches no node"):
+        insert_quantizers(g, policy(skip={"names": ["nothing_*"]}), shapes)
+
+
+def test_malformed_graph_json_names_the_problem():
+    with pytest.raises(QuantOpsError, match="not valid JSON"):
+        Graph.from_json("{", "model-symbol.json")
+    with pytest.raises(QuantOpsError, match="model-symbol.json: node 'x' has a bad input"):
+        Graph.from_json('{"nodes": [{"op": "relu", "name": "x", "inputs": [[5, 0, 0]]}], '
+                        '"heads": [[0, 0, 0]]}', "model-symbol.json")
