@@ -143,7 +143,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     if (training) st[0] = step + 1.0f;
 
     if (training && step < static_cast<float>(p.delay_quant)) {
-      qo::copy_or_add(x, y, n, false);
+      qo::copy(x, y, n);
     } else if (p.per_channel()) {
       qo::fake_quant_channels(x, y, v.outer, v.channels, v.inner, mm, p.range());
     } else {
@@ -167,7 +167,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     // Forward already counted this step, so the step it ran at is st[0] - 1.
     const bool delayed = st[1] > 0.5f && st[0] - 1.0f < static_cast<float>(p.delay_quant);
     if (!p.clip_grad || delayed) {
-      qo::copy_or_add(g, dx, n, false);
+      qo::copy(g, dx, n);
     } else if (!p.per_channel()) {
       qo::clip_grad_tensor(g, data.data<float>(), dx, n, mm[0], p.range());
     } else {

@@ -124,15 +124,10 @@ QO_CLONES inline void abs_max_channels(const float* x, int64_t outer, int64_t ch
   }
 }
 
-/*! \brief dst = src (or dst += src when accumulate), parallel. */
-QO_CLONES inline void copy_or_add(const float* src, float* dst, int64_t n, bool accumulate) {
-  if (accumulate) {
+/*! \brief dst = src, parallel. */
+QO_CLONES inline void copy(const float* src, float* dst, int64_t n) {
 #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-  } else {
-#pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
 /*! \brief `clip` mode: the straight-through gradient where the clamp did not act, i.e. the
@@ -149,7 +144,7 @@ QO_CLONES inline void clip_grad_tensor(const float* g, const float* x, float* dx
   const float s = scale_of(amax, r.qmax);
   const float qmin = r.qmin, qmax = r.qmax;
   if (!usable_scale(s)) {
-    copy_or_add(g, dx, n, false);
+    copy(g, dx, n);
     return;
   }
 #pragma omp parallel for simd schedule(static)

@@ -95,19 +95,6 @@ class Graph:
         return mx.sym.load_json(self.to_json())
 
     # -- queries ----------------------------------------------------------------
-    def consumers(self) -> dict:
-        """(node, output) -> list of (consumer index, input position)."""
-        uses: dict = {}
-        for i, n in enumerate(self.nodes):
-            for pos, e in enumerate(n.inputs):
-                uses.setdefault((e[0], e[1]), []).append((i, pos))
-        for h in self.heads:
-            uses.setdefault((h[0], h[1]), []).append((-1, self.heads.index(h)))
-        return uses
-
-    def index(self) -> dict:
-        return {n.name: i for i, n in enumerate(self.nodes)}
-
     def ops(self) -> Iterator[tuple[int, Node]]:
         return ((i, n) for i, n in enumerate(self.nodes) if not n.is_var)
 
