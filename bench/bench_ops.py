@@ -65,7 +65,7 @@ if __name__ == "__main__" and "mxnet" not in sys.modules:
     os.environ["OMP_NUM_THREADS"] = str(_requested_threads(sys.argv[1:]))
 
 import mxnet as mx  # noqa: E402
-from mxnet import autograd  # noqa: E402
+from mxnet import autograd, gluon  # noqa: E402
 
 import quant_ops  # noqa: E402
 from quant_ops import reference as ref  # noqa: E402
@@ -377,6 +377,45 @@ def dispatch_overhead(repeats: int, warmup: int) -> dict[str, Any]:
     }
 
 
+class _Chain(gluon.HybridBlock):
+    """``k`` operators in a row inside one hybridized graph."""
+
+    def __init__(self, k: int, kind: str, channels: int, attrs: dict):
+        super().__init__()
+        self._k, self._kind, self._attrs = k, kind, attrs
+        with self.name_scope():
+            self.mm = self.params.get("mm", shape=(channels,), init="zeros", grad_req="null")
+            self.st = self.params.get("st", shape=(2,), init="zeros", grad_req="null")
+
+    def hybrid_forward(self, F, x, mm, st):  # noqa: N803
+        for _ in range(self._k):
+            if self._kind == "quant_ops":
+                x = F.Quantization_int8(x, mm, st, **self._attrs)
+            else:  # MXNet's own cheapest elementwise op of the same size, for comparison
+                x = F.abs(x)
+        return x
+
+
+def in_graph_marginal(x_np: np.ndarray, attrs: dict, k: int, repeats: int,
+                      warmup: int) -> dict[str, float]:
+    """Cost of one more operator inside a hybridized ``static_alloc`` graph: (T(k) - T(1)) /
+    (k - 1).  In a network the operator runs this way, so MXNet's per-call Python and engine
+    overhead (about 0.1 ms, see dispatch_overhead) is paid once per graph, not per operator."""
+    x = mx.nd.array(x_np)
+    channels = x_np.shape[0] if attrs.get("is_weight_perchannel") else 1
+    res = {}
+    for kind in ("quant_ops", "mx_abs"):
+        times = []
+        for n in (1, k):
+            blk = _Chain(n, kind, channels, attrs)
+            blk.initialize()
+            blk.mm.set_data(mx.nd.full((channels,), float(np.abs(x_np).max())))
+            blk.hybridize(static_alloc=True, static_shape=True)
+            times.append(measure(lambda: blk(x), repeats, warmup)["median_ms"])
+        res[kind] = (times[1] - times[0]) / (k - 1)
+    return res
+
+
 def malloc_keep_freed_memory() -> str:
     """glibc: serve large blocks from the heap and never trim it, so a freed output's pages
     are reused instead of being unmapped and faulted in again."""
@@ -660,10 +699,28 @@ def main(argv=None) -> int:
         sys.stdout.flush()
 
     overhead = dispatch_overhead(max(50, w_repeats), warmup)
+    in_graph = []
+    for case in (c for c in cases if c["name"] in ("act_infer_fwd", "w_pc_fwd")):
+        x_np = tensors[case["tensor"]][0]
+        k = 4 if case["tensor"] == "act" else 21
+        n = repeats if case["tensor"] == "act" else w_repeats
+        m = in_graph_marginal(x_np, case["attrs"], k, n, warmup)
+        floor = next(r for r in rows if r["case"] == case["name"])["ms"]["copy_floor"]
+        in_graph.append({"case": case["name"], "chain": k, "ms": m, "copy_floor": floor,
+                         "quant_ops/copy": ratio(m["quant_ops"], floor),
+                         "mx_abs/quant_ops": ratio(m["mx_abs"], m["quant_ops"])})
     sys.stderr.flush()
     print("\nmedian milliseconds (copy floor: fastest of mx copyto / np.copyto into "
           "preallocated arrays; fwd+bwd rows copy two tensors):")
     print_table(rows)
+    if in_graph:
+        print("\nin-graph marginal forward cost (hybridized static_alloc chain, ms per "
+              "operator):")
+        for r in in_graph:
+            print(f"  {r['case']:<14} quant_ops {r['ms']['quant_ops']:.4f}  copy floor "
+                  f"{r['copy_floor']:.4f}  qo/copy {fmt(r['quant_ops/copy'], '.2f')}  "
+                  f"mx.abs {r['ms']['mx_abs']:.4f} (mx.abs/qo "
+                  f"{fmt(r['mx_abs/quant_ops'], '.2f')})")
     print("\nper-call fixed cost, one-element tensor (ms): " +
           ", ".join(f"{k} {v:.4f}" for k, v in overhead.items()))
     result = {
@@ -687,6 +744,7 @@ def main(argv=None) -> int:
         ],
         "verification": verification,
         "dispatch_overhead_ms": overhead,
+        "in_graph_marginal": in_graph,
         "rows": rows,
     }
     write_json(args.out, result)

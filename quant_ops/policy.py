@@ -196,6 +196,11 @@ class QuantPolicy:
                     or not all(isinstance(v, str) for v in value):
                 fail(f"{path} must be a list of strings, got {value!r}")
             object.__setattr__(self, name, tuple(value))
+        for path, ops in (("quantize_ops", self.quantize_ops), ("skip.ops", self.skip_ops)):
+            for op in ops:
+                if op not in DEFAULT_QUANTIZE_OPS:
+                    fail(f"{path}: unknown op '{op}' (quantizable ops: "
+                         f"{', '.join(DEFAULT_QUANTIZE_OPS)})")
         for op in self.shared_inputs:
             if op not in SHAREABLE_OPS:
                 fail(f"shared_inputs: '{op}' cannot share input scales (allowed: {', '.join(SHAREABLE_OPS)})")

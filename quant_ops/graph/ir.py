@@ -95,6 +95,9 @@ class Graph:
         return mx.sym.load_json(self.to_json())
 
     # -- queries ----------------------------------------------------------------
+    def index(self) -> dict:
+        return {n.name: i for i, n in enumerate(self.nodes)}
+
     def ops(self) -> Iterator[tuple[int, Node]]:
         return ((i, n) for i, n in enumerate(self.nodes) if not n.is_var)
 

@@ -7,6 +7,7 @@ named ``<tensor>_<method>``, so a checkpoint is a plain ``.params`` file.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,21 @@ def _known_shape(node: Node, shapes: dict):
     return None
 
 
+def _infer_shapes(graph: Graph, shapes: dict) -> dict:
+    """(node name, output) -> shape of every tensor, by MXNet's own inference on the graph
+    as it is (before quantizers, so nothing needs inferring backwards through them)."""
+    sym = graph.to_symbol().get_internals()
+    known = {k: tuple(v) for k, v in shapes.items() if k in set(sym.list_arguments())}
+    _, out_shapes, _ = sym.infer_shape_partial(**known)
+    index = graph.index()
+    res = {}
+    for name, shape in zip(sym.list_outputs(), out_shapes):
+        m = re.fullmatch(r"(.*)_output(\d*)", name)
+        if m and m.group(1) in index and shape and all(d > 0 for d in shape):
+            res[(m.group(1), int(m.group(2) or 0))] = tuple(shape)
+    return res
+
+
 def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewrite:
     """Quantize the inputs of every layer the policy selects.
 
@@ -74,20 +90,12 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
         qname = f"{tensor}_{spec.method}"
         channels = 1
         if is_weight and spec.per_channel:
-            shape = _known_shape(src, shapes)
-            if shape is None or not src.is_var:
+            shape = tensor_shape(src_old, out_idx)
+            if shape is None:
                 raise QuantOpsError(f"{graph.source}: weight '{tensor}' of node "
                                     f"'{consumer.name}' has no known shape: give the params "
                                     "file (or input shapes) so it can be quantized per channel")
             channels = shape[axis]
-        emitted = out_nodes[new_index[src_old]]
-        if is_weight and src.is_var and "__shape__" not in emitted.attrs:
-            shape = _known_shape(src, shapes)
-            if shape is None:
-                raise QuantOpsError(f"{graph.source}: weight '{tensor}' of node "
-                                    f"'{consumer.name}' has no known shape: give the params "
-                                    "file (or input shapes)")
-            emitted.attrs.update({"__shape__": _shape_str(shape), SHAPE_ADDED: "1"})
         mm = emit(Node("null", f"{qname}_minmax", {"__shape__": _shape_str((channels,))}))
         st = emit(Node("null", f"{qname}_qstate", {"__shape__": "(2,)"}))
         data = [new_index[src_old], out_idx, 0]
@@ -104,6 +112,16 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
                           "granularity": "per-channel" if channels > 1 or (
                               is_weight and spec.per_channel) else "per-tensor"})
         return [q, 0, 0]
+
+    inferred: dict = {}
+
+    def tensor_shape(idx: int, out_idx: int):
+        node = graph.nodes[idx]
+        if node.is_var:
+            return _known_shape(node, shapes)
+        if not inferred:  # only when a weight is computed in-graph (e.g. BN folded for QAT)
+            inferred.update(_infer_shapes(graph, shapes))
+        return inferred.get((node.name, out_idx))
 
     for i, node in enumerate(graph.nodes):
         rule = None
@@ -124,7 +142,12 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
                     quantized[key] = add_quantizer(src_old, out_idx, spec, is_w, axis, node,
                                                    role)
                 new_inputs[pos] = list(quantized[key])
-        new_index[i] = emit(Node(node.op, node.name, dict(node.attrs), new_inputs), i)
+        attrs = dict(node.attrs)
+        if node.is_var and "__shape__" not in attrs and _known_shape(node, shapes):
+            # MXNet 1.9 cannot infer a shape backwards through an external operator: give
+            # every parameter its shape (strip removes what was added)
+            attrs.update({"__shape__": _shape_str(_known_shape(node, shapes)), SHAPE_ADDED: "1"})
+        new_index[i] = emit(Node(node.op, node.name, attrs, new_inputs), i)
     res.graph = graph.rebuilt(order, out_nodes)
     return res
 

@@ -1,0 +1,160 @@
+"""Command-line entries (``utils/graph_optimize.py``, console script ``qo-graph-optimize``).
+
+Bad input ends with one line on stderr and exit code 2; outputs are written into a hidden
+temporary folder and moved into place only when everything succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import QuantOpsError
+
+log = logging.getLogger(__name__)
+
+
+def _shape(text: str) -> tuple:
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (use e.g. 1,3,224,224)")
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r}")
+    return dims
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="graph_optimize",
+        description="Quantize an MXNet symbol graph (or a gluoncv model) by a policy: "
+                    "writes the quantized symbol + params, a summary and graph pictures.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--symbol", type=Path, help="float model's symbol JSON")
+    src.add_argument("--model", help="a gluoncv model-zoo name (random weights)")
+    p.add_argument("--params", type=Path, help="params of --symbol")
+    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
+                   help="shape of the input 'data' (default 1,3,224,224)")
+    pol = p.add_mutually_exclusive_group()
+    pol.add_argument("--policy", type=Path, help="policy file (.json / .yaml)")
+    pol.add_argument("--preset", default="trt_int8", help="policy preset (default trt_int8)")
+    p.add_argument("--fold-bn", choices=("deploy", "qat"), help="fold BatchNorm layers")
+    p.add_argument("--relu6-to-relu", action="store_true", help="replace ReLU6 by ReLU")
+    p.add_argument("--no-draw", action="store_true", help="skip the graph pictures")
+    p.add_argument("--name", help="file name stem of the outputs (default: from the input)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p
+
+
+def _load_input(args):
+    """(name, float Graph, params) from --symbol/--params or --model."""
+    import mxnet as mx
+
+    from .graph.ir import Graph, load_graph
+    from .graph.params import check_params, load_params
+
+    if args.model:
+        from .zoo import get_model
+
+        net = get_model(args.model)
+        net.initialize(mx.init.Xavier())
+        net.hybridize()
+        net(mx.nd.zeros(args.input_shape))
+        out = net(mx.sym.var("data"))
+        if isinstance(out, (list, tuple)):
+            out = mx.sym.Group(list(out))
+        params = {p.name: p.data().asnumpy() for p in net.collect_params().values()}
+        return args.model, Graph.from_symbol(out), params
+    if args.params is None:
+        raise QuantOpsError("--symbol needs --params")
+    graph = load_graph(args.symbol)
+    params = load_params(args.params)
+    try:
+        sym = graph.to_symbol()
+    except mx.base.MXNetError as e:
+        raise QuantOpsError(f"{args.symbol}: MXNet cannot load it: "
+                            f"{str(e).strip().splitlines()[-1]}") from None
+    check_params(sym, params, str(args.params))
+    shapes = {k: v.shape for k, v in params.items() if k in set(sym.list_arguments())}
+    try:
+        sym.infer_shape(data=args.input_shape, **shapes)
+    except mx.base.MXNetError as e:
+        raise QuantOpsError(f"{args.params}: shapes do not fit {args.symbol}: "
+                            f"{' '.join(str(e).split())[:300]}") from None
+    name = args.symbol.name.split("-symbol")[0].removesuffix(".json")
+    return name, graph, params
+
+
+def summary_markdown(name: str, table: list, notes: list, policy_name: str) -> str:
+    lines = [f"# {name}: quantized with {policy_name}", ""]
+    lines += [f"- {n}" for n in notes]
+    layers = {r["node"] for r in table}
+    lines += [f"- {len(table)} quantizers on {len(layers)} layers", "",
+              "| layer | op | input | quantizer | method | bits | granularity |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['node']} | {r['op']} | {r['input']} | {r['quantizer']} | {r['method']} "
+              f"| {r['bits']} | {r['granularity']} |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def run_graph_optimize(args) -> Path:
+    from .graph.params import save_params
+    from .policy import QuantPolicy
+    from .prepare import quantize_graph
+
+    policy = QuantPolicy.load(args.policy) if args.policy else QuantPolicy.preset(args.preset)
+    name, graph, params = _load_input(args)
+    name = args.name or name
+    q = quantize_graph(graph, params, policy, args.fold_bn, args.relu6_to_relu)
+    qsym = q.graph.to_symbol()
+    out = args.out
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".graph_optimize-"))
+    except OSError as e:
+        raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
+    try:
+        (tmp / f"{name}-quant-symbol.json").write_text(q.graph.to_json())
+        save_params(tmp / f"{name}-quant-0000.params", qsym, q.params)
+        policy_name = str(args.policy) if args.policy else args.preset
+        (tmp / "summary.md").write_text(summary_markdown(name, q.table, q.notes, policy_name))
+        (tmp / "summary.json").write_text(json.dumps(
+            {"model": name, "policy": policy.to_dict(), "notes": q.notes,
+             "quantizers": q.table}, indent=2))
+        if not args.no_draw:
+            from .viz import draw
+
+            draw(graph, tmp / f"{name}-float", title=f"{name} (float)")
+            draw(q.graph, tmp / f"{name}-quantized",
+                 title=f"{name} quantized ({policy_name}): {len(q.table)} quantizers")
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(summary_markdown(name, q.table, q.notes, policy_name), end="")
+    print(f"\nwrote {out}/")
+    return out
+
+
+def graph_optimize_main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import mxnet as mx
+
+    try:
+        run_graph_optimize(args)
+    except (QuantOpsError, OSError, mx.base.MXNetError) as e:
+        msg = " ".join(str(e).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,55 @@
+"""Read and write ``.params`` files next to a graph: plain names in memory, MXNet's
+``arg:``/``aux:`` prefixes on disk, written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+
+from ..errors import QuantOpsError
+
+
+def load_params(path: str | Path) -> dict:
+    """name -> numpy array; accepts Module (``arg:``/``aux:``) and Gluon (plain) files."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuantOpsError(f"{p}: params file not found")
+    try:
+        raw = mx.nd.load(str(p))
+    except mx.base.MXNetError as e:
+        raise QuantOpsError(f"{p}: not an MXNet params file ({str(e).splitlines()[0]})") \
+            from None
+    if not isinstance(raw, dict):
+        raise QuantOpsError(f"{p}: holds unnamed arrays, not parameters")
+    return {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v.asnumpy()
+            for k, v in raw.items()}
+
+
+def check_params(sym, params: dict, source: str, data_names=("data",)) -> None:
+    """Every parameter of ``sym`` is in ``params`` (state of quantizers aside)."""
+    missing = [n for n in sym.list_arguments() + sym.list_auxiliary_states()
+               if n not in params and n not in data_names]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise QuantOpsError(f"{source}: the params do not match the symbol: missing "
+                            f"{', '.join(missing[:5])}{more}")
+
+
+def save_params(path: str | Path, sym, params: dict) -> None:
+    """Save the parameters ``sym`` uses with ``arg:``/``aux:`` prefixes, atomically."""
+    p = Path(path)
+    aux = set(sym.list_auxiliary_states())
+    used = set(sym.list_arguments()) | aux
+    arrays = {f"{'aux' if k in aux else 'arg'}:{k}": mx.nd.array(v, dtype=np.asarray(v).dtype)
+              for k, v in params.items() if k in used}
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        mx.nd.save(tmp, arrays)
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,121 @@
+"""One call from a float model to a quantization-ready one (symbol graph or Gluon block).
+
+The pipeline, in order: seed-toolkit operators converted, ReLU6 -> ReLU (optional),
+BatchNorm folded (optional: ``deploy`` or ``qat``), quantizers inserted by the policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from .errors import QuantOpsError
+from .graph.fold_bn import fold_batchnorm
+from .graph.ir import Graph
+from .graph.quantize import insert_quantizers
+from .graph.relu6 import relu6_to_relu
+from .ops import track_training
+from .policy import QuantPolicy
+
+
+@dataclass
+class QuantizedGraph:
+    graph: Graph
+    params: dict                      # name -> numpy array, new quantizer state included
+    table: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+def as_policy(policy: QuantPolicy | str | dict) -> QuantPolicy:
+    if isinstance(policy, QuantPolicy):
+        return policy
+    if isinstance(policy, str):
+        return QuantPolicy.preset(policy)
+    if isinstance(policy, dict):
+        return QuantPolicy.from_dict(policy)
+    raise QuantOpsError(f"a policy is a QuantPolicy, a preset name or a dict, not "
+                        f"{type(policy).__name__}")
+
+
+def quantize_graph(graph: Graph, params: dict, policy: QuantPolicy | str | dict = "trt_int8",
+                   fold_bn: str | None = None, relu6: bool = False) -> QuantizedGraph:
+    """Run the pipeline on a graph and its params (name -> numpy array)."""
+    policy = as_policy(policy)
+    notes = []
+    try:
+        from .graph.seed import convert_seed_graph, is_seed_graph
+    except ImportError:  # pragma: no cover - seed conversion not installed
+        is_seed_graph = None
+    if is_seed_graph is not None and is_seed_graph(graph):
+        graph, extra = convert_seed_graph(graph, params)
+        params = {**params, **extra}
+        notes.append("converted seed-toolkit operators")
+    if relu6:
+        graph, n = relu6_to_relu(graph)
+        notes.append(f"ReLU6 -> ReLU: {n}")
+    if fold_bn:
+        before = sum(n.op == "BatchNorm" for n in graph.nodes)
+        graph, params = fold_batchnorm(graph, params, fold_bn)
+        after = sum(n.op == "BatchNorm" for n in graph.nodes)
+        notes.append(f"BatchNorm folded ({fold_bn}): {before - after} of {before}")
+    rw = insert_quantizers(graph, policy, {k: np.shape(v) for k, v in params.items()})
+    return QuantizedGraph(rw.graph, {**params, **rw.new_aux}, rw.table, notes)
+
+
+def _trace(net: gluon.HybridBlock, data_names: Sequence[str]):
+    inputs = [mx.sym.var(n) for n in data_names]
+    out = net(*inputs)
+    if isinstance(out, (list, tuple)):
+        out = mx.sym.Group(list(_flatten(out)))
+    return out, inputs
+
+
+def _flatten(xs):
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            yield from _flatten(x)
+        else:
+            yield x
+
+
+def quantize_block(net: gluon.HybridBlock, policy: QuantPolicy | str | dict = "trt_int8",
+                   sample: mx.nd.NDArray | Sequence[mx.nd.NDArray] | None = None,
+                   data_names: Sequence[str] = ("data",), fold_bn: str | None = None,
+                   relu6: bool = False) -> gluon.SymbolBlock:
+    """A trainable quantized copy of ``net`` (a Gluon HybridBlock, e.g. a gluoncv model).
+
+    Without folding, the returned block shares the float block's parameters (training one
+    trains the other); with folding it owns folded copies.  The quantizers follow
+    ``autograd.is_training()``.  ``sample`` (an input batch) completes deferred
+    initialization when the net has not run yet.
+    """
+    if sample is not None:
+        net(*(sample if isinstance(sample, (list, tuple)) else [sample]))
+    pdict = net.collect_params()
+    try:
+        arrays = {p.name: p.data().asnumpy() for p in pdict.values()}
+    except gluon.parameter.DeferredInitializationError:
+        raise QuantOpsError("the block's parameters are not initialized yet: pass `sample` "
+                            "(an input batch) or run the block once first") from None
+    sym, inputs = _trace(net, data_names)
+    q = quantize_graph(Graph.from_symbol(sym), arrays, policy, fold_bn, relu6)
+    qsym = q.graph.to_symbol()
+    shared = pdict if not fold_bn else None
+    blk = gluon.SymbolBlock(qsym, inputs, params=shared)
+    for name, p in blk.collect_params().items():
+        if shared is not None and name in pdict:
+            continue
+        if name not in q.params:
+            raise QuantOpsError(f"no value for parameter '{name}' of the quantized graph")
+        p._load_init(mx.nd.array(q.params[name]), mx.cpu())
+    blk.quant_table = q.table  # what was quantized, for summaries
+    return track_training(blk)
+
+
+def prepare(net: gluon.HybridBlock, preset: str = "trt_int8", **kwargs) -> gluon.SymbolBlock:
+    """The friendly front: ``prepare(net, "trt_int8", sample=x)`` (MQBench's
+    ``prepare_by_platform`` in spirit)."""
+    return quantize_block(net, QuantPolicy.preset(preset), **kwargs)

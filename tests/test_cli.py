@@ -1,0 +1,106 @@
+"""utils/graph_optimize.py as a user runs it: outputs, and one-line errors with exit 2 that
+leave nothing behind."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import quant_ops
+from quant_ops.zoo import get_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = "2,3,32,32"
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "utils" / "graph_optimize.py"), *args],
+                          capture_output=True, text=True, cwd=cwd or ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def float_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("float")
+    net = get_model("cifar_resnet20_v1")
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    x = mx.nd.random.uniform(shape=(2, 3, 32, 32))
+    y = net(x)
+    net.export(str(d / "r20"), epoch=0)
+    return d / "r20-symbol.json", d / "r20-0000.params", x, y
+
+
+def test_quantizes_a_symbol_params_pair(float_model, tmp_path):
+    sym_f, par_f, x, y = float_model
+    out = tmp_path / "out"
+    r = run("--symbol", str(sym_f), "--params", str(par_f), "--input-shape", SHAPE,
+            "--fold-bn", "deploy", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["r20-quant-symbol.json", "r20-quant-0000.params", "summary.md",
+                            "summary.json", "r20-float.svg", "r20-float.png",
+                            "r20-quantized.svg", "r20-quantized.png"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("BatchNorm folded (deploy): 21 of 21" in n for n in summary["notes"])
+    assert len([q for q in summary["quantizers"] if q["input"] == "weight"]) == 22
+    blk = mx.gluon.SymbolBlock.imports(str(out / "r20-quant-symbol.json"), ["data"],
+                                       str(out / "r20-quant-0000.params"))
+    quant_ops.set_training(blk, True)
+    blk(x)
+    quant_ops.set_training(blk, False)
+    yq = blk(x).asnumpy()
+    assert np.abs(yq - y.asnumpy()).max() < 0.1 * np.abs(y.asnumpy()).max()  # 8-bit close
+
+
+def test_gluoncv_model_and_policy_file(tmp_path):
+    pol = tmp_path / "p.yaml"
+    pol.write_text("preset: trt_int8\nskip: {first_layer: true}\n"
+                   "overrides:\n  - match: 'cifarresnetv10_dense*'\n    weight: {bits: 4}\n")
+    r = run("--model", "cifar_resnet20_v1", "--input-shape", SHAPE, "--policy", str(pol),
+            "--no-draw", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    table = json.loads((tmp_path / "o" / "summary.json").read_text())["quantizers"]
+    assert "cifarresnetv10_conv0_fwd" not in {q["node"] for q in table}
+    dense = [q for q in table if q["node"].startswith("cifarresnetv10_dense")]
+    assert {q["bits"] for q in dense if q["input"] == "weight"} == {4}
+
+
+@pytest.mark.parametrize("case", ["bad_json", "params_mismatch", "unknown_op", "no_match",
+                                  "not_writable"])
+def test_bad_input_is_one_line_exit_2_and_no_output(case, float_model, tmp_path):
+    sym_f, par_f, _, _ = float_model
+    out = tmp_path / "out"
+    args = ["--symbol", str(sym_f), "--params", str(par_f), "--input-shape", SHAPE]
+    if case == "bad_json":
+        bad = tmp_path / "bad-symbol.json"
+        bad.write_text('{"nodes": [')
+        args[1] = str(bad)
+        needle = "not valid JSON"
+    elif case == "params_mismatch":
+        other = get_model("cifar_resnet56_v1")
+        other.initialize()
+        other(mx.nd.zeros((1, 3, 32, 32)))
+        other.save_parameters(str(tmp_path / "other.params"))
+        args[3] = str(tmp_path / "other.params")
+        needle = "params do not match"
+    elif case in ("unknown_op", "no_match"):
+        pol = tmp_path / "p.json"
+        pol.write_text(json.dumps({"quantize_ops": ["Convolutoin"]} if case == "unknown_op"
+                                  else {"skip": {"names": ["nothing_like_this*"]}}))
+        args += ["--policy", str(pol)]
+        needle = "unknown op 'Convolutoin'" if case == "unknown_op" else "matches no node"
+    else:
+        blocker = tmp_path / "a_file"          # a folder cannot be made under a file,
+        blocker.write_text("")                 # whoever runs the test (root included)
+        out = blocker / "out"
+        needle = "cannot write there"
+    r = run(*args, "--out", str(out))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert not out.exists()

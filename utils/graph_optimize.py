@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""Quantize an MXNet symbol graph or a gluoncv model by a policy (see --help)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quant_ops.cli import graph_optimize_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(graph_optimize_main())
