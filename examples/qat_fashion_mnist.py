@@ -1,9 +1,11 @@
 """Main job: INT8 (TensorRT-aligned) quantization of a small CNN on Fashion-MNIST.
 
-float training -> calibration of the INT8 quantizers (post-training ranges) -> short QAT
-fine-tune -> accuracy of each, and a bit-exactness check of the simulated INT8 weights and
-activations against onnxruntime's QuantizeLinear/DequantizeLinear.  Everything lands in
-``--out``: summary.json, metrics.csv, report.md and the quantized model (symbol + params).
+float training -> graph rewrite by the ``trt_int8`` policy (BatchNorm folded, quantizers on
+every conv/FC input) -> calibration of the ranges -> short QAT fine-tune -> accuracy of each,
+and a bit-exactness check of every quantizer against onnxruntime's QuantizeLinear /
+DequantizeLinear.  Everything lands in ``--out``: report.md, summary.json, metrics.csv,
+quantizers.md (what was quantized), the quantized model (symbol + params) and pictures of
+the float and quantized graphs (SVG + PNG).
 """
 from __future__ import annotations
 
@@ -27,45 +29,23 @@ from tqdm import tqdm  # noqa: E402
 
 import quant_ops  # noqa: E402
 from quant_ops.datasets import fashion_mnist  # noqa: E402
+from quant_ops.cli import summary_markdown  # noqa: E402
 from quant_ops.export.ort_qdq import ort_qdq  # noqa: E402
+from quant_ops.graph.ir import Graph, load_graph  # noqa: E402
+from quant_ops.prepare import quantize_block  # noqa: E402
+from quant_ops.viz import draw  # noqa: E402
 
 log = logging.getLogger("qat_fashion_mnist")
 
 
-class _Quantized:
-    """Mixin: pass the layer's input and weight through Quantization_int8 (TensorRT INT8:
-    per-tensor activations, per-output-channel weights)."""
-
-    def _add_quantizers(self, channels: int) -> None:
-        with self.name_scope():
-            self.weight_q = quant_ops.FakeQuantInt8(channels, prefix="weight_int8_",
-                                                    is_weight=True, is_weight_perchannel=True)
-            self.data_q = quant_ops.FakeQuantInt8(1, prefix="data_int8_", ema_decay=0.99)
-
-    def hybrid_forward(self, F, x, weight, bias=None):
-        return super().hybrid_forward(F, self.data_q(x), self.weight_q(weight), bias)
-
-
-class QConv2D(_Quantized, nn.Conv2D):
-    def __init__(self, channels, *args, **kwargs):
-        super().__init__(channels, *args, **kwargs)
-        self._add_quantizers(channels)
-
-
-class QDense(_Quantized, nn.Dense):
-    def __init__(self, units, *args, **kwargs):
-        super().__init__(units, *args, **kwargs)
-        self._add_quantizers(units)
-
-
-def build_net(quantized: bool) -> gluon.HybridBlock:
-    conv, dense = (QConv2D, QDense) if quantized else (nn.Conv2D, nn.Dense)
+def build_net() -> gluon.HybridBlock:
+    """Conv-BN-ReLU blocks, the shape TensorRT fuses (and the policy folds)."""
     net = nn.HybridSequential(prefix="net_")
     with net.name_scope():
-        net.add(conv(32, 3, padding=1, in_channels=1, activation="relu"), nn.MaxPool2D(2),
-                conv(64, 3, padding=1, in_channels=32, activation="relu"), nn.MaxPool2D(2),
-                nn.Flatten(), dense(128, in_units=64 * 7 * 7, activation="relu"),
-                dense(10, in_units=128))
+        for ch in (32, 64):
+            net.add(nn.Conv2D(ch, 3, padding=1, use_bias=False), nn.BatchNorm(),
+                    nn.Activation("relu"), nn.MaxPool2D(2))
+        net.add(nn.Flatten(), nn.Dense(128, activation="relu"), nn.Dense(10))
     return net
 
 
@@ -113,27 +93,28 @@ def calibrate(net, x, bs=256, nbatches=20) -> None:
     mx.nd.waitall()
 
 
-def onnx_alignment(net, x) -> dict:
-    """Run every quantizer on real tensors and compare with onnxruntime QDQ bit for bit."""
+def onnx_alignment(qnet: gluon.SymbolBlock, x: np.ndarray) -> dict:
+    """Every quantizer's output, in inference, against onnxruntime QDQ on the same input and
+    range: the fraction of bit-identical values per quantizer."""
+    internals = qnet._cached_graph[1].get_internals() if qnet._cached_graph else None
+    sym = internals if internals is not None else qnet(mx.sym.var("data")).get_internals()
+    nodes = [n for n in json.loads(sym.tojson())["nodes"] if n["op"] == "Quantization_int8"]
+    outs = []
+    for n in nodes:
+        outs += [sym[n["name"] + "_output"], sym[n["name"] + "_output"].get_children()[0]]
+    probe = gluon.SymbolBlock(mx.sym.Group(outs), [mx.sym.var("data")],
+                              params=qnet.collect_params())
+    vals = [v.asnumpy() for v in probe(mx.nd.array(x))]
     report = {}
-    feats = mx.nd.array(x)
-    for layer in net:
-        if isinstance(layer, _Quantized):
-            wq, aq = layer.weight_q, layer.data_q
-            w = layer.weight.data()
-            sim_w = wq(w).asnumpy()
-            amax_w = wq.minmax.data().asnumpy()
-            ref_w = ort_qdq(w.asnumpy(), amax_w / np.float32(127), axis=0)
-            sim_a = aq(feats).asnumpy()
-            ref_a = ort_qdq(feats.asnumpy(), aq.minmax.data().asnumpy()[0] / np.float32(127))
-            report[layer.name] = {
-                "weight_values": int(sim_w.size),
-                "weight_identical": float((sim_w.view(np.uint32) == ref_w.view(np.uint32)).mean()),
-                "activation_values": int(sim_a.size),
-                "activation_identical": float((sim_a.view(np.uint32) ==
-                                               ref_a.view(np.uint32)).mean()),
-            }
-        feats = layer(feats)
+    params = {p.name: p.data().asnumpy() for p in qnet.collect_params().values()}
+    for k, n in enumerate(nodes):
+        y, inp = vals[2 * k], vals[2 * k + 1]
+        amax = params[n["name"] + "_minmax"]
+        per_channel = n.get("attrs", {}).get("is_weight_perchannel") == "True"
+        ref = ort_qdq(inp, amax / np.float32(127) if per_channel else amax[0] / np.float32(127),
+                      axis=0 if per_channel else None)
+        report[n["name"]] = {"values": int(y.size),
+                             "identical": float((y.view(np.uint32) == ref.view(np.uint32)).mean())}
     return report
 
 
@@ -166,19 +147,16 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
 
-    fnet = build_net(False)
+    fnet = build_net()
     fnet.initialize(mx.init.Xavier())
     fnet.hybridize(static_alloc=True)
     metrics = train(fnet, xtr, ytr, args.float_epochs, 1e-3, 128, rng, "float")
     acc_float = evaluate(fnet, xte, yte)
     log.info("float accuracy: %.2f%%", acc_float)
-    params = args.out / "float.params"
-    fnet.save_parameters(str(params))
 
-    qnet = build_net(True)
-    qnet.load_parameters(str(params), allow_missing=True)  # quantizer state starts empty
-    qnet.collect_params(".*_minmax|.*_qstate").initialize(mx.init.Zero())
-    quant_ops.track_training(qnet)
+    # the graph pipeline: BN folded into the convs, quantizers where TensorRT INT8 runs
+    float_graph = Graph.from_symbol(fnet(mx.sym.var("data")))
+    qnet = quantize_block(fnet, "trt_int8", fold_bn="deploy")
     qnet.hybridize(static_alloc=True)
     calibrate(qnet, xtr)
     acc_ptq = evaluate(qnet, xte, yte)
@@ -187,9 +165,16 @@ def main(argv=None) -> int:
     acc_qat = evaluate(qnet, xte, yte)
     log.info("INT8 after QAT: %.2f%%", acc_qat)
     qnet.export(str(args.out / "qat_int8"), epoch=0)
+    qgraph = load_graph(args.out / "qat_int8-symbol.json")
+    write_atomic(args.out / "quantizers.md",
+                 summary_markdown("fashion-mnist cnn", qnet.quant_table,
+                                  ["BatchNorm folded (deploy)"], "trt_int8"))
+    draw(float_graph, args.out / "graph-float", title="Fashion-MNIST CNN (float)")
+    draw(qgraph, args.out / "graph-quantized",
+         title=f"Fashion-MNIST CNN, trt_int8: {len(qnet.quant_table)} quantizers")
 
     align = onnx_alignment(qnet, xte[:256])
-    worst = min(min(v["weight_identical"], v["activation_identical"]) for v in align.values())
+    worst = min(v["identical"] for v in align.values())
     summary = {
         "float_accuracy": acc_float, "int8_calibrated_accuracy": acc_ptq,
         "int8_qat_accuracy": acc_qat, "onnxruntime_identical_fraction_min": worst,
@@ -206,10 +191,9 @@ def main(argv=None) -> int:
              "| model | test accuracy (%) |", "|---|---|",
              f"| float | {acc_float:.2f} |", f"| INT8, calibrated ranges | {acc_ptq:.2f} |",
              f"| INT8, after {args.qat_epochs} QAT epoch(s) | {acc_qat:.2f} |", "",
-             "Simulated INT8 vs onnxruntime QuantizeLinear/DequantizeLinear (identical values):",
-             "", "| layer | weights | activations |", "|---|---|---|"]
-    lines += [f"| {k} | {v['weight_identical']:.6f} | {v['activation_identical']:.6f} |"
-              for k, v in align.items()]
+             "Simulated INT8 vs onnxruntime QuantizeLinear/DequantizeLinear (fraction of "
+             "bit-identical values):", "", "| quantizer | values | identical |", "|---|---|---|"]
+    lines += [f"| {k} | {v['values']} | {v['identical']:.6f} |" for k, v in align.items()]
     write_atomic(args.out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\noutputs in {args.out}/ ({summary['seconds']} s)")

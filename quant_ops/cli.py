@@ -57,6 +57,7 @@ def _load_input(args):
 
     from .graph.ir import Graph, load_graph
     from .graph.params import check_params, load_params
+    from .graph.seed import convert_seed_graph, is_seed_graph
 
     if args.model:
         from .zoo import get_model
@@ -74,6 +75,9 @@ def _load_input(args):
         raise QuantOpsError("--symbol needs --params")
     graph = load_graph(args.symbol)
     params = load_params(args.params)
+    if is_seed_graph(graph):  # written for the seed toolkit's MXNet build: convert first
+        graph, extra = convert_seed_graph(graph, params)
+        params.update(extra)
     try:
         sym = graph.to_symbol()
     except mx.base.MXNetError as e:

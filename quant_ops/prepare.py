@@ -17,6 +17,7 @@ from .graph.fold_bn import fold_batchnorm
 from .graph.ir import Graph
 from .graph.quantize import insert_quantizers
 from .graph.relu6 import relu6_to_relu
+from .graph.seed import convert_seed_graph, is_seed_graph
 from .ops import track_training
 from .policy import QuantPolicy
 
@@ -45,11 +46,7 @@ def quantize_graph(graph: Graph, params: dict, policy: QuantPolicy | str | dict 
     """Run the pipeline on a graph and its params (name -> numpy array)."""
     policy = as_policy(policy)
     notes = []
-    try:
-        from .graph.seed import convert_seed_graph, is_seed_graph
-    except ImportError:  # pragma: no cover - seed conversion not installed
-        is_seed_graph = None
-    if is_seed_graph is not None and is_seed_graph(graph):
+    if is_seed_graph(graph):
         graph, extra = convert_seed_graph(graph, params)
         params = {**params, **extra}
         notes.append("converted seed-toolkit operators")

@@ -32,9 +32,9 @@ def zoo_graph(name, shape):
 
 def bind(sym, params, new_aux):
     blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
-    values = {**params, **{k: mx.nd.array(v) for k, v in new_aux.items()}}
+    values = {**params, **new_aux}
     for k, p in blk.collect_params().items():
-        p._load_init(values[k], mx.cpu())
+        p._load_init(mx.nd.array(values[k]), mx.cpu())
     return blk
 
 
@@ -119,3 +119,57 @@ def test_malformed_graph_json_names_the_problem():
     with pytest.raises(QuantOpsError, match="model-symbol.json: node 'x' has a bad input"):
         Graph.from_json('{"nodes": [{"op": "relu", "name": "x", "inputs": [[5, 0, 0]]}], '
                         '"heads": [[0, 0, 0]]}', "model-symbol.json")
+
+
+@pytest.mark.parametrize("mode", ["deploy", "qat"])
+def test_bn_folding_keeps_float_outputs(mode):
+    from quant_ops.graph.fold_bn import fold_batchnorm
+
+    net, x, _, sym, params = zoo_graph("resnet18_v1", (1, 3, 224, 224))
+    rng = np.random.default_rng(0)
+    for k in params:  # statistics far from the identity, so folding has work to do
+        if k.endswith(("running_mean", "running_var", "gamma", "beta")):
+            params[k] = rng.uniform(0.5, 1.5, params[k].shape).astype(np.float32)
+            net.collect_params()[k].set_data(mx.nd.array(params[k]))
+    y = net(x).asnumpy()
+    g = Graph.from_symbol(sym)
+    fg, fp = fold_batchnorm(g, params, mode)
+    assert sum(n.op == "BatchNorm" for n in fg.nodes) == 0
+    yf = bind(fg.to_symbol(), fp, {})(x).asnumpy()
+    assert np.abs(yf - y).max() <= 1e-5 * np.abs(y).max()
+    if mode == "deploy":  # the statistics are gone from the deployed params
+        assert not any(k.endswith("running_var") for k in fp)
+
+
+def test_relu6_to_relu():
+    from quant_ops.graph.relu6 import relu6_to_relu
+
+    _, _, _, sym, _ = zoo_graph("mobilenetv2_0.25", (1, 3, 224, 224))
+    g = Graph.from_symbol(sym)
+    n6 = sum(n.op == "clip" for n in g.nodes)
+    g2, count = relu6_to_relu(g)
+    assert count == n6 > 0 and not any(n.op == "clip" for n in g2.nodes)
+    assert [n.name for n in g2.nodes] == [n.name for n in g.nodes]
+
+
+def test_quantize_block_gives_a_trainable_quantized_block():
+    from mxnet import autograd
+
+    from quant_ops.prepare import prepare
+
+    net, x, y, _, _ = zoo_graph("cifar_resnet20_v1", (2, 3, 32, 32))
+    q = prepare(net, "trt_int8")
+    weights = [r for r in q.quant_table if r["input"] == "weight"]
+    assert len(weights) == 22
+    name = next(k for k in net.collect_params() if k.endswith("conv0_weight"))
+    w = net.collect_params()[name]
+    assert q.collect_params()[name] is w   # shared, not copied
+    with autograd.record():
+        loss = q(x).sum()
+    loss.backward()
+    assert float(mx.nd.abs(w.grad()).sum().asscalar()) > 0
+    mm = q.collect_params()["data_int8_minmax"].data().asnumpy()
+    assert mm[0] > 0                       # the training call observed the input range
+    yq = q(x).asnumpy()                    # inference: 8-bit close to float
+    yf = net(x).asnumpy()                  # (the training call moved the shared BN stats)
+    assert np.abs(yq - yf).max() < 0.1 * np.abs(yf).max()

@@ -20,6 +20,11 @@ FOLDABLE = {"Convolution": 0, "FullyConnected": 0, "Deconvolution": 1}  # op -> 
 BN_INPUTS = ("gamma", "beta", "moving_mean", "moving_var")
 
 
+def _f64(v) -> np.ndarray:
+    """A param (numpy array or NDArray) as float64 numpy."""
+    return np.asarray(v.asnumpy() if hasattr(v, "asnumpy") else v, np.float64)
+
+
 def _flag(attrs: dict, key: str, default: bool) -> bool:
     v = attrs.get(key)
     return default if v is None else v in ("True", "true", "1")
@@ -99,7 +104,7 @@ def _bn_arrays(graph: Graph, bn: Node, params: dict):
     if missing:
         raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}' needs params "
                             f"{', '.join(missing)} to be folded")
-    gamma, beta, mean, var = (np.asarray(params[n], np.float64) for n in names)
+    gamma, beta, mean, var = (_f64(params[n]) for n in names)
     if _flag(bn.attrs, "fix_gamma", True):  # MXNet's symbol default: gamma is fixed at 1
         gamma = np.ones_like(gamma)
     eps = float(bn.attrs.get("eps", "0.001"))
@@ -119,11 +124,11 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
         if w_name not in params:
             raise QuantOpsError(f"{graph.source}: weight '{w_name}' of '{layer.name}' is not "
                                 "in the params")
-        w = np.asarray(params[w_name], np.float64)
+        w = _f64(params[w_name])
         scale = gamma / np.sqrt(var + eps)
         shape = [1] * w.ndim
         shape[axis] = -1
-        bias = np.asarray(params[b_name], np.float64) if has_bias else 0.0
+        bias = _f64(params[b_name]) if has_bias else 0.0
         params[w_name] = (w * scale.reshape(shape)).astype(np.float32)
         params[b_name] = ((bias - mean) * scale + beta).astype(np.float32)
         if not has_bias:
