@@ -280,12 +280,16 @@ class QuantPolicy:
                  overrides=[o.to_dict() for o in self.overrides])
         return d
 
+    def skipped(self, node_name: str) -> bool:
+        """The node is named by a skip pattern."""
+        return any(fnmatchcase(node_name, p) for p in self.skip_names)
+
     def rule_for(self, node_name: str, op: str, is_first: bool = False,
                  is_last: bool = False) -> NodeRule | None:
         """The node's rule, or None when it stays float (not a quantized op, skipped, or
         overridden to float on both inputs).  Overrides apply in order; later ones win."""
         if (op not in self.quantize_ops or op in self.skip_ops or (is_first and self.skip_first)
-                or (is_last and self.skip_last) or any(fnmatchcase(node_name, p) for p in self.skip_names)):
+                or (is_last and self.skip_last) or self.skipped(node_name)):
             return None
         fail = _raiser(self.source)
         weight, activation = self.weight, self.activation

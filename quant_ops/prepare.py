@@ -84,8 +84,9 @@ def quantize_block(net: gluon.HybridBlock, policy: QuantPolicy | str | dict = "t
                    relu6: bool = False) -> gluon.SymbolBlock:
     """A trainable quantized copy of ``net`` (a Gluon HybridBlock, e.g. a gluoncv model).
 
-    Without folding, the returned block shares the float block's parameters (training one
-    trains the other); with folding it owns folded copies.  The quantizers follow
+    Without folding or with ``fold_bn="qat"`` (folded in-graph), the returned block shares
+    the float block's parameters (training one trains the other); with ``"deploy"`` folding
+    it owns folded copies.  The quantizers follow
     ``autograd.is_training()``.  ``sample`` (an input batch) completes deferred
     initialization when the net has not run yet.
     """
@@ -100,7 +101,7 @@ def quantize_block(net: gluon.HybridBlock, policy: QuantPolicy | str | dict = "t
     sym, inputs = _trace(net, data_names)
     q = quantize_graph(Graph.from_symbol(sym), arrays, policy, fold_bn, relu6)
     qsym = q.graph.to_symbol()
-    shared = pdict if not fold_bn else None
+    shared = pdict if fold_bn in (None, "qat") else None
     blk = gluon.SymbolBlock(qsym, inputs, params=shared)
     for name, p in blk.collect_params().items():
         if shared is not None and name in pdict:

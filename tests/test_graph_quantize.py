@@ -173,3 +173,25 @@ def test_quantize_block_gives_a_trainable_quantized_block():
     yq = q(x).asnumpy()                    # inference: 8-bit close to float
     yf = net(x).asnumpy()                  # (the training call moved the shared BN stats)
     assert np.abs(yq - yf).max() < 0.1 * np.abs(yf).max()
+
+
+def test_shared_scale_at_residual_adds():
+    net, x, y, sym, params = zoo_graph("cifar_resnet20_v1", (2, 3, 32, 32))
+    g = Graph.from_symbol(sym)
+    shapes = {k: v.shape for k, v in params.items()}
+    rw = insert_quantizers(g, QuantPolicy.preset("trt_int8_shared"), shapes)
+    q = rw.graph
+    adds = [n for _, n in q.ops() if n.op in ("elemwise_add", "_Plus", "broadcast_add")]
+    assert adds
+    for a in adds:  # both inputs quantized, reading one range variable
+        srcs = [q.nodes[e[0]] for e in a.inputs]
+        assert all(s.op == "Quantization_int8" for s in srcs), a.name
+        assert len({q.nodes[s.inputs[1][0]].name for s in srcs}) == 1, a.name
+    assert len({r["tensor"] for r in rw.table}) == len(rw.table)   # still one per tensor
+    blk = bind(q.to_symbol(), params, rw.new_aux)
+    quant_ops.set_training(blk, True)
+    blk(x)
+    quant_ops.set_training(blk, False)
+    yq = blk(x).asnumpy()
+    assert np.abs(yq - y.asnumpy()).max() < 0.1 * np.abs(y.asnumpy()).max()
+    assert strip_quantizers(q).to_symbol().tojson() == sym.tojson()

@@ -138,6 +138,8 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
 
     # qat: w' = w * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), in-graph
     bn_in = [remap(e) for e in bn.inputs[1:5]]
+    for k, stat in ((2, "mean"), (3, "var")):  # frozen statistics: never trained
+        bn_in[k] = [emit(Node("BlockGrad", f"{bn.name}_frozen_{stat}", {}, [bn_in[k]])), 0, 0]
     if _flag(bn.attrs, "fix_gamma", True):
         bn_in[0] = [emit(Node("ones_like", f"{bn.name}_fixed_gamma", {}, [bn_in[0]])), 0, 0]
     std = emit(Node("_plus_scalar", f"{bn.name}_var_eps", {"scalar": repr(eps)}, [bn_in[3]]))

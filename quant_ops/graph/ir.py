@@ -87,7 +87,7 @@ class Graph:
             "arg_nodes": [i for i, n in enumerate(self.nodes) if n.is_var],
             "heads": [list(h) for h in self.heads],
             "attrs": self.attrs or {"mxnet_version": ["int", 10901]},
-        }, indent=2)
+        }, separators=(",", ":"))  # no indent: json's C encoder is ~5x faster without it
 
     def to_symbol(self):
         import mxnet as mx

@@ -46,6 +46,41 @@ def _known_shape(node: Node, shapes: dict):
     return None
 
 
+def _shared_positions(node: Node) -> range:
+    """Data inputs whose scales a runtime fuses into one: all of an add/concat, the one of a
+    pooling."""
+    return range(1) if node.op == "Pooling" else range(len(node.inputs))
+
+
+def _shared_groups(graph: Graph, policy) -> dict:
+    """(node, output) -> group name, for tensors that must share one range: the inputs of
+    each ``policy.shared_inputs`` node, merged transitively (a tensor feeding two adds joins
+    both groups)."""
+    parent: dict = {}
+
+    def find(k):
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for n in graph.nodes:
+        if n.op in policy.shared_inputs and not policy.skipped(n.name):
+            keys = [(n.inputs[p][0], n.inputs[p][1]) for p in _shared_positions(n)]
+            keys = [k for k in keys if graph.nodes[k[0]].op not in QUANTIZERS]
+            for k in keys[1:]:
+                parent[find(k)] = find(keys[0])
+    roots: dict = {}
+    for k in parent:
+        roots.setdefault(find(k), []).append(k)
+    names = {}
+    for root, members in roots.items():
+        first = min(members)
+        node = graph.nodes[first[0]]
+        names.update({m: f"{node.name}_shared_{policy.activation.method}" for m in members})
+    return names
+
+
 def _infer_shapes(graph: Graph, shapes: dict) -> dict:
     """(node name, output) -> shape of every tensor, by MXNet's own inference on the graph
     as it is (before quantizers, so nothing needs inferring backwards through them)."""
@@ -77,6 +112,8 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
     new_index: dict = {}               # old node index -> new index
     quantized: dict = {}               # (old src, out) -> new entry of the quantizer output
     res = Rewrite(graph)
+    group_of = _shared_groups(graph, policy)   # tensor -> name of its shared-scale group
+    group_minmax: dict = {}            # group name -> new index of its minmax variable
 
     def emit(node: Node, old=None) -> int:
         out_nodes.append(node)
@@ -96,7 +133,15 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
                                     f"'{consumer.name}' has no known shape: give the params "
                                     "file (or input shapes) so it can be quantized per channel")
             channels = shape[axis]
-        mm = emit(Node("null", f"{qname}_minmax", {"__shape__": _shape_str((channels,))}))
+        group = None if is_weight else group_of.get((src_old, out_idx))
+        if group is None:
+            mm = emit(Node("null", f"{qname}_minmax", {"__shape__": _shape_str((channels,))}))
+            res.new_aux[f"{qname}_minmax"] = np.zeros(channels, np.float32)
+        elif group in group_minmax:
+            mm = group_minmax[group]
+        else:  # one range for every tensor of the group, as the engine needs at an add/concat
+            mm = group_minmax[group] = emit(Node("null", f"{group}_minmax", {"__shape__": "(1,)"}))
+            res.new_aux[f"{group}_minmax"] = np.zeros(1, np.float32)
         st = emit(Node("null", f"{qname}_qstate", {"__shape__": "(2,)"}))
         data = [new_index[src_old], out_idx, 0]
         if src.is_var:  # a leaf: route through identity so grad_req='add' accumulates
@@ -104,11 +149,10 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
         attrs = spec.op_attrs(is_weight=is_weight, channel_axis=axis)
         q = emit(Node(METHODS[spec.method], qname, attrs,
                       [data, [mm, 0, 0], [st, 0, 0]]))
-        res.new_aux[f"{qname}_minmax"] = np.zeros(channels, np.float32)
         res.new_aux[f"{qname}_qstate"] = np.zeros(2, np.float32)
         res.table.append({"node": consumer.name, "op": consumer.op, "input": role,
                           "tensor": tensor, "quantizer": qname, "method": spec.method,
-                          "bits": spec.bits,
+                          "bits": spec.bits, "shared_range": group,
                           "granularity": "per-channel" if channels > 1 or (
                               is_weight and spec.per_channel) else "per-tensor"})
         return [q, 0, 0]
@@ -128,6 +172,15 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
         if not node.is_var and node.op in policy.quantize_ops:
             rule = policy.rule_for(node.name, node.op, i == first, i == last)
         new_inputs = [[new_index[e[0]], e[1], e[2]] for e in node.inputs]
+        if node.op in policy.shared_inputs and not policy.skipped(node.name):
+            for pos in _shared_positions(node):
+                key = (node.inputs[pos][0], node.inputs[pos][1])
+                if graph.nodes[key[0]].op in QUANTIZERS:
+                    continue
+                if key not in quantized:
+                    quantized[key] = add_quantizer(key[0], key[1], policy.activation, False, 0,
+                                                   node, f"input {pos}")
+                new_inputs[pos] = list(quantized[key])
         if rule is not None:
             w_pos, axis = WEIGHT_INPUT.get(node.op, (1, 0))
             for pos, spec, is_w, role in ((0, rule.activation, False, "data"),
