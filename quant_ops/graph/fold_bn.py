@@ -98,6 +98,17 @@ def fold_batchnorm(graph: Graph, params: dict, mode: str = "deploy") -> tuple[Gr
     return Graph(out_nodes, heads, dict(graph.attrs), graph.source), params
 
 
+def _weight_var(graph: Graph, idx: int) -> Node:
+    """The weight variable behind a layer's weight input, through a quantizer (whose range
+    follows the weight) and its gradient-sum copy."""
+    from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
+
+    node = graph.nodes[idx]
+    while node.op in QUANTIZERS or (node.op == "_copy" and node.name.endswith(GRAD_SUM_SUFFIX)):
+        node = graph.nodes[node.inputs[0][0]]
+    return node
+
+
 def _bn_arrays(graph: Graph, bn: Node, params: dict):
     names = [graph.nodes[e[0]].name for e in bn.inputs[1:5]]
     missing = [n for n in names if n not in params]
@@ -117,7 +128,7 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     names, gamma, beta, mean, var, eps = _bn_arrays(graph, bn, params)
     inputs = [remap(e) for e in layer.inputs]
     attrs = dict(layer.attrs)
-    w_name = graph.nodes[layer.inputs[1][0]].name
+    w_name = _weight_var(graph, layer.inputs[1][0]).name
     has_bias = not _flag(attrs, "no_bias", False) and len(layer.inputs) > 2
     b_name = graph.nodes[layer.inputs[2][0]].name if has_bias else f"{layer.name}_bias"
     if mode == "deploy":
@@ -137,6 +148,9 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
         return emit(Node(layer.op, layer.name, attrs, inputs))
 
     # qat: w' = w * s, b' = (b - mean) * s + beta with s = gamma / sqrt(var + eps), in-graph
+    if graph.nodes[layer.inputs[1][0]].name != w_name:
+        raise QuantOpsError(f"{graph.source}: '{layer.name}' already has a weight quantizer: "
+                            "fold BatchNorm for QAT before inserting quantizers")
     bn_in = [remap(e) for e in bn.inputs[1:5]]
     for k, stat in ((2, "mean"), (3, "var")):  # frozen statistics: never trained
         bn_in[k] = [emit(Node("BlockGrad", f"{bn.name}_frozen_{stat}", {}, [bn_in[k]])), 0, 0]

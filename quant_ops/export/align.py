@@ -1,0 +1,126 @@
+"""The alignment check: the same inputs through the MXNet deployment graph and through
+onnxruntime on the exported model; per output the largest difference and the cosine, per
+QuantizeLinear the fraction of identical int8 codes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+
+from ..graph.ir import Graph
+from ..ops import QUANTIZERS
+from .onnx_qdq import quantize_points
+
+
+def _bind(sym, params: dict, inputs: dict):
+    args = {k: mx.nd.array(v) for k, v in inputs.items()}
+    args.update({k: mx.nd.array(params[k]) for k in sym.list_arguments() if k not in args})
+    aux = {k: mx.nd.array(params[k]) for k in sym.list_auxiliary_states()}
+    return [o.asnumpy() for o in sym.bind(mx.cpu(), args, aux_states=aux).forward()]
+
+
+def _codes(y: np.ndarray, amax: np.ndarray, node) -> np.ndarray:
+    """int8 codes behind a fake-quantized tensor: y / s is an exact integer."""
+    qmax = np.float32(2 ** (int(node.attrs.get("nbits", 8)) - 1) - 1)
+    s = np.asarray(amax, np.float32) / qmax
+    if s.size > 1:
+        shape = [1] * y.ndim
+        shape[int(node.attrs.get("channel_axis", 0))] = -1
+        s = s.reshape(shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(s > 0, np.rint(y / np.where(s > 0, s, 1)), 0)
+
+
+def mxnet_codes(graph: Graph, params: dict, inputs: dict) -> dict:
+    """int8 codes of every quantizer as the MXNet graph computes them, end to end."""
+    qnodes = [n for n in graph.nodes if n.op in QUANTIZERS]
+    if not qnodes:
+        return {}
+    internals = graph.to_symbol().get_internals()
+    outs = _bind(mx.sym.Group([internals[n.name + "_output"] for n in qnodes]), params, inputs)
+    return {n.name: _codes(y, params[graph.nodes[n.inputs[1][0]].name], n)
+            for n, y in zip(qnodes, outs)}
+
+
+def isolated_codes(graph: Graph, params: dict, points: dict) -> dict:
+    """Each quantizer run by MXNet's operator on onnxruntime's own input to it: the
+    quantizer's arithmetic alone, free of differences carried in from earlier layers."""
+    res = {}
+    for n in graph.nodes:
+        if n.op in QUANTIZERS and n.name in points:
+            mm = params[graph.nodes[n.inputs[1][0]].name]
+            attrs = {k: v for k, v in n.attrs.items() if not k.startswith("__")}
+            if attrs.get("is_weight") in ("True", "1", "true"):
+                attrs["is_weight"] = "False"   # the range is given: use it as is
+                attrs.pop("is_weight_perchannel", None)
+                attrs.pop("channel_axis", None)
+                y = _per_channel(points[n.name][0], mm, n, attrs)
+            else:
+                y = mx.nd.Quantization_int8(mx.nd.array(points[n.name][0]), mx.nd.array(mm),
+                                            mx.nd.zeros(2), **attrs).asnumpy()
+            res[n.name] = _codes(y, mm, n)
+    return res
+
+
+def _per_channel(x: np.ndarray, mm: np.ndarray, node, attrs: dict) -> np.ndarray:
+    """A weight quantizer with its recorded per-channel ranges, one channel at a time."""
+    mm = np.asarray(mm, np.float32).reshape(-1)
+    if mm.size == 1:
+        return mx.nd.Quantization_int8(mx.nd.array(x), mx.nd.array(mm), mx.nd.zeros(2),
+                                       **attrs).asnumpy()
+    axis = int(node.attrs.get("channel_axis", 0))
+    xs = np.moveaxis(x, axis, 0)
+    out = np.stack([mx.nd.Quantization_int8(mx.nd.array(xs[c]), mx.nd.array(mm[c:c + 1]),
+                                            mx.nd.zeros(2), **attrs).asnumpy()
+                    for c in range(mm.size)])
+    return np.moveaxis(out, 0, axis)
+
+
+def _agreement(ours: dict, theirs: dict) -> dict:
+    return {name: {"values": int(theirs[name].size),
+                   "identical": float((ours[name] == theirs[name].astype(np.float32)).mean())}
+            for name in ours}
+
+
+def session(model, optimize: bool = False):
+    """onnxruntime session.  Unoptimized by default: its QDQ fusions (QLinearConv...) compute
+    in integers with requantization, a different arithmetic from the graph as written."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def check_alignment(onnx_path: str | Path, graph: Graph, params: dict, inputs: dict,
+                    optimize: bool = False) -> dict:
+    """Compare MXNet (``graph``/``params``: the deployment form ``export_onnx`` returned) and
+    onnxruntime on ``inputs`` ({input name: array})."""
+    sess = session(onnx_path, optimize)
+    feeds = {k: np.ascontiguousarray(v, np.float32) for k, v in inputs.items()}
+    ort_out = sess.run(None, feeds)
+    mx_out = _bind(graph.to_symbol(), params, feeds)
+    outputs = []
+    for a, b in zip(mx_out, ort_out):
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        denom = np.linalg.norm(a64) * np.linalg.norm(b64)
+        outputs.append({"shape": list(a.shape), "max_abs_diff": float(np.abs(a64 - b64).max()),
+                        "max_abs": float(np.abs(a64).max()),
+                        "cosine": float(a64 @ b64 / denom) if denom else 1.0})
+    points = quantize_points(onnx_path, feeds, optimize)
+    theirs = {k: v[1] for k, v in points.items()}
+    end_to_end = _agreement(mxnet_codes(graph, params, feeds), theirs)
+    isolated = _agreement(isolated_codes(graph, params, points), theirs)
+
+    def total(codes):
+        n = sum(c["values"] for c in codes.values())
+        return float(sum(c["identical"] * c["values"] for c in codes.values()) / max(n, 1))
+
+    return {"outputs": outputs, "quantizers": end_to_end, "quantizers_isolated": isolated,
+            "identical_min": min((c["identical"] for c in end_to_end.values()), default=1.0),
+            "identical_all": total(end_to_end),
+            "isolated_identical_min": min((c["identical"] for c in isolated.values()),
+                                          default=1.0)}

@@ -1,0 +1,115 @@
+"""The deployment form of a quantized graph: what an engine runs, still as an MXNet graph.
+
+Training-only pieces go (gradient-sum copies), parameter-only subgraphs are computed once
+(e.g. weights folded in-graph for QAT), BatchNorm after a layer is folded into it, and
+weight ranges are recomputed from the final weights.  Running this graph in MXNet and its
+ONNX export in onnxruntime must then agree bit for bit.
+"""
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+
+from .. import reference as ref
+from ..graph.fold_bn import fold_batchnorm
+from ..graph.ir import Graph, Node
+from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
+
+
+def _as_np(v) -> np.ndarray:
+    return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
+
+
+def drop_grad_sums(graph: Graph) -> Graph:
+    """Remove the identity copies that only serve gradient accumulation."""
+    redirect = {i: n.inputs[0] for i, n in enumerate(graph.nodes)
+                if n.op == "_copy" and n.name.endswith(GRAD_SUM_SUFFIX)}
+    return _rebuild(graph, set(redirect), redirect)
+
+
+def _rebuild(graph: Graph, drop: set, redirect: dict, replace: dict | None = None) -> Graph:
+    """Graph without ``drop``; uses of a dropped node go to ``redirect[node]``;
+    ``replace[i]`` substitutes node i."""
+    replace = replace or {}
+    nodes, new_index = [], {}
+
+    def resolve(e):
+        while e[0] in redirect:
+            e = redirect[e[0]]
+        return [new_index[e[0]], e[1], e[2]]
+
+    for i, n in enumerate(graph.nodes):
+        if i in drop:
+            continue
+        n = replace.get(i, n)
+        new_index[i] = len(nodes)
+        nodes.append(Node(n.op, n.name, dict(n.attrs), [resolve(e) for e in n.inputs]))
+    return Graph(nodes, [resolve(h) for h in graph.heads], dict(graph.attrs), graph.source)
+
+
+def fold_constants(graph: Graph, params: dict) -> tuple[Graph, dict]:
+    """Compute every subgraph that reads only parameters (not through a quantizer) and put
+    its value in the params under the node's name."""
+    const = set()
+    for i, n in enumerate(graph.nodes):
+        if n.is_var:
+            if n.name in params:
+                const.add(i)
+        elif n.op not in QUANTIZERS and n.inputs and all(e[0] in const for e in n.inputs):
+            const.add(i)
+    used_by_live = {e[0] for i, n in enumerate(graph.nodes) if i not in const for e in n.inputs}
+    used_by_live |= {h[0] for h in graph.heads}
+    targets = [i for i in sorted(const) if not graph.nodes[i].is_var and i in used_by_live]
+    if not targets:
+        return graph, params
+    sym = graph.to_symbol().get_internals()
+    outs = mx.sym.Group([sym[graph.nodes[i].name + "_output"] for i in targets])
+    args = {k: mx.nd.array(_as_np(params[k])) for k in outs.list_arguments()}
+    aux = {k: mx.nd.array(_as_np(params[k])) for k in outs.list_auxiliary_states()}
+    values = outs.bind(mx.cpu(), args, aux_states=aux).forward(is_train=False)
+    params = dict(params)
+    replace = {}
+    for i, v in zip(targets, values):
+        params[graph.nodes[i].name] = v.asnumpy()
+        replace[i] = Node("null", graph.nodes[i].name)
+    # the replaced nodes keep their index; their former inputs drop out if nothing else uses them
+    g = _rebuild(graph, set(), {}, replace)
+    return _prune(g), params
+
+
+def _prune(graph: Graph) -> Graph:
+    """Drop nodes nothing reaches from the heads."""
+    live, stack = set(), [h[0] for h in graph.heads]
+    while stack:
+        i = stack.pop()
+        if i not in live:
+            live.add(i)
+            stack.extend(e[0] for e in graph.nodes[i].inputs)
+    return _rebuild(graph, set(range(len(graph.nodes))) - live, {})
+
+
+def weight_ranges(graph: Graph, params: dict) -> dict:
+    """Recompute each weight quantizer's range from its weight, as the operator does."""
+    params = dict(params)
+    for n in graph.nodes:
+        if n.op in QUANTIZERS and n.attrs.get("is_weight") in ("True", "1", "true"):
+            w = graph.nodes[n.inputs[0][0]]
+            if w.is_var and w.name in params:
+                per_ch = n.attrs.get("is_weight_perchannel") in ("True", "1", "true")
+                axis = int(n.attrs.get("channel_axis", "0")) if per_ch else None
+                mm = graph.nodes[n.inputs[1][0]].name
+                params[mm] = ref.abs_max(_as_np(params[w.name]), axis)
+    return params
+
+
+def deploy_graph(graph: Graph, params: dict) -> tuple[Graph, dict]:
+    """The graph an engine runs, and its params (numpy)."""
+    params = {k: _as_np(v) for k, v in params.items()}
+    g = drop_grad_sums(graph)
+    g, params = fold_constants(g, params)
+    g, params = fold_batchnorm(g, params, "deploy")
+    g = _prune(g)
+    for k in params:  # an engine never updates ranges: every quantizer in inference mode
+        if k.endswith("_qstate"):
+            params[k] = np.array([params[k].reshape(-1)[0], 0.0], np.float32)
+    return g, weight_ranges(g, params)

@@ -1,0 +1,162 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear pairs (explicit quantization, as
+TensorRT and onnxruntime run it), through MXNet's own exporter plus a converter for the
+quantizers.
+
+Activations: per-tensor int8, zero point 0, scale = amax / 127.  Weights: per-axis int8
+(axis 0; 1 for Deconvolution), scale = max|w| / 127 per channel.  Bit widths without an
+ONNX format are refused with the node named.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import onnx
+from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
+from mxnet.onnx.mx2onnx._op_translations._op_translations_opset12 import get_inputs
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import QuantOpsError
+from ..graph.ir import Graph
+from ..ops import QUANTIZERS
+from .deploy import deploy_graph
+
+log = logging.getLogger(__name__)
+OPSETS = (13, 14, 15, 16, 17)
+
+
+def _true(v) -> bool:
+    return str(v) in ("True", "true", "1")
+
+
+def _convert_quantizer(node, **kwargs):
+    """Quantization_int8 -> QuantizeLinear + DequantizeLinear (output keeps the node name)."""
+    name, inputs, attrs = get_inputs(node, kwargs)
+    amax = np.asarray(kwargs["weights"][inputs[1]], np.float32).reshape(-1)
+    per_channel = _true(attrs.get("is_weight")) and _true(attrs.get("is_weight_perchannel"))
+    qmax = np.float32(2 ** (int(attrs.get("nbits", 8)) - 1) - 1)
+    scale = amax / qmax if per_channel else (amax[:1] / qmax).reshape(())
+    init = kwargs["initializer"]
+    init.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
+    init.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point"))
+    axis = {"axis": int(attrs.get("channel_axis", 0))} if per_channel else {}
+    q = helper.make_node("QuantizeLinear", [inputs[0], f"{name}_scale", f"{name}_zero_point"],
+                         [f"{name}_quantized"], name=f"{name}_quantize", **axis)
+    dq = helper.make_node("DequantizeLinear",
+                          [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [name],
+                          name=name, **axis)
+    return [q, dq]
+
+
+for _opset in OPSETS:
+    for _op in QUANTIZERS:
+        MXNetGraph.register(_op, _opset)(_convert_quantizer)
+
+
+def check_exportable(graph: Graph) -> None:
+    """Every quantizer has an ONNX QDQ format (int8 here); otherwise name the node."""
+    for n in graph.nodes:
+        if n.op in QUANTIZERS:
+            bits = int(n.attrs.get("nbits", 8))
+            if bits != 8:
+                raise QuantOpsError(
+                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit: ONNX QDQ has int8 "
+                    "(and int4 from opset 21, which this exporter does not write yet); "
+                    "export needs an 8-bit policy for this layer")
+        elif n.op.startswith("_contrib_") and n.op[9:] in ("PACT", "DoReFa", "QIL", "GDRQ",
+                                                           "FQN"):
+            raise QuantOpsError(f"{graph.source}: node '{n.name}' ({n.op}) has no export path")
+
+
+def _prune_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers nothing reads (quantizer state that only training uses), and list
+    as graph inputs only the real inputs (MXNet's exporter lists every parameter too)."""
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    consts = {t.name for t in keep}
+    inputs = [i for i in model.graph.input if i.name in used and i.name not in consts]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def export_onnx(graph: Graph, params: dict, path: str | Path,
+                input_shapes: dict | None = None, opset: int = 13,
+                deploy: bool = True) -> tuple[Path, Graph, dict]:
+    """Write ``path`` (.onnx) atomically; returns it with the deployment graph and params
+    that MXNet runs to match it.  ``input_shapes`` maps input names to shapes."""
+    if opset not in OPSETS:
+        raise QuantOpsError(f"opset {opset} is not supported (use one of {OPSETS})")
+    input_shapes = input_shapes or {"data": (1, 3, 224, 224)}
+    if deploy:
+        graph, params = deploy_graph(graph, params)
+    check_exportable(graph)
+    sym = graph.to_symbol()
+    unknown = [n for n in input_shapes if n not in sym.list_arguments()]
+    if unknown:
+        raise QuantOpsError(f"inputs {unknown} are not inputs of the graph")
+    nd_params = {k: mx.nd.array(v) for k, v in params.items()
+                 if k in set(sym.list_arguments()) | set(sym.list_auxiliary_states())}
+    try:
+        proto = MXNetGraph().create_onnx_graph_proto(
+            sym, nd_params, list(input_shapes.values()),
+            [TensorProto.FLOAT] * len(input_shapes), opset_version=opset)
+    except (AttributeError, KeyError, NotImplementedError, ValueError) as e:
+        raise QuantOpsError(f"{graph.source}: ONNX export failed: {e}") from None
+    model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="quant_ops")
+    model.ir_version = 8  # what onnxruntime and TensorRT 8.x read
+    _prune_initializers(model)
+    onnx.checker.check_model(model)
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p, graph, params
+
+
+def activation_ranges(graph: Graph, params: dict) -> dict:
+    """{tensor name in the exported ONNX graph: amax} for every activation quantizer: the
+    tensor a quantizer reads keeps its producer's name in the export."""
+    ranges = {}
+    for n in graph.nodes:
+        if n.op in QUANTIZERS and not _true(n.attrs.get("is_weight")):
+            src = graph.nodes[n.inputs[0][0]]
+            tensor = src.name if src.is_var else src.name if n.inputs[0][1] == 0 \
+                else f"{src.name}{n.inputs[0][1]}"
+            ranges[tensor] = float(np.asarray(params[graph.nodes[n.inputs[1][0]].name])
+                                   .reshape(-1)[0])
+    return ranges
+
+
+def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
+    """onnxruntime's float input and int8 output at every QuantizeLinear, by quantizer name:
+    ``{name: (input, codes)}``."""
+    from .align import session
+
+    model = onnx.load(str(model_path))
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    extra = []
+    for n in qs:
+        if n.input[0] not in have and n.input[0] not in extra:
+            extra.append(n.input[0])
+            model.graph.output.append(helper.make_tensor_value_info(n.input[0],
+                                                                    TensorProto.FLOAT, None))
+        model.graph.output.append(helper.make_tensor_value_info(n.output[0], TensorProto.INT8,
+                                                                None))
+    sess = session(model.SerializeToString(), optimize)
+    names = [o.name for o in model.graph.output]
+    vals = dict(zip(names, sess.run(names, feeds)))
+    vals.update(feeds)
+    return {n.name[: -len("_quantize")]: (vals[n.input[0]], vals[n.output[0]]) for n in qs}
