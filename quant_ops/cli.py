@@ -150,6 +150,80 @@ def run_graph_optimize(args) -> Path:
     return out
 
 
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="export_onnx",
+        description="Export a quantized symbol + params to ONNX (QuantizeLinear/"
+                    "DequantizeLinear), a TensorRT calibration cache and a ranges JSON, "
+                    "and check onnxruntime against MXNet on the same input.")
+    p.add_argument("--symbol", type=Path, required=True, help="quantized symbol JSON")
+    p.add_argument("--params", type=Path, required=True, help="its params")
+    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224))
+    p.add_argument("--check-input", type=Path,
+                   help=".npy input for the alignment check (default: uniform random)")
+    p.add_argument("--opset", type=int, default=13)
+    p.add_argument("--trt-version", type=int, default=8601,
+                   help="TensorRT version written in the cache header (e.g. 8601)")
+    p.add_argument("--name", help="file name stem (default: from the symbol file)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p
+
+
+def run_export(args) -> dict:
+    import numpy as np
+
+    from .export import export_model
+    from .export.align import check_alignment
+    from .graph.ir import load_graph
+    from .graph.params import check_params, load_params
+
+    graph = load_graph(args.symbol)
+    params = load_params(args.params)
+    import mxnet as mx
+
+    try:
+        sym = graph.to_symbol()
+    except mx.base.MXNetError as e:
+        raise QuantOpsError(f"{args.symbol}: MXNet cannot load it: "
+                            f"{str(e).strip().splitlines()[-1]}") from None
+    check_params(sym, params, str(args.params))
+    name = args.name or args.symbol.name.split("-symbol")[0].removesuffix(".json")
+    if args.check_input:
+        try:
+            x = np.load(args.check_input).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise QuantOpsError(f"{args.check_input}: cannot read ({e})") from None
+    else:
+        x = np.random.default_rng(0).uniform(0, 1, args.input_shape).astype(np.float32)
+    ex = export_model(graph, params, args.out, name, {"data": tuple(x.shape)}, args.opset,
+                      args.trt_version)
+    report = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    from .export.trt_cache import _atomic_write
+
+    _atomic_write(args.out / f"{name}.alignment.json", json.dumps(report, indent=1))
+    print(f"wrote {ex.onnx}, {ex.cache}, {ex.ranges_json}")
+    for i, o in enumerate(report["outputs"]):
+        print(f"output {i}: max |mxnet - onnxruntime| = {o['max_abs_diff']:.3g} "
+              f"(max |y| {o['max_abs']:.3g}), cosine {o['cosine']:.8f}")
+    print(f"int8 codes identical at every QuantizeLinear: end to end min "
+          f"{report['identical_min']:.6f} (all {report['identical_all']:.6f}); "
+          f"quantizer alone min {report['isolated_identical_min']:.6f}")
+    return report
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = _export_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import mxnet as mx
+
+    try:
+        run_export(args)
+    except (QuantOpsError, OSError, mx.base.MXNetError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def graph_optimize_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -117,3 +117,23 @@ def prepare(net: gluon.HybridBlock, preset: str = "trt_int8", **kwargs) -> gluon
     """The friendly front: ``prepare(net, "trt_int8", sample=x)`` (MQBench's
     ``prepare_by_platform`` in spirit)."""
     return quantize_block(net, QuantPolicy.preset(preset), **kwargs)
+
+
+def calibrate_ranges(graph: Graph, params: dict, batches, data_name: str = "data") -> dict:
+    """Activation ranges by the quantizers' own observation (EMA of max|x|, the first batch
+    initializing it): run ``batches`` through the graph in training mode, without any
+    weight update.  Returns the params with the observed state."""
+    blk = gluon.SymbolBlock(graph.to_symbol(), [mx.sym.var(data_name)])
+    for k, p in blk.collect_params().items():
+        p._load_init(mx.nd.array(params[k]), mx.cpu())
+    track_training(blk)
+    from mxnet import autograd
+
+    with autograd.train_mode():
+        for x in batches:
+            blk(mx.nd.array(x))
+    mx.nd.waitall()
+    from .ops import set_training
+
+    set_training(blk, False)
+    return {**params, **{k: p.data().asnumpy() for k, p in blk.collect_params().items()}}

@@ -57,8 +57,17 @@ for _opset in OPSETS:
         MXNetGraph.register(_op, _opset)(_convert_quantizer)
 
 
-def check_exportable(graph: Graph) -> None:
-    """Every quantizer has an ONNX QDQ format (int8 here); otherwise name the node."""
+def check_exportable(graph: Graph, params: dict | None = None) -> None:
+    """Every quantizer has an ONNX QDQ format (int8 here) and, given params, a range;
+    otherwise name the node."""
+    empty = [n.name for n in graph.nodes if params is not None and n.op in QUANTIZERS
+             and not _true(n.attrs.get("is_weight"))
+             and not float(np.max(params[graph.nodes[n.inputs[1][0]].name])) > 0]
+    if empty:
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        raise QuantOpsError(f"{graph.source}: activation quantizer(s) {', '.join(empty[:3])}"
+                            f"{more} have no range (amax = 0): calibrate or fine-tune the "
+                            "model before export")
     for n in graph.nodes:
         if n.op in QUANTIZERS:
             bits = int(n.attrs.get("nbits", 8))
@@ -95,7 +104,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     input_shapes = input_shapes or {"data": (1, 3, 224, 224)}
     if deploy:
         graph, params = deploy_graph(graph, params)
-    check_exportable(graph)
+    check_exportable(graph, params)
     sym = graph.to_symbol()
     unknown = [n for n in input_shapes if n not in sym.list_arguments()]
     if unknown:
@@ -106,8 +115,11 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
         proto = MXNetGraph().create_onnx_graph_proto(
             sym, nd_params, list(input_shapes.values()),
             [TensorProto.FLOAT] * len(input_shapes), opset_version=opset)
-    except (AttributeError, KeyError, NotImplementedError, ValueError) as e:
-        raise QuantOpsError(f"{graph.source}: ONNX export failed: {e}") from None
+    except (AssertionError, AttributeError, KeyError, NotImplementedError, ValueError) as e:
+        op = str(e).rsplit(" ", 2)[-2] if "No conversion function" in str(e) else None
+        where = [n.name for n in graph.nodes if n.op == op][:3] if op else []
+        raise QuantOpsError(f"{graph.source}: ONNX export failed"
+                            f"{' at node ' + ', '.join(where) if where else ''}: {e}") from None
     model = helper.make_model(proto, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="quant_ops")
     model.ir_version = 8  # what onnxruntime and TensorRT 8.x read

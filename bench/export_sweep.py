@@ -1,0 +1,104 @@
+"""Export check on gluoncv architectures (random weights, ranges observed on random
+inputs): ``trt_int8`` -> calibrate -> deployment graph -> ONNX QDQ, then MXNet against
+onnxruntime on the same input: output cosine and max difference, and the fraction of
+identical int8 codes at every QuantizeLinear, end to end and for the quantizer alone.
+
+    python bench/export_sweep.py [--models a,b] [--out bench/results/export_sweep.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+import quant_ops  # noqa: E402,F401
+from quant_ops.export import export_model  # noqa: E402
+from quant_ops.export.align import check_alignment  # noqa: E402
+from quant_ops.graph.ir import Graph  # noqa: E402
+from quant_ops.prepare import calibrate_ranges, quantize_graph  # noqa: E402
+from quant_ops.zoo import get_model  # noqa: E402
+
+MODELS = [("resnet18_v1", 224), ("resnet50_v1", 224), ("mobilenetv2_1.0", 224),
+          ("mobilenetv3_large", 224), ("vgg16_bn", 224), ("squeezenet1.0", 224),
+          ("densenet121", 224), ("inceptionv3", 299), ("cifar_resnet20_v1", 32),
+          ("ssd_512_mobilenet1.0_voc", 512)]
+
+
+def check(name: str, size: int, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    kw = {"pretrained_base": False} if "_voc" in name else {}
+    net = get_model(name, **kw)
+    for p in net.collect_params().values():
+        p.initialize(default_init=mx.init.Xavier(magnitude=2) if p.name.endswith("weight")
+                     else mx.init.One() if p.name.endswith("gamma") else mx.init.Zero())
+    net.hybridize()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (2, 3, size, size)).astype(np.float32)
+    net(mx.nd.array(x))
+    out = net(mx.sym.var("data"))
+    sym = mx.sym.Group(list(out)) if isinstance(out, (list, tuple)) else out
+    params = {p.name: p.data().asnumpy() for p in net.collect_params().values()}
+    q = quantize_graph(Graph.from_symbol(sym), params, "trt_int8", fold_bn="qat")
+    calib = [rng.uniform(0, 1, x.shape).astype(np.float32) for _ in range(2)]
+    qp = calibrate_ranges(q.graph, q.params, calib)
+    ex = export_model(q.graph, qp, tmp, name, {"data": x.shape})
+    r = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    o = r["outputs"][0]
+    return {"model": name, "ok": True, "quantizers": len(r["quantizers"]),
+            "output_cosine": o["cosine"], "output_max_abs_diff": o["max_abs_diff"],
+            "output_max_abs": o["max_abs"], "codes_identical_all": r["identical_all"],
+            "codes_identical_min": r["identical_min"],
+            "quantizer_alone_identical_min": r["isolated_identical_min"],
+            "onnx_bytes": ex.onnx.stat().st_size, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/export_sweep.json"))
+    args = ap.parse_args(argv)
+    want = set(args.models.split(",")) if args.models else None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size in MODELS:
+            if want and name not in want:
+                continue
+            try:
+                r = check(name, size, Path(tmp))
+            except Exception as e:  # report and go on
+                r = {"model": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:300],
+                     "where": traceback.format_exc().splitlines()[-3][:200]}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'model':<26} {'quant':>5} {'cosine':>12} {'max|diff|/max|y|':>16} "
+          f"{'codes all':>10} {'codes min':>10} {'alone min':>9}")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['model']:<26} FAILED: {r['error'][:90]}")
+            continue
+        rel = r["output_max_abs_diff"] / max(r["output_max_abs"], 1e-12)
+        print(f"{r['model']:<26} {r['quantizers']:>5} {r['output_cosine']:>12.9f} {rel:>16.2e} "
+              f"{r['codes_identical_all']:>10.6f} {r['codes_identical_min']:>10.6f} "
+              f"{r['quantizer_alone_identical_min']:>9.6f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmpf = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmpf, args.out)
+    bad = [r["model"] for r in rows if not r["ok"] or r["quantizer_alone_identical_min"] < 1]
+    print(f"\nwrote {args.out}; failing: {bad or 'none'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
