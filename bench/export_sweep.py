@@ -58,6 +58,8 @@ def check(name: str, size: int, tmp: Path) -> dict:
             "output_cosine": o["cosine"], "output_max_abs_diff": o["max_abs_diff"],
             "output_max_abs": o["max_abs"], "codes_identical_all": r["identical_all"],
             "codes_identical_min": r["identical_min"],
+            "codes_per_layer_all": r["per_layer_identical_all"],
+            "codes_per_layer_min": r["per_layer_identical_min"],
             "quantizer_alone_identical_min": r["isolated_identical_min"],
             "onnx_bytes": ex.onnx.stat().st_size, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'model':<26} {'quant':>5} {'cosine':>12} {'max|diff|/max|y|':>16} "
-          f"{'codes all':>10} {'codes min':>10} {'alone min':>9}")
+          f"{'codes all':>10} {'codes min':>10} {'layer all':>10} {'layer min':>10} "
+          f"{'alone min':>9}")
     for r in rows:
         if not r["ok"]:
             print(f"{r['model']:<26} FAILED: {r['error'][:90]}")
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
         rel = r["output_max_abs_diff"] / max(r["output_max_abs"], 1e-12)
         print(f"{r['model']:<26} {r['quantizers']:>5} {r['output_cosine']:>12.9f} {rel:>16.2e} "
               f"{r['codes_identical_all']:>10.6f} {r['codes_identical_min']:>10.6f} "
+              f"{r['codes_per_layer_all']:>10.6f} {r['codes_per_layer_min']:>10.6f} "
               f"{r['quantizer_alone_identical_min']:>9.6f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmpf = tempfile.mkstemp(dir=args.out.parent, suffix=".tmp")

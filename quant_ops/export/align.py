@@ -8,9 +8,9 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from ..graph.ir import Graph
+from ..graph.ir import Graph, Node
 from ..ops import QUANTIZERS
-from .onnx_qdq import quantize_points
+from .onnx_qdq import dequantized_outputs, quantize_points
 
 
 def _bind(sym, params: dict, inputs: dict):
@@ -77,6 +77,52 @@ def _per_channel(x: np.ndarray, mm: np.ndarray, node, attrs: dict) -> np.ndarray
     return np.moveaxis(out, 0, axis)
 
 
+def layer_codes(graph: Graph, params: dict, inputs: dict, dequantized: dict) -> dict:
+    """Codes of every quantizer when each layer reads onnxruntime's dequantized tensors:
+    what remains are the differences one layer's float accumulation makes (sums landing on
+    the other side of a rounding tie), not those carried in from earlier layers."""
+    nodes = [Node(n.op, n.name, dict(n.attrs), [list(e) for e in n.inputs])
+             for n in graph.nodes]
+    qidx = [i for i, n in enumerate(nodes) if n.op in QUANTIZERS and n.name in dequantized]
+    feeds_var = {}
+    for i in qidx:  # a variable standing for onnxruntime's output of this quantizer
+        nodes.append(Node("null", nodes[i].name + "_from_ort"))
+        feeds_var[nodes[i].name + "_from_ort"] = dequantized[nodes[i].name]
+        var = len(nodes) - 1
+        for n in nodes[:-1]:
+            n.inputs = [[var, 0, 0] if e[0] == i else e for e in n.inputs]
+    # the new variables must come before their users: order nodes topologically
+    g = _toposort(Graph(nodes, [[i, 0, 0] for i in qidx], dict(graph.attrs), graph.source))
+    outs = _bind(g.to_symbol(), {**params, **feeds_var}, inputs)
+    return {graph.nodes[i].name: _codes(y, params[graph.nodes[graph.nodes[i].inputs[1][0]].name],
+                                        graph.nodes[i]) for i, y in zip(qidx, outs)}
+
+
+def _toposort(graph: Graph) -> Graph:
+    order, seen = [], set()
+
+    def visit(i):
+        stack = [(i, False)]
+        while stack:
+            j, done = stack.pop()
+            if done:
+                order.append(j)
+                continue
+            if j in seen:
+                continue
+            seen.add(j)
+            stack.append((j, True))
+            stack.extend((e[0], False) for e in reversed(graph.nodes[j].inputs))
+
+    for h in graph.heads:
+        visit(h[0])
+    new = {old: k for k, old in enumerate(order)}
+    nodes = [Node(graph.nodes[o].op, graph.nodes[o].name, graph.nodes[o].attrs,
+                  [[new[e[0]], e[1], e[2]] for e in graph.nodes[o].inputs]) for o in order]
+    return Graph(nodes, [[new[h[0]], h[1], h[2]] for h in graph.heads], graph.attrs,
+                 graph.source)
+
+
 def _agreement(ours: dict, theirs: dict) -> dict:
     return {name: {"values": int(theirs[name].size),
                    "identical": float((ours[name] == theirs[name].astype(np.float32)).mean())}
@@ -114,12 +160,18 @@ def check_alignment(onnx_path: str | Path, graph: Graph, params: dict, inputs: d
     theirs = {k: v[1] for k, v in points.items()}
     end_to_end = _agreement(mxnet_codes(graph, params, feeds), theirs)
     isolated = _agreement(isolated_codes(graph, params, points), theirs)
+    per_layer = _agreement(layer_codes(graph, params, feeds,
+                                       dequantized_outputs(onnx_path, feeds, optimize)), theirs)
 
     def total(codes):
         n = sum(c["values"] for c in codes.values())
         return float(sum(c["identical"] * c["values"] for c in codes.values()) / max(n, 1))
 
     return {"outputs": outputs, "quantizers": end_to_end, "quantizers_isolated": isolated,
+            "quantizers_per_layer": per_layer,
+            "per_layer_identical_min": min((c["identical"] for c in per_layer.values()),
+                                           default=1.0),
+            "per_layer_identical_all": total(per_layer),
             "identical_min": min((c["identical"] for c in end_to_end.values()), default=1.0),
             "identical_all": total(end_to_end),
             "isolated_identical_min": min((c["identical"] for c in isolated.values()),

@@ -71,7 +71,8 @@ def fold_constants(graph: Graph, params: dict) -> tuple[Graph, dict]:
     replace = {}
     for i, v in zip(targets, values):
         params[graph.nodes[i].name] = v.asnumpy()
-        replace[i] = Node("null", graph.nodes[i].name)
+        shape = "(" + ", ".join(str(d) for d in v.shape) + ("," if v.ndim == 1 else "") + ")"
+        replace[i] = Node("null", graph.nodes[i].name, {"__shape__": shape})
     # the replaced nodes keep their index; their former inputs drop out if nothing else uses them
     g = _rebuild(graph, set(), {}, replace)
     return _prune(g), params

@@ -172,3 +172,19 @@ def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False)
     vals = dict(zip(names, sess.run(names, feeds)))
     vals.update(feeds)
     return {n.name[: -len("_quantize")]: (vals[n.input[0]], vals[n.output[0]]) for n in qs}
+
+
+def dequantized_outputs(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
+    """onnxruntime's output of every DequantizeLinear (named like its quantizer)."""
+    from .align import session
+
+    model = onnx.load(str(model_path))
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    have = {o.name for o in model.graph.output}
+    for n in dqs:
+        if n.output[0] not in have:
+            model.graph.output.append(helper.make_tensor_value_info(n.output[0],
+                                                                    TensorProto.FLOAT, None))
+    sess = session(model.SerializeToString(), optimize)
+    names = [n.output[0] for n in dqs]
+    return dict(zip(names, sess.run(names, feeds)))

@@ -7,7 +7,6 @@ named ``<tensor>_<method>``, so a checkpoint is a plain ``.params`` file.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,19 +80,21 @@ def _shared_groups(graph: Graph, policy) -> dict:
     return names
 
 
-def _infer_shapes(graph: Graph, shapes: dict) -> dict:
-    """(node name, output) -> shape of every tensor, by MXNet's own inference on the graph
-    as it is (before quantizers, so nothing needs inferring backwards through them)."""
-    sym = graph.to_symbol().get_internals()
-    known = {k: tuple(v) for k, v in shapes.items() if k in set(sym.list_arguments())}
-    _, out_shapes, _ = sym.infer_shape_partial(**known)
-    index = graph.index()
-    res = {}
-    for name, shape in zip(sym.list_outputs(), out_shapes):
-        m = re.fullmatch(r"(.*)_output(\d*)", name)
-        if m and m.group(1) in index and shape and all(d > 0 for d in shape):
-            res[(m.group(1), int(m.group(2) or 0))] = tuple(shape)
-    return res
+def _inferred_shape(internals, node: Node, out_idx: int, shapes: dict):
+    """Shape of one tensor by MXNet's inference on the subgraph that produces it (a weight
+    computed in-graph, e.g. folded for QAT, reads only parameters of known shape)."""
+    names = internals.list_outputs()
+    key = f"{node.name}_output" if f"{node.name}_output" in names \
+        else f"{node.name}_output{out_idx}"
+    if key not in names:
+        return None
+    sub = internals[key]
+    known = {k: tuple(v) for k, v in shapes.items() if k in set(sub.list_arguments())}
+    try:
+        _, out, _ = sub.infer_shape_partial(**known)
+    except Exception:  # an op that insists on shapes it cannot have here: no answer
+        return None
+    return tuple(out[0]) if out and out[0] and all(d > 0 for d in out[0]) else None
 
 
 def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewrite:
@@ -157,15 +158,15 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
                               is_weight and spec.per_channel) else "per-tensor"})
         return [q, 0, 0]
 
-    inferred: dict = {}
+    internals: list = []
 
     def tensor_shape(idx: int, out_idx: int):
         node = graph.nodes[idx]
         if node.is_var:
             return _known_shape(node, shapes)
-        if not inferred:  # only when a weight is computed in-graph (e.g. BN folded for QAT)
-            inferred.update(_infer_shapes(graph, shapes))
-        return inferred.get((node.name, out_idx))
+        if not internals:  # only when a weight is computed in-graph (e.g. BN folded for QAT)
+            internals.append(graph.to_symbol().get_internals())
+        return _inferred_shape(internals[0], node, out_idx, shapes)
 
     for i, node in enumerate(graph.nodes):
         rule = None
