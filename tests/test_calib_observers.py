@@ -14,7 +14,7 @@ import pytest
 from scipy.stats import entropy as scipy_entropy
 
 from quant_ops.calib import (EntropyObserver, MinMaxObserver, MSEObserver, PercentileObserver, calibrate,
-                             entropy_threshold, make_observer)
+                             entropy_divergences, entropy_threshold, make_observer)
 from quant_ops.errors import QuantOpsError
 
 
@@ -210,27 +210,45 @@ def test_mse_beats_minmax_and_tiny_clip(kind):
 # --------------------------------------------------------------------------------------------------
 # Histograms: one pass with growing max vs exact
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["gaussian", "laplacian", "relu", "student_t"])
-def test_incremental_histogram_close_to_single_pass(kind):
-    x = _data(kind, n=600_000, seed=21)
-    parts = [p * (0.6 + 0.25 * k) for k, p in enumerate(np.array_split(x, 6))]   # max grows
-    full = np.concatenate(parts)
+INCREMENTAL_CASES = [(k, s) for k in ("gaussian", "laplacian", "relu", "student_t", "bimodal", "heavy_tail")
+                     for s in (21, 22)]
 
-    inc_e, inc_p = EntropyObserver(kind), PercentileObserver(kind, percentile=99.9)
+
+def _incremental_and_single(method, kind, seed, **params):
+    """The same data seen as 6 batches whose max grows (re-binned) and as one batch (exact)."""
+    x = _data(kind, n=600_000, seed=seed)
+    parts = [p * np.float32(0.6 + 0.25 * k) for k, p in enumerate(np.array_split(x, 6))]
+    inc = make_observer(method, name=kind, **params)
     for p in parts:
-        inc_e.observe(p)
-        inc_p.observe(p)
-    assert inc_e.rebins >= 2
-    one_e, one_p = EntropyObserver(kind), PercentileObserver(kind, percentile=99.9)
-    one_e.observe(full)
-    one_p.observe(full)
-    assert one_e.rebins == 0
+        inc.observe(p)
+    one = make_observer(method, name=kind, **params)
+    one.observe(np.concatenate(parts))
+    assert inc.rebins >= 2 and one.rebins == 0
+    np.testing.assert_allclose(inc.bin_edges, one.bin_edges)
+    assert inc.histogram.sum() == pytest.approx(x.size)
+    return inc, one
 
-    np.testing.assert_allclose(inc_e.bin_edges, one_e.bin_edges)
-    assert inc_e.histogram.sum() == pytest.approx(full.size)
-    width = one_e.bin_edges[1] - one_e.bin_edges[0]
-    assert abs(inc_e.amax() - one_e.amax()) <= 2 * width, (inc_e.kept_bins, one_e.kept_bins)
-    assert abs(inc_p.amax() - one_p.amax()) <= 2 * width
+
+@pytest.mark.parametrize("kind,seed", INCREMENTAL_CASES)
+def test_incremental_percentile_close_to_single_pass(kind, seed):
+    inc, one = _incremental_and_single("percentile", kind, seed, percentile=99.9)
+    assert abs(inc.amax() - one.amax()) <= 2 * one.bin_edges[1]
+
+
+def test_incremental_entropy_close_to_single_pass():
+    # TensorRT's KL curve can have near-equal minima far apart, so a slightly different histogram
+    # may flip between them: require 2 bins in most cases and a near-optimal KL in all of them
+    close, worst_excess = 0, 0.0
+    for kind, seed in INCREMENTAL_CASES:
+        inc, one = _incremental_and_single("entropy", kind, seed)
+        width = one.bin_edges[1]
+        inc_amax, one_amax = inc.amax(), one.amax()
+        close += abs(inc_amax - one_amax) <= 2 * width
+        cand, kl = entropy_divergences(one.histogram)        # the exact histogram's KL curve
+        excess = kl[cand == inc.kept_bins][0] / kl[cand == one.kept_bins][0] - 1.0
+        worst_excess = max(worst_excess, excess)
+    assert close >= len(INCREMENTAL_CASES) - 2, close
+    assert worst_excess <= 0.01, worst_excess
 
 
 @pytest.mark.parametrize("seed", [1000, 1007])

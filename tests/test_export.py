@@ -66,8 +66,7 @@ def test_export_matches_onnxruntime(name, shape, fold, tmp_path):
 
 def test_deconvolution_weights_are_per_axis_1(tmp_path):
     data = mx.sym.var("data")
-    y = mx.sym.Deconvolution(data, num_filter=6, kernel=(3, 3), stride=(2, 2), no_bias=True,
-                             name="up")
+    y = mx.sym.Deconvolution(data, num_filter=6, kernel=(3, 3), stride=(2, 2), name="up")
     y = mx.sym.Convolution(mx.sym.relu(y), num_filter=4, kernel=(3, 3), name="conv")
     shapes = dict(zip(y.list_arguments(), y.infer_shape(data=(2, 3, 8, 8))[0]))
     rng = np.random.default_rng(1)
@@ -84,14 +83,39 @@ def test_deconvolution_weights_are_per_axis_1(tmp_path):
     assert r["isolated_identical_min"] == 1.0 and r["identical_min"] > 0.999
 
 
-def test_low_bit_and_uncalibrated_are_refused_without_files(tmp_path):
+def low_bit(bits):
     g, params, x = zoo("cifar_resnet20_v1", (2, 3, 32, 32))
     qg, qp = calibrated(g, params, x, policy={"preset": "trt_int8", "overrides": [
-        {"match": "*dense0_fwd", "weight": {"bits": 4}}]})
+        {"match": "*dense0_fwd", "weight": {"bits": bits}, "activation": {"bits": bits}}]})
+    return qg, qp, x
+
+
+def test_int4_exports_at_opset_21_bit_exact(tmp_path):
+    qg, qp, x = low_bit(4)
+    ex = export_model(qg, qp, tmp_path, "m", {"data": x.shape}, opset=21)
+    model = onnx.load(str(ex.onnx))
+    zps = {t.name: t.data_type for t in model.graph.initializer if t.name.endswith("_zero_point")}
+    assert sum(t == onnx.TensorProto.INT4 for t in zps.values()) == 2
+    r = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    assert r["isolated_identical_min"] == 1.0
+    assert not any(k.endswith("pool0_fwd") for k in ex.ranges)   # the cache is INT8 only
+
+
+@pytest.mark.parametrize("bits,opset,needle", [(4, 13, "from opset 21"),
+                                               (3, 21, "no format holds")])
+def test_low_bit_without_format_is_refused_without_files(bits, opset, needle, tmp_path):
+    qg, qp, x = low_bit(bits)
     out = tmp_path / "o"
-    with pytest.raises(QuantOpsError, match="dense0_weight_int8' is 4-bit"):
-        export_model(qg, qp, out, "m", {"data": (2, 3, 32, 32)})
+    with pytest.raises(QuantOpsError, match=f"dense0_weight_int8' is {bits}-bit|"
+                                            f"pool0_fwd_int8' is {bits}-bit") as e:
+        export_model(qg, qp, out, "m", {"data": x.shape}, opset=opset)
+    assert needle in str(e.value)
     assert not out.exists()
+
+
+def test_uncalibrated_is_refused_without_files(tmp_path):
+    g, params, _ = zoo("cifar_resnet20_v1", (2, 3, 32, 32))
+    out = tmp_path / "o"
     q = quantize_graph(g, params, "trt_int8")
     with pytest.raises(QuantOpsError, match="no range"):
         export_model(q.graph, q.params, out, "m", {"data": (2, 3, 32, 32)})

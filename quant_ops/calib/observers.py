@@ -128,13 +128,13 @@ class HistogramObserver(Observer):
     ``bins``: number of bins (2048 as in TensorRT). ``amax_hint``: the global max ``|x|`` of the
     calibration set when the caller knows it (two-pass calibration): the histogram then covers
     ``[0, amax_hint]`` exactly and is never re-binned; a batch exceeding it is an error. Without it
-    the range follows the running max and the histogram is re-binned when the max grows, with
-    counts held at ``oversample`` times the resolution in between (see
+    the range follows the running max: counts are kept exactly in fine bins (``oversample`` to
+    ``2 * oversample`` per bin) and re-binned once onto ``[0, max]`` when read (see
     :mod:`quant_ops.calib.histogram`).
     """
 
     def __init__(self, name: str = "tensor", bins: int = 2048, amax_hint: Optional[float] = None,
-                 oversample: int = 16):
+                 oversample: int = 32):
         super().__init__(name)
         self._hist = AbsHistogram(bins=bins, range_max=amax_hint, name=self.name, oversample=oversample)
         self.amax_hint = None if amax_hint is None else float(amax_hint)
@@ -179,7 +179,7 @@ class HistogramObserver(Observer):
 
     def reset(self) -> None:
         super().reset()
-        self._hist.reset(self.amax_hint)
+        self._hist.reset()
 
 
 class PercentileObserver(HistogramObserver):
@@ -188,7 +188,7 @@ class PercentileObserver(HistogramObserver):
     method = "percentile"
 
     def __init__(self, name: str = "tensor", percentile: float = 99.99, bins: int = 2048,
-                 amax_hint: Optional[float] = None, oversample: int = 16):
+                 amax_hint: Optional[float] = None, oversample: int = 32):
         if not (0.0 < float(percentile) <= 100.0):
             raise QuantOpsError("tensor %r: percentile must be in (0, 100], got %r" % (str(name), percentile))
         super().__init__(name, bins=bins, amax_hint=amax_hint, oversample=oversample)
@@ -204,7 +204,7 @@ class MSEObserver(HistogramObserver):
     method = "mse"
 
     def __init__(self, name: str = "tensor", bins: int = 2048, amax_hint: Optional[float] = None,
-                 num_bits: int = 8, oversample: int = 16):
+                 num_bits: int = 8, oversample: int = 32):
         if int(num_bits) < 2:
             raise QuantOpsError("tensor %r: num_bits must be >= 2, got %r" % (str(name), num_bits))
         super().__init__(name, bins=bins, amax_hint=amax_hint, oversample=oversample)
@@ -228,7 +228,7 @@ class EntropyObserver(HistogramObserver):
 
     def __init__(self, name: str = "tensor", bins: int = 2048, amax_hint: Optional[float] = None,
                  num_bits: int = 8, start_bin: int = 128, stride: int = 1, fix_zero_bin: bool = True,
-                 oversample: int = 16):
+                 oversample: int = 32):
         levels = 2 ** (int(num_bits) - 1)
         if int(num_bits) < 2:
             raise QuantOpsError("tensor %r: num_bits must be >= 2, got %r" % (str(name), num_bits))

@@ -125,7 +125,7 @@ def _toposort(graph: Graph) -> Graph:
 
 def _agreement(ours: dict, theirs: dict) -> dict:
     return {name: {"values": int(theirs[name].size),
-                   "identical": float((ours[name] == theirs[name].astype(np.float32)).mean())}
+                   "identical": float((ours[name] == theirs[name]).mean())}
             for name in ours}
 
 

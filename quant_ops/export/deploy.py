@@ -103,10 +103,22 @@ def weight_ranges(graph: Graph, params: dict) -> dict:
     return params
 
 
+# MXNet defaults that MXNet's ONNX exporter reads wrongly when the attribute is absent
+EXPLICIT_DEFAULTS = {"FullyConnected": {"flatten": "True", "no_bias": "False"},
+                     "Deconvolution": {"no_bias": "True"},
+                     "Convolution": {"no_bias": "False"}}
+
+
+def explicit_defaults(graph: Graph) -> Graph:
+    nodes = [Node(n.op, n.name, {**EXPLICIT_DEFAULTS.get(n.op, {}), **n.attrs}, n.inputs)
+             for n in graph.nodes]
+    return Graph(nodes, graph.heads, dict(graph.attrs), graph.source)
+
+
 def deploy_graph(graph: Graph, params: dict) -> tuple[Graph, dict]:
     """The graph an engine runs, and its params (numpy)."""
     params = {k: _as_np(v) for k, v in params.items()}
-    g = drop_grad_sums(graph)
+    g = explicit_defaults(drop_grad_sums(graph))
     g, params = fold_constants(g, params)
     g, params = fold_batchnorm(g, params, "deploy")
     g = _prune(g)

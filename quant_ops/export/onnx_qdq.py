@@ -26,7 +26,9 @@ from ..ops import QUANTIZERS
 from .deploy import deploy_graph
 
 log = logging.getLogger(__name__)
-OPSETS = (13, 14, 15, 16, 17)
+OPSETS = (13, 14, 15, 16, 17, 18, 19, 20, 21)
+# bits -> (ONNX element type of the codes, first opset that has it)
+CODE_TYPES = {8: (TensorProto.INT8, 10), 4: (TensorProto.INT4, 21)}
 
 
 def _true(v) -> bool:
@@ -42,7 +44,9 @@ def _convert_quantizer(node, **kwargs):
     scale = amax / qmax if per_channel else (amax[:1] / qmax).reshape(())
     init = kwargs["initializer"]
     init.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
-    init.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point"))
+    code_type = CODE_TYPES[int(attrs.get("nbits", 8))][0]
+    init.append(helper.make_tensor(f"{name}_zero_point", code_type, list(scale.shape),
+                                   [0] * max(scale.size, 1)))
     axis = {"axis": int(attrs.get("channel_axis", 0))} if per_channel else {}
     q = helper.make_node("QuantizeLinear", [inputs[0], f"{name}_scale", f"{name}_zero_point"],
                          [f"{name}_quantized"], name=f"{name}_quantize", **axis)
@@ -57,9 +61,9 @@ for _opset in OPSETS:
         MXNetGraph.register(_op, _opset)(_convert_quantizer)
 
 
-def check_exportable(graph: Graph, params: dict | None = None) -> None:
-    """Every quantizer has an ONNX QDQ format (int8 here) and, given params, a range;
-    otherwise name the node."""
+def check_exportable(graph: Graph, params: dict | None = None, opset: int = 13) -> None:
+    """Every quantizer has an ONNX QDQ format at this opset (int8; int4 from opset 21) and,
+    given params, a range; otherwise name the node."""
     empty = [n.name for n in graph.nodes if params is not None and n.op in QUANTIZERS
              and not _true(n.attrs.get("is_weight"))
              and not float(np.max(params[graph.nodes[n.inputs[1][0]].name])) > 0]
@@ -71,11 +75,15 @@ def check_exportable(graph: Graph, params: dict | None = None) -> None:
     for n in graph.nodes:
         if n.op in QUANTIZERS:
             bits = int(n.attrs.get("nbits", 8))
-            if bits != 8:
+            if bits not in CODE_TYPES:
                 raise QuantOpsError(
-                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit: ONNX QDQ has int8 "
-                    "(and int4 from opset 21, which this exporter does not write yet); "
-                    "export needs an 8-bit policy for this layer")
+                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit: ONNX QDQ has int8, "
+                    "and int4 from opset 21; no format holds this width")
+            if opset < CODE_TYPES[bits][1]:
+                raise QuantOpsError(
+                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit, which ONNX QDQ "
+                    f"has from opset {CODE_TYPES[bits][1]}: export with opset >= "
+                    f"{CODE_TYPES[bits][1]}")
         elif n.op.startswith("_contrib_") and n.op[9:] in ("PACT", "DoReFa", "QIL", "GDRQ",
                                                            "FQN"):
             raise QuantOpsError(f"{graph.source}: node '{n.name}' ({n.op}) has no export path")
@@ -104,7 +112,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     input_shapes = input_shapes or {"data": (1, 3, 224, 224)}
     if deploy:
         graph, params = deploy_graph(graph, params)
-    check_exportable(graph, params)
+    check_exportable(graph, params, opset)
     sym = graph.to_symbol()
     unknown = [n for n in input_shapes if n not in sym.list_arguments()]
     if unknown:
@@ -138,11 +146,13 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
 
 
 def activation_ranges(graph: Graph, params: dict) -> dict:
-    """{tensor name in the exported ONNX graph: amax} for every activation quantizer: the
-    tensor a quantizer reads keeps its producer's name in the export."""
+    """{tensor name in the exported ONNX graph: amax} for every 8-bit activation quantizer
+    (TensorRT's implicit INT8 has no other width): the tensor a quantizer reads keeps its
+    producer's name in the export."""
     ranges = {}
     for n in graph.nodes:
-        if n.op in QUANTIZERS and not _true(n.attrs.get("is_weight")):
+        if n.op in QUANTIZERS and not _true(n.attrs.get("is_weight")) \
+                and int(n.attrs.get("nbits", 8)) == 8:
             src = graph.nodes[n.inputs[0][0]]
             tensor = src.name if src.is_var else src.name if n.inputs[0][1] == 0 \
                 else f"{src.name}{n.inputs[0][1]}"
@@ -152,39 +162,52 @@ def activation_ranges(graph: Graph, params: dict) -> dict:
 
 
 def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
-    """onnxruntime's float input and int8 output at every QuantizeLinear, by quantizer name:
-    ``{name: (input, codes)}``."""
-    from .align import session
-
+    """onnxruntime's float input and integer codes at every QuantizeLinear, by quantizer
+    name: ``{name: (input, codes)}``.  The codes are read off the DequantizeLinear output
+    (``y / scale`` is exact), which works for every code width numpy can't hold (int4)."""
     model = onnx.load(str(model_path))
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    extra = []
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+             if t.data_type == TensorProto.FLOAT}
+    wanted = {n.input[0] for n in qs} - {i.name for i in model.graph.input}
+    vals = dict(feeds)
+    vals.update({k: v for k, v in inits.items() if k in wanted})
+    vals.update(_run_with_outputs(model, [w for w in wanted if w not in vals], feeds, optimize))
+    deq = dequantized_outputs(model_path, feeds, optimize)
+    res = {}
     for n in qs:
-        if n.input[0] not in have and n.input[0] not in extra:
-            extra.append(n.input[0])
-            model.graph.output.append(helper.make_tensor_value_info(n.input[0],
-                                                                    TensorProto.FLOAT, None))
-        model.graph.output.append(helper.make_tensor_value_info(n.output[0], TensorProto.INT8,
-                                                                None))
-    sess = session(model.SerializeToString(), optimize)
-    names = [o.name for o in model.graph.output]
-    vals = dict(zip(names, sess.run(names, feeds)))
-    vals.update(feeds)
-    return {n.name[: -len("_quantize")]: (vals[n.input[0]], vals[n.output[0]]) for n in qs}
+        name = n.name[: -len("_quantize")]
+        scale = inits[n.input[1]]
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        y = deq[name]
+        if scale.ndim:
+            shape = [1] * y.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res[name] = (vals[n.input[0]], np.where(scale > 0, np.rint(y / np.where(
+                scale > 0, scale, 1)), 0))
+    return res
+
+
+def _run_with_outputs(model: onnx.ModelProto, names: list, feeds: dict,
+                      optimize: bool) -> dict:
+    """Values of intermediate float tensors, made graph outputs for one run."""
+    from .align import session
+
+    if not names:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    return dict(zip(names, session(m.SerializeToString(), optimize).run(names, feeds)))
 
 
 def dequantized_outputs(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
     """onnxruntime's output of every DequantizeLinear (named like its quantizer)."""
-    from .align import session
-
     model = onnx.load(str(model_path))
-    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    have = {o.name for o in model.graph.output}
-    for n in dqs:
-        if n.output[0] not in have:
-            model.graph.output.append(helper.make_tensor_value_info(n.output[0],
-                                                                    TensorProto.FLOAT, None))
-    sess = session(model.SerializeToString(), optimize)
-    names = [n.output[0] for n in dqs]
-    return dict(zip(names, sess.run(names, feeds)))
+    names = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    return _run_with_outputs(model, names, feeds, optimize)
