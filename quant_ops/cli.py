@@ -206,8 +206,9 @@ def run_export(args) -> dict:
         print(f"output {i}: max |mxnet - onnxruntime| = {o['max_abs_diff']:.3g} "
               f"(max |y| {o['max_abs']:.3g}), cosine {o['cosine']:.8f}")
     print(f"int8 codes identical at every QuantizeLinear: end to end min "
-          f"{report['identical_min']:.6f} (all {report['identical_all']:.6f}); "
-          f"quantizer alone min {report['isolated_identical_min']:.6f}")
+          f"{report['identical_min']:.6f} (all {report['identical_all']:.6f}); per layer min "
+          f"{report['per_layer_identical_min']:.6f} (all {report['per_layer_identical_all']:.6f});"
+          f" quantizer alone min {report['isolated_identical_min']:.6f}")
     return report
 
 

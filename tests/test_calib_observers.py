@@ -247,7 +247,7 @@ def test_incremental_entropy_close_to_single_pass():
         cand, kl = entropy_divergences(one.histogram)        # the exact histogram's KL curve
         excess = kl[cand == inc.kept_bins][0] / kl[cand == one.kept_bins][0] - 1.0
         worst_excess = max(worst_excess, excess)
-    assert close >= len(INCREMENTAL_CASES) - 2, close
+    assert close == len(INCREMENTAL_CASES), close
     assert worst_excess <= 0.01, worst_excess
 
 

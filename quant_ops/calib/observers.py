@@ -145,7 +145,7 @@ class HistogramObserver(Observer):
 
     @property
     def histogram(self) -> np.ndarray:
-        """The counts so far (float64; fractional after re-binning)."""
+        """The ``bins`` counts so far (float64; fractional near bin edges once the max has grown)."""
         return self._hist.snapshot()[0]
 
     @property
@@ -158,7 +158,7 @@ class HistogramObserver(Observer):
 
     @property
     def rebins(self) -> int:
-        """How many times the histogram was re-binned onto a wider range."""
+        """How many times the range grew after the first non-zero batch (0: the histogram is exact)."""
         return self._hist.rebins
 
     def _observe(self, a: np.ndarray) -> None:
