@@ -416,6 +416,28 @@ def in_graph_marginal(x_np: np.ndarray, attrs: dict, k: int, repeats: int,
     return res
 
 
+def kernel_alone(x_np: np.ndarray, attrs: dict, repeats: int, warmup: int) -> float:
+    """The operator's kernel called directly (ctypes) on numpy arrays: its own work without
+    MXNet's per-call cost."""
+    import ctypes
+
+    lib = ctypes.CDLL(str(quant_ops.LIBRARY_PATH))
+    x = np.ascontiguousarray(x_np, dtype=f32)
+    y = np.empty_like(x)
+    fp = ctypes.POINTER(ctypes.c_float)
+    px, py = x.ctypes.data_as(fp), y.ctypes.data_as(fp)
+    if attrs.get("is_weight_perchannel"):
+        amax = np.empty(x.shape[0], f32)
+        pa = amax.ctypes.data_as(fp)
+        inner = ctypes.c_int64(x.size // x.shape[0])
+        fn = lambda: lib.qo_kernel_weight_per_channel(px, py, ctypes.c_int64(x.shape[0]),  # noqa: E731
+                                                      inner, pa, 8)
+    else:
+        a = ctypes.c_float(float(np.abs(x).max()))
+        fn = lambda: lib.qo_kernel_activation(px, py, ctypes.c_int64(x.size), a, 8)  # noqa: E731
+    return measure(fn, repeats, warmup)["median_ms"]
+
+
 def malloc_keep_freed_memory() -> str:
     """glibc: serve large blocks from the heap and never trim it, so a freed output's pages
     are reused instead of being unmapped and faulted in again."""
@@ -705,20 +727,24 @@ def main(argv=None) -> int:
         k = 4 if case["tensor"] == "act" else 21
         n = repeats if case["tensor"] == "act" else w_repeats
         m = in_graph_marginal(x_np, case["attrs"], k, n, warmup)
+        m["kernel_alone"] = kernel_alone(x_np, case["attrs"], n, warmup)
         floor = next(r for r in rows if r["case"] == case["name"])["ms"]["copy_floor"]
         in_graph.append({"case": case["name"], "chain": k, "ms": m, "copy_floor": floor,
                          "quant_ops/copy": ratio(m["quant_ops"], floor),
+                         "kernel_alone/copy": ratio(m["kernel_alone"], floor),
                          "mx_abs/quant_ops": ratio(m["mx_abs"], m["quant_ops"])})
     sys.stderr.flush()
     print("\nmedian milliseconds (copy floor: fastest of mx copyto / np.copyto into "
           "preallocated arrays; fwd+bwd rows copy two tensors):")
     print_table(rows)
     if in_graph:
-        print("\nin-graph marginal forward cost (hybridized static_alloc chain, ms per "
-              "operator):")
+        print("\nforward cost inside a hybridized static_alloc graph (marginal ms per operator) "
+              "and of the kernel alone (ctypes, no MXNet):")
         for r in in_graph:
             print(f"  {r['case']:<14} quant_ops {r['ms']['quant_ops']:.4f}  copy floor "
                   f"{r['copy_floor']:.4f}  qo/copy {fmt(r['quant_ops/copy'], '.2f')}  "
+                  f"kernel {r['ms']['kernel_alone']:.4f} (kernel/copy "
+                  f"{fmt(r['kernel_alone/copy'], '.2f')})  "
                   f"mx.abs {r['ms']['mx_abs']:.4f} (mx.abs/qo "
                   f"{fmt(r['mx_abs/quant_ops'], '.2f')})")
     print("\nper-call fixed cost, one-element tensor (ms): " +

@@ -133,22 +133,25 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     const bool training = st[1] > 0.5f;
     const float step = st[0];
 
-    if (p.is_weight) {
-      if (p.per_channel()) qo::abs_max_channels(x, v.outer, v.channels, v.inner, mm);
-      else mm[0] = qo::abs_max(x, n);
-    } else if (training) {
-      const float batch = qo::abs_max(x, n);
-      mm[0] = (p.fix_act_scale && mm[0] > 0.0f) ? mm[0] : qo::ema_update(mm[0], batch, p.ema_decay);
+    const bool delayed = training && step < static_cast<float>(p.delay_quant);
+    if (p.per_channel() && v.outer == 1 && !delayed) {
+      // the common weight layout: each channel's range found and applied in one pass
+      qo::fake_quant_channels_own_range(x, y, v.channels, v.inner, mm, p.range());
+    } else {
+      if (p.is_weight) {
+        if (p.per_channel()) qo::abs_max_channels(x, v.outer, v.channels, v.inner, mm);
+        else mm[0] = qo::abs_max(x, n);
+      } else if (training) {
+        const float batch = qo::abs_max(x, n);
+        mm[0] = (p.fix_act_scale && mm[0] > 0.0f) ? mm[0]
+                                                   : qo::ema_update(mm[0], batch, p.ema_decay);
+      }
+      if (delayed) qo::copy(x, y, n);
+      else if (p.per_channel()) qo::fake_quant_channels(x, y, v.outer, v.channels, v.inner, mm,
+                                                        p.range());
+      else qo::fake_quant_tensor(x, y, n, mm[0], p.range());
     }
     if (training) st[0] = step + 1.0f;
-
-    if (training && step < static_cast<float>(p.delay_quant)) {
-      qo::copy(x, y, n);
-    } else if (p.per_channel()) {
-      qo::fake_quant_channels(x, y, v.outer, v.channels, v.inner, mm, p.range());
-    } else {
-      qo::fake_quant_tensor(x, y, n, mm[0], p.range());
-    }
     return MX_SUCCESS;
   });
 }

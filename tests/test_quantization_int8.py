@@ -464,3 +464,28 @@ def test_import_in_a_fresh_interpreter():
                        cwd=str(quant_ops.ops.__file__).rsplit("/quant_ops/", 1)[0])
     assert r.returncode == 0, r.stderr
     assert "Quantization_int8" in r.stdout
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_values_a_few_ulps_from_code_boundaries(per_channel):
+    """The kernel multiplies by 1/s and redoes by division any block holding a value near a
+    rounding boundary; values 0..4 ulps around k+0.5 must still match the division."""
+    rng = np.random.default_rng(11)
+    ch = 64
+    amax = rng.uniform(0.01, 50, ch).astype(f32)
+    s = amax / f32(127)
+    k = rng.integers(-127, 127, (ch, 4096)).astype(f32)
+    base = ((k + f32(0.5)) * s[:, None]).astype(f32)
+    steps = rng.integers(-4, 5, base.shape)
+    x = base.copy()
+    for n in range(1, 5):  # walk |steps| ulps away from the tie
+        x = np.where(np.abs(steps) >= n, np.nextafter(x, np.sign(steps) * np.inf), x)
+    x = x.astype(f32)
+    x[:, 0] = amax  # each channel's own maximum sets its range
+    if per_channel:
+        y, mm, _ = op(x, np.zeros(ch), INFER, is_weight=True, is_weight_perchannel=True)
+        want = ref.fake_quant(x, mm, narrow=True, axis=0)
+    else:
+        y, _, _ = op(x, [amax[0]], INFER)
+        want = ref.fake_quant(x, amax[0])
+    assert np.array_equal(bits(y), bits(want))

@@ -58,6 +58,46 @@ QO_HD float zero_range(float x) { return x != x ? x : (x > 0.0f ? 0.0f : -0.0f);
 /*! \brief A scale the quantizer can divide by. */
 QO_HD bool usable_scale(float s) { return s > 0.0f && s <= 3.402823466e38f; }
 
+/*! \brief Exact fake_quant over a contiguous span, fast.
+ *
+ *  Dividing is the slow part when the data sits in cache (a weight tensor).  x * (1/s)
+ *  differs from x / s by at most ~3 ulp, so the two can only round to different codes when
+ *  the quotient lies that close to a half-integer boundary.  Each block is computed with
+ *  the multiply and a flag for any value within a safe distance of a boundary (2^-21
+ *  relative, 2^-22 absolute: several times the worst error of the multiply); a flagged
+ *  block is recomputed with the division.  The result is
+ *  bit-identical to fake_quant() element by element. */
+QO_CLONES inline void fake_quant_span(const float* x, float* y, int64_t n, float s, float qmin,
+                                      float qmax) {
+  const float inv = 1.0f / s;
+  if (!(inv <= 3.402823466e38f)) {  // subnormal scale: 1/s overflows, divide throughout
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = fake_quant(x[i], s, qmin, qmax);
+    return;
+  }
+  constexpr int64_t kBlock = 256;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    float near = 0.0f;
+#pragma omp simd reduction(max : near)
+    for (int64_t i = b; i < e; ++i) {
+      const float r = x[i] * inv;
+      float q = std::nearbyint(r);
+      // distance of r to the nearest half-integer boundary (exact: Sterbenz)
+      const float gap = 0.5f - std::fabs(r - q);
+      const float flag = gap <= std::fabs(r) * 0x1p-21f + 0x1p-22f ? 1.0f : 0.0f;
+      near = flag > near ? flag : near;
+      q = q < qmin ? qmin : q;
+      q = q > qmax ? qmax : q;
+      y[i] = (q + 0.0f) * s;
+    }
+    if (near > 0.0f) {
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) y[i] = fake_quant(x[i], s, qmin, qmax);
+    }
+  }
+}
+
 /*! \brief y[i] = fake_quant(x[i]) over n elements with one scale. */
 QO_CLONES inline void fake_quant_tensor(const float* x, float* y, int64_t n, float amax,
                                         QRange r) {
@@ -67,9 +107,10 @@ QO_CLONES inline void fake_quant_tensor(const float* x, float* y, int64_t n, flo
     for (int64_t i = 0; i < n; ++i) y[i] = zero_range(x[i]);
     return;
   }
-  const float qmin = r.qmin, qmax = r.qmax;
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) y[i] = fake_quant(x[i], s, qmin, qmax);
+  constexpr int64_t kChunk = 1 << 14;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n; b += kChunk)
+    fake_quant_span(x + b, y + b, (n - b) < kChunk ? n - b : kChunk, s, r.qmin, r.qmax);
 }
 
 /*! \brief Per-channel fake quantization of a tensor viewed as (outer, channels, inner). */
@@ -89,9 +130,35 @@ QO_CLONES inline void fake_quant_channels(const float* x, float* y, int64_t oute
         for (int64_t i = 0; i < inner; ++i) yp[i] = zero_range(xp[i]);
         continue;
       }
-#pragma omp simd
-      for (int64_t i = 0; i < inner; ++i) yp[i] = fake_quant(xp[i], s, qmin, qmax);
+      fake_quant_span(xp, yp, inner, s, qmin, qmax);
     }
+  }
+}
+
+/*! \brief Per-output-channel weight quantization in one memory pass: each channel's range
+ *  (max |x|, written to amax[c]) is found and applied while the channel is in L1 cache.
+ *  For a contiguous channel axis (axis 0: Convolution / FullyConnected weights). */
+QO_CLONES inline void fake_quant_channels_own_range(const float* x, float* y, int64_t channels,
+                                                    int64_t inner, float* amax, QRange r) {
+  const float qmin = r.qmin, qmax = r.qmax;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* xp = x + c * inner;
+    float* yp = y + c * inner;
+    float m = 0.0f;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < inner; ++i) {
+      const float a = std::fabs(xp[i]);
+      m = a > m ? a : m;
+    }
+    amax[c] = m;
+    const float s = scale_of(m, qmax);
+    if (!usable_scale(s)) {
+#pragma omp simd
+      for (int64_t i = 0; i < inner; ++i) yp[i] = zero_range(xp[i]);
+      continue;
+    }
+    fake_quant_span(xp, yp, inner, s, qmin, qmax);
   }
 }
 
