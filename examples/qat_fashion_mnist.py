@@ -13,9 +13,8 @@ import argparse
 import csv
 import json
 import logging
-import os
+import io
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import quant_ops  # noqa: E402
 from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.cli import summary_markdown  # noqa: E402
 from quant_ops.export import export_model  # noqa: E402
+from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.export.align import check_alignment, session  # noqa: E402
 from quant_ops.graph.ir import Graph, load_graph  # noqa: E402
 from quant_ops.graph.params import load_params  # noqa: E402
@@ -106,13 +106,6 @@ def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray, bs: int = 500) -> fl
     return 100.0 * correct / len(x)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out/qat_fashion_mnist"))
@@ -154,7 +147,7 @@ def main(argv=None) -> int:
     log.info("INT8 after QAT: %.2f%%", acc_qat)
     qnet.export(str(args.out / "qat_int8"), epoch=0)
     qgraph = load_graph(args.out / "qat_int8-symbol.json")
-    write_atomic(args.out / "quantizers.md",
+    atomic_write_text(args.out / "quantizers.md",
                  summary_markdown("fashion-mnist cnn", qnet.quant_table,
                                   ["BatchNorm folded (deploy)"], "trt_int8"))
     draw(float_graph, args.out / "graph-float", title="Fashion-MNIST CNN (float)")
@@ -175,12 +168,12 @@ def main(argv=None) -> int:
         "onnxruntime_alignment": align, "train_images": len(xtr), "test_images": len(xte),
         "seconds": round(time.time() - t0, 1), "mxnet": mx.__version__,
     }
-    write_atomic(args.out / "summary.json", json.dumps(summary, indent=2))
-    with open(args.out / ".metrics.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["stage", "epoch", "loss"])
-        w.writeheader()
-        w.writerows(metrics)
-    os.replace(args.out / ".metrics.csv.tmp", args.out / "metrics.csv")
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["stage", "epoch", "loss"])
+    writer.writeheader()
+    writer.writerows(metrics)
+    atomic_write_text(args.out / "metrics.csv", buf.getvalue())
     lines = ["# INT8 quantization of a small CNN on Fashion-MNIST", "",
              "| model | test accuracy (%) |", "|---|---|",
              f"| float | {acc_float:.2f} |", f"| INT8, calibrated ranges | {acc_ptq:.2f} |",
@@ -196,7 +189,7 @@ def main(argv=None) -> int:
               f"cosine {align['outputs'][0]['cosine']:.9f}", "",
               f"files: {ex.onnx.name}, {ex.cache.name} (TensorRT calibration cache), "
               f"{ex.ranges_json.name}, qat_int8-symbol.json/-0000.params, graph-*.svg/png"]
-    write_atomic(args.out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(args.out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\noutputs in {args.out}/ ({summary['seconds']} s)")
     return 0 if align["isolated_identical_min"] == 1.0 else 1

@@ -8,13 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import QuantOpsError
+from .fileio import atomic_write_text, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +115,10 @@ def run_graph_optimize(args) -> Path:
     q = quantize_graph(graph, params, policy, args.fold_bn, args.relu6_to_relu)
     qsym = q.graph.to_symbol()
     out = args.out
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".graph_optimize-"))
-    except OSError as e:
-        raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
-    try:
+    policy_name = str(args.policy) if args.policy else args.preset
+    with staged_dir(out) as tmp:
         (tmp / f"{name}-quant-symbol.json").write_text(q.graph.to_json())
         save_params(tmp / f"{name}-quant-0000.params", qsym, q.params)
-        policy_name = str(args.policy) if args.policy else args.preset
         (tmp / "summary.md").write_text(summary_markdown(name, q.table, q.notes, policy_name))
         (tmp / "summary.json").write_text(json.dumps(
             {"model": name, "policy": policy.to_dict(), "notes": q.notes,
@@ -137,14 +129,6 @@ def run_graph_optimize(args) -> Path:
             draw(graph, tmp / f"{name}-float", title=f"{name} (float)")
             draw(q.graph, tmp / f"{name}-quantized",
                  title=f"{name} quantized ({policy_name}): {len(q.table)} quantizers")
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
     print(summary_markdown(name, q.table, q.notes, policy_name), end="")
     print(f"\nwrote {out}/")
     return out
@@ -198,9 +182,7 @@ def run_export(args) -> dict:
     ex = export_model(graph, params, args.out, name, {"data": tuple(x.shape)}, args.opset,
                       args.trt_version)
     report = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
-    from .export.trt_cache import _atomic_write
-
-    _atomic_write(args.out / f"{name}.alignment.json", json.dumps(report, indent=1))
+    atomic_write_text(args.out / f"{name}.alignment.json", json.dumps(report, indent=1))
     print(f"wrote {ex.onnx}, {ex.cache}, {ex.ranges_json}")
     for i, o in enumerate(report["outputs"]):
         print(f"output {i}: max |mxnet - onnxruntime| = {o['max_abs_diff']:.3g} "
@@ -212,13 +194,14 @@ def run_export(args) -> dict:
     return report
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    args = _export_parser().parse_args(argv)
+def _main(parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    """Run a command: bad input ends with one 'error:' line and exit code 2."""
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import mxnet as mx
 
     try:
-        run_export(args)
+        run(args)
     except (QuantOpsError, OSError, mx.base.MXNetError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
@@ -226,14 +209,8 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def graph_optimize_main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    import mxnet as mx
+    return _main(_parser(), run_graph_optimize, argv)
 
-    try:
-        run_graph_optimize(args)
-    except (QuantOpsError, OSError, mx.base.MXNetError) as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    return 0
+
+def export_main(argv: list[str] | None = None) -> int:
+    return _main(_export_parser(), run_export, argv)

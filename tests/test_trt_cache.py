@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from quant_ops.errors import QuantOpsError
+from quant_ops import fileio
 from quant_ops.export import trt_cache
 from quant_ops.export.trt_cache import (hex_to_scale, read_cache, read_ranges_json, scale_hex,
                                         write_cache, write_ranges_json)
@@ -196,7 +197,7 @@ def test_failed_replace_leaves_no_file_and_keeps_old(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(trt_cache.os, "replace", boom)
+    monkeypatch.setattr(fileio.os, "replace", boom)
     with pytest.raises(QuantOpsError, match="disk full"):
         write_cache(target, {"a": 1.0})
     assert os.listdir(tmp_path) == []  # neither the target nor the temp file
@@ -204,7 +205,7 @@ def test_failed_replace_leaves_no_file_and_keeps_old(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_cache(target, {"a": 1.0})
     old = target.read_text()
-    monkeypatch.setattr(trt_cache.os, "replace", boom)
+    monkeypatch.setattr(fileio.os, "replace", boom)
     with pytest.raises(QuantOpsError):
         write_cache(target, {"a": 2.0})
     assert target.read_text() == old

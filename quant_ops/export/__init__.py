@@ -7,13 +7,10 @@ implicit INT8, activation tensors by their ONNX names) and ``<name>.ranges.json`
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import QuantOpsError
+from ..fileio import staged_dir
 from ..graph.ir import Graph
 
 
@@ -35,26 +32,12 @@ def export_model(graph: Graph, params: dict, out_dir: str | Path, name: str,
     from .trt_cache import write_cache, write_ranges_json
 
     out = Path(out_dir)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
-    except OSError as e:
-        raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
-    try:
+    with staged_dir(out) as tmp:
         _, dgraph, dparams = export_onnx(graph, params, tmp / f"{name}.onnx", input_shapes,
                                          opset)
         ranges = activation_ranges(dgraph, dparams)
         write_cache(tmp / f"{name}.calib.cache", ranges, trt_version=trt_version,
                     algorithm="EntropyCalibration2")
         write_ranges_json(tmp / f"{name}.ranges.json", ranges)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
     return Exported(out / f"{name}.onnx", out / f"{name}.calib.cache",
                     out / f"{name}.ranges.json", dgraph, dparams, ranges)

@@ -24,27 +24,7 @@ def drop_grad_sums(graph: Graph) -> Graph:
     """Remove the identity copies that only serve gradient accumulation."""
     redirect = {i: n.inputs[0] for i, n in enumerate(graph.nodes)
                 if n.op == "_copy" and n.name.endswith(GRAD_SUM_SUFFIX)}
-    return _rebuild(graph, set(redirect), redirect)
-
-
-def _rebuild(graph: Graph, drop: set, redirect: dict, replace: dict | None = None) -> Graph:
-    """Graph without ``drop``; uses of a dropped node go to ``redirect[node]``;
-    ``replace[i]`` substitutes node i."""
-    replace = replace or {}
-    nodes, new_index = [], {}
-
-    def resolve(e):
-        while e[0] in redirect:
-            e = redirect[e[0]]
-        return [new_index[e[0]], e[1], e[2]]
-
-    for i, n in enumerate(graph.nodes):
-        if i in drop:
-            continue
-        n = replace.get(i, n)
-        new_index[i] = len(nodes)
-        nodes.append(Node(n.op, n.name, dict(n.attrs), [resolve(e) for e in n.inputs]))
-    return Graph(nodes, [resolve(h) for h in graph.heads], dict(graph.attrs), graph.source)
+    return graph.rewired(set(redirect), redirect)
 
 
 def fold_constants(graph: Graph, params: dict) -> tuple[Graph, dict]:
@@ -74,7 +54,7 @@ def fold_constants(graph: Graph, params: dict) -> tuple[Graph, dict]:
         shape = "(" + ", ".join(str(d) for d in v.shape) + ("," if v.ndim == 1 else "") + ")"
         replace[i] = Node("null", graph.nodes[i].name, {"__shape__": shape})
     # the replaced nodes keep their index; their former inputs drop out if nothing else uses them
-    g = _rebuild(graph, set(), {}, replace)
+    g = graph.rewired(set(), {}, replace)
     return _prune(g), params
 
 
@@ -86,7 +66,7 @@ def _prune(graph: Graph) -> Graph:
         if i not in live:
             live.add(i)
             stack.extend(e[0] for e in graph.nodes[i].inputs)
-    return _rebuild(graph, set(range(len(graph.nodes))) - live, {})
+    return graph.rewired(set(range(len(graph.nodes))) - live, {})
 
 
 def weight_ranges(graph: Graph, params: dict) -> dict:

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from quant_ops.errors import QuantOpsError
+from quant_ops.fileio import atomic_write_text
 
 __all__ = ["ALGORITHMS", "scale_hex", "hex_to_scale", "write_cache", "read_cache",
            "write_ranges_json", "read_ranges_json"]
@@ -95,26 +94,6 @@ def _check_name(name, what: str) -> None:
                             "which cache readers strip")
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``, so a
-    reader never sees half a file and a failure leaves none."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        raise QuantOpsError(f"{path}: cannot write: {e}") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def write_cache(path, ranges: dict[str, float], trt_version: int = 8601,
                 algorithm: str = "EntropyCalibration2") -> Path:
     """Write a TensorRT calibration cache for the activation ranges ``{tensor: amax}``.
@@ -136,7 +115,7 @@ def write_cache(path, ranges: dict[str, float], trt_version: int = 8601,
         scale = _scale_f32(amax, f"{p}: tensor {name!r}")
         (bits,) = struct.unpack(">I", struct.pack(">f", scale))
         lines.append(f"{name}: {bits:08x}")
-    return _atomic_write(p, "\n".join(lines) + "\n")
+    return atomic_write_text(p, "\n".join(lines) + "\n")
 
 
 def _read_text(p: Path) -> str:
@@ -204,7 +183,7 @@ def write_ranges_json(path, ranges: dict[str, float]) -> Path:
             raise QuantOpsError(f"{p}: tensor name must be a non-empty string, got {name!r}")
         _amax_f32(amax, f"{p}: tensor {name!r}")
         out[name] = float(amax)
-    return _atomic_write(p, json.dumps(out, indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(p, json.dumps(out, indent=2, allow_nan=False) + "\n")
 
 
 def _no_duplicates(pairs):

@@ -102,6 +102,26 @@ class Graph:
         return ((i, n) for i, n in enumerate(self.nodes) if not n.is_var)
 
     # -- editing ----------------------------------------------------------------
+    def rewired(self, drop: set, redirect: dict, replace: dict | None = None) -> "Graph":
+        """The graph without the nodes in ``drop``: a use of a dropped node goes to the entry
+        ``redirect[node]`` (followed transitively); ``replace[i]`` stands in for node i."""
+        replace = replace or {}
+        nodes: list = []
+        new_index: dict = {}
+
+        def resolve(e):
+            while e[0] in redirect:
+                e = redirect[e[0]]
+            return [new_index[e[0]], e[1], e[2]]
+
+        for i, n in enumerate(self.nodes):
+            if i in drop:
+                continue
+            n = replace.get(i, n)
+            new_index[i] = len(nodes)
+            nodes.append(Node(n.op, n.name, dict(n.attrs), [resolve(e) for e in n.inputs]))
+        return Graph(nodes, [resolve(h) for h in self.heads], dict(self.attrs), self.source)
+
     def rebuilt(self, order: list, new_nodes: list) -> "Graph":
         """A graph whose node k is ``new_nodes[k]``, where ``order[k]`` is the old index of
         node k or None for an inserted node.  Inputs of the new nodes must already use new

@@ -221,21 +221,8 @@ def strip_quantizers(graph: Graph) -> Graph:
             redirect[i] = data
             for e in n.inputs[1:]:
                 drop.add(e[0])
-    out_nodes, order, new_index = [], [], {}
-
-    def resolve(e):
-        while e[0] in redirect:
-            e = redirect[e[0]]
-        return [new_index[e[0]], e[1], e[2]]
-
-    for i, n in enumerate(graph.nodes):
-        if i in drop:
-            continue
-        attrs = dict(n.attrs)
-        if attrs.pop(SHAPE_ADDED, None):
-            attrs.pop("__shape__", None)
-        new_index[i] = len(out_nodes)
-        out_nodes.append(Node(n.op, n.name, attrs, [resolve(e) for e in n.inputs]))
-        order.append(i)
-    heads = [resolve(h) for h in graph.heads]
-    return Graph(out_nodes, heads, dict(graph.attrs), graph.source)
+    g = graph.rewired(drop, redirect)
+    for n in g.nodes:  # shapes the rewrite added to variables go with it
+        if n.attrs.pop(SHAPE_ADDED, None):
+            n.attrs.pop("__shape__", None)
+    return g

@@ -1,0 +1,56 @@
+"""Writing outputs so that nothing is lost: a file appears whole or not at all, and a set
+of files lands together or not at all."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import QuantOpsError
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``, so a
+    reader never sees half a file and a failure leaves none."""
+    p = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        tmp = None
+    except OSError as e:
+        raise QuantOpsError(f"{p}: cannot write: {e}") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+@contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """A hidden folder inside ``out`` to write into; on success its files move into ``out``,
+    on failure it is removed (and ``out`` too when this call created it)."""
+    out = Path(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
+    except OSError as e:
+        raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
