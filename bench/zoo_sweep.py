@@ -102,7 +102,7 @@ def check(name, shape, kwargs) -> dict:
     missing = [n.name for _, n in g.ops() if n.op in LAYERS for pos in (0, 1)
                if rw.graph.nodes[qnodes[n.name].inputs[pos][0]].op != "Quantization_int8"]
     qsym = rw.graph.to_symbol()
-    qvalues = {**params, **rw.new_aux}
+    qvalues = {**params, **rw.new_params}
     blk = bind(qsym, qvalues)
     quant_ops.set_training(blk, True)
     blk(x)                                 # observe the activation ranges once

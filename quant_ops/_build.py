@@ -95,6 +95,8 @@ def build(cxx_dir: Path, out_dir: Path, jobs: int | None = None) -> Path:
     machine = os.uname().machine
     flags = BASE_FLAGS + ARCH_FLAGS.get(machine, [])
     incs = [f"-I{mx_dir / 'include'}", f"-I{cxx_dir}"]
+    # digest first: a source that changes during the build makes the library stale, not current
+    digest = source_digest(cxx_dir, mx_dir)
     srcs = sources(cxx_dir) + [mx_dir / "src" / "lib_api.cc"]
     if len(srcs) < 2:
         raise BuildError(f"no operator sources (*.cc) found in {cxx_dir}")
@@ -110,7 +112,7 @@ def build(cxx_dir: Path, out_dir: Path, jobs: int | None = None) -> Path:
             os.replace(tmp_lib, out_dir / LIB_NAME)
         finally:
             tmp_lib.unlink(missing_ok=True)
-    (out_dir / (LIB_NAME + ".digest")).write_text(source_digest(cxx_dir, mx_dir))
+    (out_dir / (LIB_NAME + ".digest")).write_text(digest)
     return out_dir / LIB_NAME
 
 

@@ -32,7 +32,18 @@ def _operator_message(op: str, err: Exception) -> str | None:
             return line[line.index(f"{op}:"):].strip()
     return None
 
-QUANTIZERS = ("Quantization_int8",)
+# The library's quantizers: their inputs in order, and which of those are learned (a leaf
+# whose gradient must accumulate) or state (auxiliary, never differentiated).
+OP_INPUTS = {
+    "Quantization_int8": ("data", "minmax", "qstate"),
+    "PACT": ("data", "gamma"),
+    "LSQ": ("data", "step"),
+    "DoReFa": ("data",),
+}
+LEARNED_INPUTS = {"gamma", "step"}
+QUANTIZERS = tuple(OP_INPUTS)
+# quantizers whose second input is a range (amax) that calibration sets and export reads
+RANGE_QUANTIZERS = ("Quantization_int8",)
 STATE_NAMES = ("minmax", "qstate")
 GRAD_SUM_SUFFIX = "_qo_gradsum"
 
@@ -40,9 +51,9 @@ GRAD_SUM_SUFFIX = "_qo_gradsum"
 # -- gradient accumulation ---------------------------------------------------------------
 # The external-operator API does not pass OpReqType, so an operator whose gradient lands
 # directly in a leaf's buffer overwrites it even under grad_req='add'.  The wrappers below
-# route a leaf input through MXNet's own identity op, whose backward honours 'add'; the
-# quantizer's gradient then goes to an intermediate buffer.  Intermediate tensors never get
-# 'add' (unless MXNET_EXEC_ENABLE_ADDTO=1 is set), so they pass straight in.
+# route a leaf input (data, or a learned parameter) through MXNet's own identity op, whose
+# backward honours 'add'; the quantizer's gradient then goes to an intermediate buffer.
+# Intermediate tensors never get 'add' (unless MXNET_EXEC_ENABLE_ADDTO=1 is set).
 
 def _is_symbol_leaf(x: Any) -> bool:
     return isinstance(x, mx.sym.Symbol) and x.get_children() is None
@@ -54,29 +65,25 @@ def _is_nd_leaf(x: Any) -> bool:
 
 # MXNet 1.9.1 sizes a buffer from the inputs' ranks before calling an external operator's
 # shape inference and overflows it (or segfaults) when an input's rank is unknown.  State
-# variables therefore always carry a rank: (0,) means one dimension of a size still unknown.
-_STATE_SHAPES = {1: "(0,)", 2: "(2,)"}
+# and parameter variables therefore always carry a rank: (0,) is one dimension of a size
+# still unknown.
+_RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)"}
 
 
-def _give_state_rank(args: list) -> None:
-    for i, v in enumerate(args):
-        if i in _STATE_SHAPES and _is_symbol_leaf(v) and "__shape__" not in v.list_attr():
-            v._set_attr(__shape__=_STATE_SHAPES[i])
+def _wrap(raw, inputs: tuple):
+    through_identity = [i for i, n in enumerate(inputs) if n == "data" or n in LEARNED_INPUTS]
 
-
-_INPUTS = ("data", "minmax", "qstate")
-
-
-def _wrap(raw):
     @functools.wraps(raw)
     def quantizer(*args, **kwargs):
-        args = list(args) + [kwargs.pop(k) for k in _INPUTS[len(args):] if k in kwargs]
-        if args and isinstance(args[0], mx.sym.Symbol):
-            _give_state_rank(args)
-            if _is_symbol_leaf(args[0]):
-                args[0] = mx.sym.identity(args[0], name=args[0].name + GRAD_SUM_SUFFIX)
-        elif args and _is_nd_leaf(args[0]):
-            args[0] = mx.nd.identity(args[0])
+        args = list(args) + [kwargs.pop(k) for k in inputs[len(args):] if k in kwargs]
+        for i, v in enumerate(args[:len(inputs)]):
+            if isinstance(v, mx.sym.Symbol) and _is_symbol_leaf(v):
+                if inputs[i] in _RANKED and "__shape__" not in v.list_attr():
+                    v._set_attr(__shape__=_RANKED[inputs[i]])
+                if i in through_identity:
+                    args[i] = mx.sym.identity(v, name=v.name + GRAD_SUM_SUFFIX)
+            elif i in through_identity and _is_nd_leaf(v):
+                args[i] = mx.nd.identity(v)
         try:
             return raw(*args, **kwargs)
         except mx.base.MXNetError as e:
@@ -91,11 +98,13 @@ def _wrap(raw):
 
 def install_wrappers() -> None:
     """Replace ``mx.nd.<Q>`` and ``mx.sym.<Q>`` with gradient-accumulation-safe wrappers."""
-    for name in QUANTIZERS:
+    for name, inputs in OP_INPUTS.items():
         for mods in ((mx.nd, mx.nd.op, mx.ndarray), (mx.sym, mx.sym.op, mx.symbol)):
-            raw = getattr(mods[0], name)
+            raw = getattr(mods[0], name, None)
+            if raw is None:  # an operator this build of the library does not have
+                continue
             raw = getattr(raw, "__qo_raw__", raw)
-            wrapped = _wrap(raw)
+            wrapped = _wrap(raw, inputs)
             for m in mods:
                 setattr(m, name, wrapped)
 

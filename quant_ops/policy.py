@@ -20,10 +20,16 @@ import yaml
 from .errors import QuantOpsError
 
 #: method name -> the operator that implements it
-METHODS: dict[str, str] = {"int8": "Quantization_int8"}
+METHODS: dict[str, str] = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ",
+                           "dorefa": "DoReFa"}
 #: methods whose operators have not landed yet: named so asking for one says so, not "unknown"
-PLANNED_METHODS = frozenset({"pact", "dorefa", "qil", "gdrq", "dsq", "lsq", "fqn"})
-METHOD_BITS: dict[str, tuple[int, int]] = {"int8": (2, 16)}
+PLANNED_METHODS = frozenset({"qil", "gdrq", "dsq", "fqn"})
+METHOD_BITS: dict[str, tuple[int, int]] = {"int8": (2, 16), "pact": (2, 16), "lsq": (2, 16),
+                                           "dorefa": (1, 16)}
+#: which inputs a method can quantize, and whether it can have one scale per channel
+METHOD_ROLES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "int8": (("weight", "activation"), True), "pact": (("activation",), False),
+    "lsq": (("weight", "activation"), True), "dorefa": (("weight", "activation"), False)}
 #: ops whose inputs may share one activation quantizer (TensorRT fuses them on one scale)
 SHAREABLE_OPS = ("elemwise_add", "_Plus", "broadcast_add", "Concat", "Pooling")
 DEFAULT_QUANTIZE_OPS = ("Convolution", "FullyConnected", "Deconvolution")
@@ -45,7 +51,15 @@ METHOD_PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {"int8"
     "delay_quant": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "grad_mode": (lambda v: isinstance(v, str) and v in ("ste", "clip"), "'ste' or 'clip'"),
     "fix_act_scale": (lambda v: isinstance(v, bool), "true or false"),
-}}
+}, "pact": {
+    "alpha": (lambda v: _is_num(v) and v > 0, "a number > 0 (the initial clip)"),
+}, "lsq": {
+    "signed": (lambda v: isinstance(v, bool), "true or false"),
+    "init_range": (lambda v: _is_num(v) and v > 0,
+                   "a number > 0 (activations: initial step = init_range / Qp)"),
+}, "dorefa": {}}
+#: parameters that set a learned input's initial value rather than an operator attribute
+INIT_PARAMS = {"alpha", "init_range"}
 _SPEC_KEYS = ("method", "bits", "per_channel", "params")
 _TOP_KEYS = ("preset", "weight", "activation", "quantize_ops", "shared_inputs", "skip", "overrides")
 _SKIP_KEYS = ("names", "ops", "first_layer", "last_layer")
@@ -83,6 +97,12 @@ def _check_spec(method: Any, bits: Any, per_channel: Any, params: Any, path: str
         fail(f"{path}.bits = {bits} is out of range [{lo}, {hi}]")
     if not isinstance(per_channel, bool):
         fail(f"{path}.per_channel must be true or false, got {per_channel!r}")
+    roles, channels_ok = METHOD_ROLES[method]
+    role = {"weight": "weight", "activation": "activation"}.get(path.rsplit(".", 1)[-1])
+    if role is not None and role not in roles:
+        fail(f"{path}.method: '{method}' quantizes {' and '.join(roles)}s only, not {role}s")
+    if per_channel and not channels_ok:
+        fail(f"{path}.per_channel: '{method}' has one scale per tensor")
     known = METHOD_PARAMS[method]
     _no_unknown(_mapping(params, f"{path}.params", fail), known, f"{path}.params", fail)
     for k, v in params.items():
@@ -128,13 +148,16 @@ class QuantSpec:
         """Attributes for the operator (``Quantization_int8``), all strings as MXNet wants them."""
         if self.per_channel and not is_weight:
             raise QuantOpsError("QuantSpec: per_channel is for weights only (an activation has one scale)")
-        attrs = {"nbits": str(self.bits), "is_weight": _attr(is_weight),
-                 "is_weight_perchannel": _attr(self.per_channel)}
+        attrs = {"nbits": str(self.bits), "is_weight": _attr(is_weight)}
+        if self.method != "pact" and self.method != "dorefa":
+            attrs["is_weight_perchannel"] = _attr(self.per_channel)
+        if self.method == "pact":
+            del attrs["is_weight"]
         if self.per_channel:
             if not _is_int(channel_axis) or channel_axis < 0:
                 raise QuantOpsError(f"QuantSpec: channel_axis must be an integer >= 0, got {channel_axis!r}")
             attrs["channel_axis"] = str(channel_axis)
-        attrs.update((k, _attr(v)) for k, v in self.params.items())
+        attrs.update((k, _attr(v)) for k, v in self.params.items() if k not in INIT_PARAMS)
         return attrs
 
 

@@ -58,8 +58,8 @@ def quantize_graph(graph: Graph, params: dict, policy: QuantPolicy | str | dict 
         graph, params = fold_batchnorm(graph, params, fold_bn)
         after = sum(n.op == "BatchNorm" for n in graph.nodes)
         notes.append(f"BatchNorm folded ({fold_bn}): {before - after} of {before}")
-    rw = insert_quantizers(graph, policy, {k: np.shape(v) for k, v in params.items()})
-    return QuantizedGraph(rw.graph, {**params, **rw.new_aux}, rw.table, notes)
+    rw = insert_quantizers(graph, policy, {k: np.shape(v) for k, v in params.items()}, params)
+    return QuantizedGraph(rw.graph, {**params, **rw.new_params}, rw.table, notes)
 
 
 def _trace(net: gluon.HybridBlock, data_names: Sequence[str]):

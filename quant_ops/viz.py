@@ -75,7 +75,7 @@ def _dims(s: str | None) -> list[str]:
 
 def quantizer_label(n: Node) -> str:
     """E.g. "int8 W8 per-channel" or "int8 A8": method, role and bits, granularity."""
-    method = n.op.split("_", 1)[1].lower() if "_" in n.op else n.op
+    method = (n.op.split("_", 1)[1] if "_" in n.op else n.op).lower()
     bits = n.attrs.get("nbits", "?")
     if _true(n.attrs.get("is_weight")):
         gran = "per-channel" if _true(n.attrs.get("is_weight_perchannel")) else "per-tensor"

@@ -30,9 +30,9 @@ def zoo_graph(name, shape):
     return net, x, y, sym, params
 
 
-def bind(sym, params, new_aux):
+def bind(sym, params, new_params):
     blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
-    values = {**params, **new_aux}
+    values = {**params, **new_params}
     for k, p in blk.collect_params().items():
         p._load_init(mx.nd.array(values[k]), mx.cpu())
     return blk
@@ -69,7 +69,7 @@ def test_trt_int8_quantizes_every_layer_and_strips_exactly(name, shape):
     # one quantizer per tensor
     assert len({r["tensor"] for r in rw.table}) == len(rw.table)
 
-    blk = bind(q.to_symbol(), params, rw.new_aux)
+    blk = bind(q.to_symbol(), params, rw.new_params)
     quant_ops.set_training(blk, True)
     blk(x)                               # observe activation ranges once
     quant_ops.set_training(blk, False)
@@ -78,7 +78,7 @@ def test_trt_int8_quantizes_every_layer_and_strips_exactly(name, shape):
     assert np.abs(y - ref).max() <= 1e-3 * np.abs(ref).max()   # 16 bits: close to float
 
     again = insert_quantizers(q, policy(16), shapes)
-    assert again.graph.to_json() == q.to_json() and not again.new_aux   # idempotent
+    assert again.graph.to_json() == q.to_json() and not again.new_params   # idempotent
     back = strip_quantizers(q)
     assert back.to_symbol().tojson() == sym.tojson()
     y_back = mx.gluon.SymbolBlock(back.to_symbol(), [mx.sym.var("data")])
@@ -188,10 +188,41 @@ def test_shared_scale_at_residual_adds():
         assert all(s.op == "Quantization_int8" for s in srcs), a.name
         assert len({q.nodes[s.inputs[1][0]].name for s in srcs}) == 1, a.name
     assert len({r["tensor"] for r in rw.table}) == len(rw.table)   # still one per tensor
-    blk = bind(q.to_symbol(), params, rw.new_aux)
+    blk = bind(q.to_symbol(), params, rw.new_params)
     quant_ops.set_training(blk, True)
     blk(x)
     quant_ops.set_training(blk, False)
     yq = blk(x).asnumpy()
     assert np.abs(yq - y.asnumpy()).max() < 0.1 * np.abs(y.asnumpy()).max()
     assert strip_quantizers(q).to_symbol().tojson() == sym.tojson()
+
+
+@pytest.mark.parametrize("weight,activation", [
+    ({"method": "lsq", "bits": 4, "per_channel": True}, {"method": "pact", "bits": 4}),
+    ({"method": "dorefa", "bits": 4}, {"method": "lsq", "bits": 4}),
+    ({"method": "int8", "bits": 8, "per_channel": True}, {"method": "pact", "bits": 8}),
+])
+def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
+    from mxnet import autograd
+
+    from quant_ops.prepare import quantize_block
+
+    net, x, y, sym, params = zoo_graph("cifar_resnet20_v1", (2, 3, 32, 32))
+    policy = QuantPolicy.from_dict({"weight": weight, "activation": activation})
+    g = Graph.from_symbol(sym)
+    rw = insert_quantizers(g, policy, {k: v.shape for k, v in params.items()},
+                           {k: v.asnumpy() for k, v in params.items()})
+    ops = {n.op for _, n in rw.graph.ops()}
+    names = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ", "dorefa": "DoReFa"}
+    assert {names[weight["method"]], names[activation["method"]]} <= ops
+    assert insert_quantizers(rw.graph, policy, {k: v.shape for k, v in params.items()}) \
+        .graph.to_json() == rw.graph.to_json()                     # idempotent
+    assert strip_quantizers(rw.graph).to_symbol().tojson() == sym.tojson()
+    q = quantize_block(net, policy)
+    learned = [p for k, p in q.collect_params().items() if k.endswith(("_gamma", "_step"))]
+    assert learned and all(p.grad_req == "write" for p in learned)
+    with autograd.record():
+        loss = q(x).sum()
+    loss.backward()
+    assert any(float(mx.nd.abs(p.grad()).sum().asscalar()) > 0 for p in learned)
+    assert np.isfinite(q(x).asnumpy()).all()

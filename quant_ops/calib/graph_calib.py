@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..errors import QuantOpsError
 from ..graph.ir import Graph
 from ..graph.quantize import strip_quantizers
-from ..ops import QUANTIZERS
+from ..ops import RANGE_QUANTIZERS
 from .observers import make_observer
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def activation_tensors(graph: Graph) -> dict:
     """{activation quantizer name: (name of the tensor it reads, name of its minmax var)}."""
     res = {}
     for n in graph.nodes:
-        if n.op in QUANTIZERS and n.attrs.get("is_weight") not in ("True", "1", "true"):
+        if n.op in RANGE_QUANTIZERS and n.attrs.get("is_weight") not in ("True", "1", "true"):
             src = graph.nodes[n.inputs[0][0]]
             while src.op == "_copy" and src.inputs:  # gradient-sum copy of a leaf
                 src = graph.nodes[src.inputs[0][0]]

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 
 from ..graph.ir import Graph, Node
-from ..ops import QUANTIZERS
+from ..ops import RANGE_QUANTIZERS as QUANTIZERS
 from .onnx_qdq import dequantized_outputs, quantize_points
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from .. import reference as ref
 from ..graph.fold_bn import fold_batchnorm
 from ..graph.ir import Graph, Node
-from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
+from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS, RANGE_QUANTIZERS
 
 
 def _as_np(v) -> np.ndarray:
@@ -73,7 +73,7 @@ def weight_ranges(graph: Graph, params: dict) -> dict:
     """Recompute each weight quantizer's range from its weight, as the operator does."""
     params = dict(params)
     for n in graph.nodes:
-        if n.op in QUANTIZERS and n.attrs.get("is_weight") in ("True", "1", "true"):
+        if n.op in RANGE_QUANTIZERS and n.attrs.get("is_weight") in ("True", "1", "true"):
             w = graph.nodes[n.inputs[0][0]]
             if w.is_var and w.name in params:
                 per_ch = n.attrs.get("is_weight_perchannel") in ("True", "1", "true")

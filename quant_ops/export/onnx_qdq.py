@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import QuantOpsError
 from ..graph.ir import Graph
-from ..ops import QUANTIZERS
+from ..ops import QUANTIZERS, RANGE_QUANTIZERS
 from .deploy import deploy_graph
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,14 @@ def _convert_quantizer(node, **kwargs):
 
 
 for _opset in OPSETS:
-    for _op in QUANTIZERS:
+    for _op in RANGE_QUANTIZERS:
         MXNetGraph.register(_op, _opset)(_convert_quantizer)
 
 
 def check_exportable(graph: Graph, params: dict | None = None, opset: int = 13) -> None:
     """Every quantizer has an ONNX QDQ format at this opset (int8; int4 from opset 21) and,
     given params, a range; otherwise name the node."""
-    empty = [n.name for n in graph.nodes if params is not None and n.op in QUANTIZERS
+    empty = [n.name for n in graph.nodes if params is not None and n.op in RANGE_QUANTIZERS
              and not _true(n.attrs.get("is_weight"))
              and not float(np.max(params[graph.nodes[n.inputs[1][0]].name])) > 0]
     if empty:
@@ -73,6 +73,9 @@ def check_exportable(graph: Graph, params: dict | None = None, opset: int = 13) 
                             f"{more} have no range (amax = 0): calibrate or fine-tune the "
                             "model before export")
     for n in graph.nodes:
+        if n.op in QUANTIZERS and n.op not in RANGE_QUANTIZERS:
+            raise QuantOpsError(f"{graph.source}: quantizer '{n.name}' ({n.op}) has no ONNX "
+                                "export path yet (QDQ export covers Quantization_int8)")
         if n.op in QUANTIZERS:
             bits = int(n.attrs.get("nbits", 8))
             if bits not in CODE_TYPES:
@@ -151,7 +154,7 @@ def activation_ranges(graph: Graph, params: dict) -> dict:
     producer's name in the export."""
     ranges = {}
     for n in graph.nodes:
-        if n.op in QUANTIZERS and not _true(n.attrs.get("is_weight")) \
+        if n.op in RANGE_QUANTIZERS and not _true(n.attrs.get("is_weight")) \
                 and int(n.attrs.get("nbits", 8)) == 8:
             src = graph.nodes[n.inputs[0][0]]
             tensor = src.name if src.is_var else src.name if n.inputs[0][1] == 0 \

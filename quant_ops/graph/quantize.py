@@ -26,7 +26,7 @@ class Rewrite:
     """A rewritten graph, the state arrays it needs, and what was quantized."""
 
     graph: Graph
-    new_aux: dict = field(default_factory=dict)      # name -> numpy array
+    new_params: dict = field(default_factory=dict)  # initial value of every new variable
     table: list = field(default_factory=list)         # rows for the summary
 
 
@@ -97,13 +97,41 @@ def _inferred_shape(internals, node: Node, out_idx: int, shapes: dict):
     return tuple(out[0]) if out and out[0] and all(d > 0 for d in out[0]) else None
 
 
-def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewrite:
+def _method_inputs(spec, is_weight: bool, channels: int, qname: str, value, axis: int):
+    """The inputs a method's operator takes after ``data``: (name, shape, initial value,
+    learned?).  State is named ``<quantizer>_<state>``."""
+    f32 = np.float32
+    if spec.method == "int8":
+        return [(f"{qname}_minmax", (channels,), np.zeros(channels, f32), False),
+                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
+    if spec.method == "pact":
+        return [(f"{qname}_gamma", (1,), np.array([spec.params.get("alpha", 10.0)], f32), True)]
+    if spec.method == "lsq":
+        from ..refs.lsq import LSQAttrs, bounds, init_step
+
+        attrs = LSQAttrs(nbits=spec.bits, is_weight=is_weight,
+                         is_weight_perchannel=is_weight and spec.per_channel,
+                         channel_axis=axis, signed=spec.params.get("signed"))
+        if is_weight and value is not None:
+            step = init_step(np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value),
+                             attrs)
+        else:  # activations: from the expected range until calibration or training moves it
+            qp = bounds(spec.bits, attrs.is_signed)[1]
+            step = np.full(channels, spec.params.get("init_range", 4.0) / qp, f32)
+        return [(f"{qname}_step", (channels,), np.asarray(step, f32).reshape(channels), True)]
+    return []  # dorefa: no state, nothing learned
+
+
+def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
+                      values: dict | None = None) -> Rewrite:
     """Quantize the inputs of every layer the policy selects.
 
     ``shapes`` maps variable names to shapes (e.g. from the params file); a quantized weight
     needs one, as MXNet 1.9 cannot infer a shape backwards through an external operator.
+    ``values`` (name -> array) lets learned quantizer inputs start from the weights (LSQ).
     """
     shapes = shapes or {}
+    values = values or {}
     layers = [i for i, n in graph.ops() if n.op in policy.quantize_ops]
     first, last = (layers[0], layers[-1]) if layers else (-1, -1)
     policy.check_patterns(n.name for n in graph.nodes)
@@ -134,23 +162,30 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None) -> Rewri
                                     f"'{consumer.name}' has no known shape: give the params "
                                     "file (or input shapes) so it can be quantized per channel")
             channels = shape[axis]
-        group = None if is_weight else group_of.get((src_old, out_idx))
-        if group is None:
-            mm = emit(Node("null", f"{qname}_minmax", {"__shape__": _shape_str((channels,))}))
-            res.new_aux[f"{qname}_minmax"] = np.zeros(channels, np.float32)
-        elif group in group_minmax:
-            mm = group_minmax[group]
-        else:  # one range for every tensor of the group, as the engine needs at an add/concat
-            mm = group_minmax[group] = emit(Node("null", f"{group}_minmax", {"__shape__": "(1,)"}))
-            res.new_aux[f"{group}_minmax"] = np.zeros(1, np.float32)
-        st = emit(Node("null", f"{qname}_qstate", {"__shape__": "(2,)"}))
+        # int8 activations at an add/concat share one range variable with their group
+        group = group_of.get((src_old, out_idx)) if spec.method == "int8" and not is_weight \
+            else None
+        new_inputs = []
+        for name, shape, init, learned in _method_inputs(spec, is_weight, channels, qname,
+                                                        values.get(src.name), axis):
+            if name.endswith("_minmax") and group is not None:
+                # one range for every tensor of the group, as the engine needs at an add/concat
+                if group not in group_minmax:
+                    group_minmax[group] = emit(Node("null", f"{group}_minmax",
+                                                    {"__shape__": "(1,)"}))
+                    res.new_params[f"{group}_minmax"] = np.zeros(1, np.float32)
+                new_inputs.append([group_minmax[group], 0, 0])
+                continue
+            var = [emit(Node("null", name, {"__shape__": _shape_str(shape)})), 0, 0]
+            if learned:  # a leaf whose gradient must accumulate under grad_req='add'
+                var = [emit(Node("_copy", f"{name}{GRAD_SUM_SUFFIX}", {}, [var])), 0, 0]
+            new_inputs.append(var)
+            res.new_params[name] = init
         data = [new_index[src_old], out_idx, 0]
         if src.is_var:  # a leaf: route through identity so grad_req='add' accumulates
             data = [emit(Node("_copy", f"{tensor}{GRAD_SUM_SUFFIX}", {}, [data])), 0, 0]
         attrs = spec.op_attrs(is_weight=is_weight, channel_axis=axis)
-        q = emit(Node(METHODS[spec.method], qname, attrs,
-                      [data, [mm, 0, 0], [st, 0, 0]]))
-        res.new_aux[f"{qname}_qstate"] = np.zeros(2, np.float32)
+        q = emit(Node(METHODS[spec.method], qname, attrs, [data] + new_inputs))
         res.table.append({"node": consumer.name, "op": consumer.op, "input": role,
                           "tensor": tensor, "quantizer": qname, "method": spec.method,
                           "bits": spec.bits, "shared_range": group,
@@ -219,8 +254,11 @@ def strip_quantizers(graph: Graph) -> Graph:
                 drop.add(data[0])
                 data = src.inputs[0]
             redirect[i] = data
-            for e in n.inputs[1:]:
+            for e in n.inputs[1:]:  # state and learned parameters (maybe behind a copy)
                 drop.add(e[0])
+                p = graph.nodes[e[0]]
+                if p.op == "_copy" and p.name.endswith(GRAD_SUM_SUFFIX):
+                    drop.add(p.inputs[0][0])
     g = graph.rewired(drop, redirect)
     for n in g.nodes:  # shapes the rewrite added to variables go with it
         if n.attrs.pop(SHAPE_ADDED, None):

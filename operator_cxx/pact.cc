@@ -1,0 +1,109 @@
+// Registration of PACT: parameterized clipping activation with a learned clip value
+// (Choi et al., arXiv:1805.06085), the seed toolkit's interface PACT(data, gamma, nbits=4).
+//
+// Inputs:  data; gamma (the learned clip value alpha, shape (1,): an ordinary input whose
+//          gradient backward writes, e.g. a Gluon parameter).
+// Attribute: nbits (k, 2..16, default 4): 2^k - 1 levels above 0.
+// Output:  y_q = q * s with s = alpha / (2^k - 1), q = clamp(rint(data / s), 0, 2^k - 1).
+// Backward: d data = d y where 0 <= data < alpha; d gamma = sum of d y over data >= alpha.
+// The kernels and the exact numerics are in kernels/pact.h; the spec is quant_ops/refs/pact.py.
+#include <string>
+#include <vector>
+
+#include "common/attrs.h"
+#include "common/op_utils.h"
+#include "kernels/pact.h"
+
+using namespace mxnet::ext;
+
+namespace {
+
+const char* kOp = "PACT";
+
+struct PactParams {
+  int nbits;
+
+  explicit PactParams(const qo::AttrMap& a) {
+    qo::check_known_keys(kOp, a, {"nbits"});
+    nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 4, 2, 16));
+  }
+};
+
+MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
+  return qo::guarded([&] {
+    PactParams p(attrs);
+    (void)p;
+    *num_in = 2;
+    *num_out = 1;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
+  return qo::guarded([&] {
+    qo::require_float32(kOp, {"data", "gamma"}, *in);
+    for (auto& t : *in) t = kFloat32;
+    (*out)[0] = kFloat32;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue infer_stype(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
+  for (auto& s : *in) s = kDefaultStorage;
+  for (auto& s : *out) s = kDefaultStorage;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
+                          std::vector<std::vector<unsigned int>>* out) {
+  return qo::guarded([&] {
+    PactParams p(attrs);
+    (void)p;
+    const auto& data = (*in)[0];
+    qo::require_known_shape(kOp, "data", data);
+    const std::vector<unsigned int> want{1};
+    auto& gamma = (*in)[1];
+    if (!qo::shape_compatible(gamma, want))
+      throw qo::AttrError(std::string(kOp) + ": 'gamma' (the learned clip value alpha) must "
+                          "have shape (1,), got " + qo::shape_str(gamma));
+    gamma = want;
+    (*out)[0] = data;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
+                      std::vector<MXTensor>* outputs, const OpResource&) {
+  return qo::guarded([&] {
+    const PactParams p(attrs);
+    MXTensor& data = (*inputs)[0];
+    const float alpha = (*inputs)[1].data<float>()[0];
+    qo::pact_forward(data.data<float>(), (*outputs)[0].data<float>(), data.size(), alpha,
+                     p.nbits);
+    return MX_SUCCESS;
+  });
+}
+
+// Backward inputs: [out_grad, data, gamma, output]; outputs: [d data, d gamma].
+MXReturnValue backward(const qo::AttrMap&, std::vector<MXTensor>* inputs,
+                       std::vector<MXTensor>* outputs, const OpResource&) {
+  return qo::guarded([&] {
+    const float* g = (*inputs)[0].data<float>();
+    MXTensor& data = (*inputs)[1];
+    const float alpha = (*inputs)[2].data<float>()[0];
+    const float dalpha = qo::pact_backward(g, data.data<float>(), (*outputs)[0].data<float>(),
+                                           data.size(), alpha);
+    (*outputs)[1].data<float>()[0] = dalpha;
+    return MX_SUCCESS;
+  });
+}
+
+}  // namespace
+
+REGISTER_OP(PACT)
+    .setParseAttrs(parse_attrs)
+    .setInferType(infer_type)
+    .setInferSType(infer_stype)
+    .setInferShape(infer_shape)
+    .setForward(forward, "cpu")
+    .setBackward(backward, "cpu");
