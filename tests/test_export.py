@@ -145,3 +145,28 @@ def test_export_cli(tmp_path):
     r = subprocess.run(bad, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "missing.params" in r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("weight,activation,opset", [
+    ({"method": "lsq", "bits": 8, "per_channel": True}, {"method": "pact", "bits": 8}, 13),
+    ({"method": "lsq", "bits": 4, "per_channel": True}, {"method": "lsq", "bits": 4}, 21),
+])
+def test_pact_and_lsq_export_bit_exact(weight, activation, opset, tmp_path):
+    g, params, x = zoo("cifar_resnet20_v1", (2, 3, 32, 32))
+    q = quantize_graph(g, params, {"weight": weight, "activation": activation})
+    ex = export_model(q.graph, q.params, tmp_path, "m", {"data": x.shape}, opset=opset)
+    model = onnx.load(str(ex.onnx))
+    zp = {t.data_type for t in model.graph.initializer if t.name.endswith("_zero_point")}
+    assert len(zp) == 2                                  # signed weights, unsigned/other acts
+    r = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    assert r["isolated_identical_min"] == 1.0
+    assert r["outputs"][0]["cosine"] > 0.999
+
+
+def test_dorefa_has_no_onnx_format(tmp_path):
+    g, params, x = zoo("cifar_resnet20_v1", (2, 3, 32, 32))
+    q = quantize_graph(g, params, {"weight": {"method": "dorefa", "bits": 4},
+                                   "activation": {"method": "pact", "bits": 8}})
+    with pytest.raises(QuantOpsError, match="DoReFa\\) has no ONNX format"):
+        export_model(q.graph, q.params, tmp_path / "o", "m", {"data": x.shape})
+    assert not (tmp_path / "o").exists()

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 
 from ..graph.ir import Graph, Node
-from ..ops import RANGE_QUANTIZERS as QUANTIZERS
+from .onnx_qdq import EXPORTABLE as QUANTIZERS, qdq_form
 from .onnx_qdq import dequantized_outputs, quantize_points
 
 
@@ -20,11 +20,10 @@ def _bind(sym, params: dict, inputs: dict):
     return [o.asnumpy() for o in sym.bind(mx.cpu(), args, aux_states=aux).forward()]
 
 
-def _codes(y: np.ndarray, amax: np.ndarray, node) -> np.ndarray:
-    """int8 codes behind a fake-quantized tensor: y / s is an exact integer."""
-    qmax = np.float32(2 ** (int(node.attrs.get("nbits", 8)) - 1) - 1)
-    s = np.asarray(amax, np.float32) / qmax
-    if s.size > 1:
+def _codes(y: np.ndarray, node, value) -> np.ndarray:
+    """Integer codes behind a fake-quantized tensor: y / s is an exact integer."""
+    s, _, per_axis = qdq_form(node.op, node.attrs, value)
+    if per_axis:
         shape = [1] * y.ndim
         shape[int(node.attrs.get("channel_axis", 0))] = -1
         s = s.reshape(shape)
@@ -39,7 +38,7 @@ def mxnet_codes(graph: Graph, params: dict, inputs: dict) -> dict:
         return {}
     internals = graph.to_symbol().get_internals()
     outs = _bind(mx.sym.Group([internals[n.name + "_output"] for n in qnodes]), params, inputs)
-    return {n.name: _codes(y, params[graph.nodes[n.inputs[1][0]].name], n)
+    return {n.name: _codes(y, n, params[graph.nodes[n.inputs[1][0]].name])
             for n, y in zip(qnodes, outs)}
 
 
@@ -51,7 +50,10 @@ def isolated_codes(graph: Graph, params: dict, points: dict) -> dict:
         if n.op in QUANTIZERS and n.name in points:
             mm = params[graph.nodes[n.inputs[1][0]].name]
             attrs = {k: v for k, v in n.attrs.items() if not k.startswith("__")}
-            if attrs.get("is_weight") in ("True", "1", "true"):
+            if n.op != "Quantization_int8":  # its second input is used as it is
+                y = getattr(mx.nd, n.op)(mx.nd.array(points[n.name][0]), mx.nd.array(mm),
+                                         **attrs).asnumpy()
+            elif attrs.get("is_weight") in ("True", "1", "true"):
                 attrs["is_weight"] = "False"   # the range is given: use it as is
                 attrs.pop("is_weight_perchannel", None)
                 attrs.pop("channel_axis", None)
@@ -59,7 +61,7 @@ def isolated_codes(graph: Graph, params: dict, points: dict) -> dict:
             else:
                 y = mx.nd.Quantization_int8(mx.nd.array(points[n.name][0]), mx.nd.array(mm),
                                             mx.nd.zeros(2), **attrs).asnumpy()
-            res[n.name] = _codes(y, mm, n)
+            res[n.name] = _codes(y, n, mm)
     return res
 
 
@@ -94,8 +96,9 @@ def layer_codes(graph: Graph, params: dict, inputs: dict, dequantized: dict) -> 
     # the new variables must come before their users: order nodes topologically
     g = _toposort(Graph(nodes, [[i, 0, 0] for i in qidx], dict(graph.attrs), graph.source))
     outs = _bind(g.to_symbol(), {**params, **feeds_var}, inputs)
-    return {graph.nodes[i].name: _codes(y, params[graph.nodes[graph.nodes[i].inputs[1][0]].name],
-                                        graph.nodes[i]) for i, y in zip(qidx, outs)}
+    return {graph.nodes[i].name: _codes(y, graph.nodes[i],
+                                        params[graph.nodes[graph.nodes[i].inputs[1][0]].name])
+            for i, y in zip(qidx, outs)}
 
 
 def _toposort(graph: Graph) -> Graph:

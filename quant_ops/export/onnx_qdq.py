@@ -27,27 +27,48 @@ from .deploy import deploy_graph
 
 log = logging.getLogger(__name__)
 OPSETS = (13, 14, 15, 16, 17, 18, 19, 20, 21)
-# bits -> (ONNX element type of the codes, first opset that has it)
-CODE_TYPES = {8: (TensorProto.INT8, 10), 4: (TensorProto.INT4, 21)}
+# (bits, signed) -> (ONNX element type of the codes, first opset that has it)
+CODE_TYPES = {(8, True): (TensorProto.INT8, 10), (8, False): (TensorProto.UINT8, 10),
+              (4, True): (TensorProto.INT4, 21), (4, False): (TensorProto.UINT4, 21)}
 
 
 def _true(v) -> bool:
     return str(v) in ("True", "true", "1")
 
 
+# operators with a QDQ form: ONNX QuantizeLinear/DequantizeLinear compute exactly what they do
+EXPORTABLE = ("Quantization_int8", "PACT", "LSQ")
+
+
+def qdq_form(op: str, attrs: dict, value) -> tuple[np.ndarray, bool, bool]:
+    """(scale, signed, per_axis) of an exportable quantizer, from its second input's value
+    (int8: the range amax; PACT: the clip alpha; LSQ: the step), in float32 as the kernels
+    compute it."""
+    bits = int(attrs.get("nbits", 8 if op == "Quantization_int8" else 4))
+    v = np.asarray(value, np.float32).reshape(-1)
+    if op == "Quantization_int8":
+        per_axis = _true(attrs.get("is_weight")) and _true(attrs.get("is_weight_perchannel"))
+        scale = v / np.float32(2 ** (bits - 1) - 1)
+        return (scale if per_axis else scale[:1].reshape(())), True, per_axis
+    if op == "PACT":
+        return (v[:1] / np.float32(2 ** bits - 1)).reshape(()), False, False
+    if op == "LSQ":
+        per_axis = _true(attrs.get("is_weight")) and _true(attrs.get("is_weight_perchannel"))
+        signed = _true(attrs.get("signed", attrs.get("is_weight", "False")))
+        return (v if per_axis else v[:1].reshape(())), signed, per_axis
+    raise QuantOpsError(f"{op} has no QDQ form")
+
+
 def _convert_quantizer(node, **kwargs):
-    """Quantization_int8 -> QuantizeLinear + DequantizeLinear (output keeps the node name)."""
+    """A quantizer -> QuantizeLinear + DequantizeLinear (output keeps the node name)."""
     name, inputs, attrs = get_inputs(node, kwargs)
-    amax = np.asarray(kwargs["weights"][inputs[1]], np.float32).reshape(-1)
-    per_channel = _true(attrs.get("is_weight")) and _true(attrs.get("is_weight_perchannel"))
-    qmax = np.float32(2 ** (int(attrs.get("nbits", 8)) - 1) - 1)
-    scale = amax / qmax if per_channel else (amax[:1] / qmax).reshape(())
+    scale, signed, per_axis = qdq_form(node["op"], attrs, kwargs["weights"][inputs[1]])
     init = kwargs["initializer"]
     init.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
-    code_type = CODE_TYPES[int(attrs.get("nbits", 8))][0]
+    code_type = CODE_TYPES[(int(attrs.get("nbits", 8)), signed)][0]
     init.append(helper.make_tensor(f"{name}_zero_point", code_type, list(scale.shape),
                                    [0] * max(scale.size, 1)))
-    axis = {"axis": int(attrs.get("channel_axis", 0))} if per_channel else {}
+    axis = {"axis": int(attrs.get("channel_axis", 0))} if per_axis else {}
     q = helper.make_node("QuantizeLinear", [inputs[0], f"{name}_scale", f"{name}_zero_point"],
                          [f"{name}_quantized"], name=f"{name}_quantize", **axis)
     dq = helper.make_node("DequantizeLinear",
@@ -57,7 +78,7 @@ def _convert_quantizer(node, **kwargs):
 
 
 for _opset in OPSETS:
-    for _op in RANGE_QUANTIZERS:
+    for _op in EXPORTABLE:
         MXNetGraph.register(_op, _opset)(_convert_quantizer)
 
 
@@ -73,20 +94,21 @@ def check_exportable(graph: Graph, params: dict | None = None, opset: int = 13) 
                             f"{more} have no range (amax = 0): calibrate or fine-tune the "
                             "model before export")
     for n in graph.nodes:
-        if n.op in QUANTIZERS and n.op not in RANGE_QUANTIZERS:
+        if n.op in QUANTIZERS and n.op not in EXPORTABLE:
             raise QuantOpsError(f"{graph.source}: quantizer '{n.name}' ({n.op}) has no ONNX "
-                                "export path yet (QDQ export covers Quantization_int8)")
+                                "format: its levels are not an integer grid with zero point 0 "
+                                "(QDQ export covers Quantization_int8, PACT and LSQ)")
         if n.op in QUANTIZERS:
-            bits = int(n.attrs.get("nbits", 8))
-            if bits not in CODE_TYPES:
+            bits = int(n.attrs.get("nbits", 8 if n.op == "Quantization_int8" else 4))
+            if (bits, True) not in CODE_TYPES:
                 raise QuantOpsError(
-                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit: ONNX QDQ has int8, "
-                    "and int4 from opset 21; no format holds this width")
-            if opset < CODE_TYPES[bits][1]:
+                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit: ONNX QDQ has 8 bits, "
+                    "and 4 bits from opset 21; no format holds this width")
+            first = CODE_TYPES[(bits, True)][1]
+            if opset < first:
                 raise QuantOpsError(
                     f"{graph.source}: quantizer '{n.name}' is {bits}-bit, which ONNX QDQ "
-                    f"has from opset {CODE_TYPES[bits][1]}: export with opset >= "
-                    f"{CODE_TYPES[bits][1]}")
+                    f"has from opset {first}: export with opset >= {first}")
         elif n.op.startswith("_contrib_") and n.op[9:] in ("PACT", "DoReFa", "QIL", "GDRQ",
                                                            "FQN"):
             raise QuantOpsError(f"{graph.source}: node '{n.name}' ({n.op}) has no export path")

@@ -132,6 +132,11 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     has_bias = not _flag(attrs, "no_bias", False) and len(layer.inputs) > 2
     b_name = graph.nodes[layer.inputs[2][0]].name if has_bias else f"{layer.name}_bias"
     if mode == "deploy":
+        q = graph.nodes[layer.inputs[1][0]]
+        if q.op not in ("null", "Quantization_int8", "_copy"):
+            raise QuantOpsError(f"{graph.source}: '{layer.name}' has a learned-scale weight "
+                                f"quantizer ({q.op}): folding BatchNorm now would change the "
+                                "weights under it; fold BatchNorm before QAT (fold_bn='qat')")
         if w_name not in params:
             raise QuantOpsError(f"{graph.source}: weight '{w_name}' of '{layer.name}' is not "
                                 "in the params")
