@@ -153,7 +153,7 @@ def test_export_cli(tmp_path):
 ])
 def test_pact_and_lsq_export_bit_exact(weight, activation, opset, tmp_path):
     g, params, x = zoo("cifar_resnet20_v1", (2, 3, 32, 32))
-    q = quantize_graph(g, params, {"weight": weight, "activation": activation})
+    q = quantize_graph(g, params, {"weight": weight, "activation": activation}, fold_bn="qat")
     ex = export_model(q.graph, q.params, tmp_path, "m", {"data": x.shape}, opset=opset)
     model = onnx.load(str(ex.onnx))
     zp = {t.data_type for t in model.graph.initializer if t.name.endswith("_zero_point")}

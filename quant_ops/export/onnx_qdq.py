@@ -135,6 +135,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     if opset not in OPSETS:
         raise QuantOpsError(f"opset {opset} is not supported (use one of {OPSETS})")
     input_shapes = input_shapes or {"data": (1, 3, 224, 224)}
+    check_exportable(graph, None, opset)  # formats first: name the node before any work
     if deploy:
         graph, params = deploy_graph(graph, params)
     check_exportable(graph, params, opset)
