@@ -39,12 +39,13 @@ OP_INPUTS = {
     "PACT": ("data", "gamma"),
     "LSQ": ("data", "step"),
     "DoReFa": ("data",),
+    "FQN": ("data", "fqn_min", "fqn_max", "qstate"),
 }
 LEARNED_INPUTS = {"gamma", "step"}
 QUANTIZERS = tuple(OP_INPUTS)
 # quantizers whose second input is a range (amax) that calibration sets and export reads
 RANGE_QUANTIZERS = ("Quantization_int8",)
-STATE_NAMES = ("minmax", "qstate")
+STATE_NAMES = ("minmax", "qstate", "fqn_min", "fqn_max")
 GRAD_SUM_SUFFIX = "_qo_gradsum"
 
 
@@ -67,7 +68,8 @@ def _is_nd_leaf(x: Any) -> bool:
 # shape inference and overflows it (or segfaults) when an input's rank is unknown.  State
 # and parameter variables therefore always carry a rank: (0,) is one dimension of a size
 # still unknown.
-_RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)"}
+_RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)",
+           "fqn_min": "(0,)", "fqn_max": "(0,)"}
 
 
 def _wrap(raw, inputs: tuple):
@@ -118,7 +120,7 @@ def raw_op(F, name: str):
 # -- state helpers ---------------------------------------------------------------------
 
 def is_state_name(name: str) -> bool:
-    return name.endswith(("_minmax", "_qstate"))
+    return name.endswith(tuple("_" + n for n in STATE_NAMES))
 
 
 def set_training(arrays: Mapping[str, mx.nd.NDArray] | Iterable[mx.nd.NDArray] | gluon.Block,

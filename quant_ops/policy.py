@@ -21,15 +21,16 @@ from .errors import QuantOpsError
 
 #: method name -> the operator that implements it
 METHODS: dict[str, str] = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ",
-                           "dorefa": "DoReFa"}
+                           "dorefa": "DoReFa", "fqn": "FQN"}
 #: methods whose operators have not landed yet: named so asking for one says so, not "unknown"
-PLANNED_METHODS = frozenset({"qil", "gdrq", "dsq", "fqn"})
+PLANNED_METHODS = frozenset({"qil", "gdrq", "dsq"})
 METHOD_BITS: dict[str, tuple[int, int]] = {"int8": (2, 16), "pact": (2, 16), "lsq": (2, 16),
-                                           "dorefa": (1, 16)}
+                                           "dorefa": (1, 16), "fqn": (2, 16)}
 #: which inputs a method can quantize, and whether it can have one scale per channel
 METHOD_ROLES: dict[str, tuple[tuple[str, ...], bool]] = {
     "int8": (("weight", "activation"), True), "pact": (("activation",), False),
-    "lsq": (("weight", "activation"), True), "dorefa": (("weight", "activation"), False)}
+    "lsq": (("weight", "activation"), True), "dorefa": (("weight", "activation"), False),
+    "fqn": (("weight", "activation"), True)}
 #: ops whose inputs may share one activation quantizer (TensorRT fuses them on one scale)
 SHAREABLE_OPS = ("elemwise_add", "_Plus", "broadcast_add", "Concat", "Pooling")
 DEFAULT_QUANTIZE_OPS = ("Convolution", "FullyConnected", "Deconvolution")
@@ -57,7 +58,10 @@ METHOD_PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {"int8"
     "signed": (lambda v: isinstance(v, bool), "true or false"),
     "init_range": (lambda v: _is_num(v) and v > 0,
                    "a number > 0 (activations: initial step = init_range / Qp)"),
-}, "dorefa": {}}
+}, "dorefa": {}, "fqn": {
+    "ema_decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "grad_mode": (lambda v: isinstance(v, str) and v in ("ste", "clip"), "'ste' or 'clip'"),
+}}
 #: parameters that set a learned input's initial value rather than an operator attribute
 INIT_PARAMS = {"alpha", "init_range"}
 _SPEC_KEYS = ("method", "bits", "per_channel", "params")
@@ -149,8 +153,10 @@ class QuantSpec:
         if self.per_channel and not is_weight:
             raise QuantOpsError("QuantSpec: per_channel is for weights only (an activation has one scale)")
         attrs = {"nbits": str(self.bits), "is_weight": _attr(is_weight)}
-        if self.method != "pact" and self.method != "dorefa":
+        if self.method in ("int8", "lsq"):
             attrs["is_weight_perchannel"] = _attr(self.per_channel)
+        elif self.method == "fqn":
+            attrs["is_perchannel"] = _attr(self.per_channel)
         if self.method == "pact":
             del attrs["is_weight"]
         if self.per_channel:

@@ -119,6 +119,10 @@ def _method_inputs(spec, is_weight: bool, channels: int, qname: str, value, axis
             qp = bounds(spec.bits, attrs.is_signed)[1]
             step = np.full(channels, spec.params.get("init_range", 4.0) / qp, f32)
         return [(f"{qname}_step", (channels,), np.asarray(step, f32).reshape(channels), True)]
+    if spec.method == "fqn":
+        return [(f"{qname}_fqn_min", (channels,), np.zeros(channels, f32), False),
+                (f"{qname}_fqn_max", (channels,), np.zeros(channels, f32), False),
+                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
     return []  # dorefa: no state, nothing learned
 
 

@@ -1,0 +1,201 @@
+// Registration of FQN: asymmetric min/max fake quantization of "Fully Quantized Network for
+// Object Detection" (Li et al., CVPR 2019), interface of the seed toolkit's _contrib_FQN.
+//
+// Inputs:  data, fqn_min, fqn_max (aux: the range, shape (1,) or (C,) for per-channel
+//          weights), qstate (aux: [step, training]).
+// Output:  dequant(quant(data)), unsigned k-bit code with a zero point.
+// The kernels and the exact numerics are in kernels/fqn.h (spec: quant_ops/refs/fqn.py).
+#include <string>
+#include <vector>
+
+#include "common/attrs.h"
+#include "common/op_utils.h"
+#include "kernels/fqn.h"
+
+using namespace mxnet::ext;
+
+namespace {
+
+const char* kOp = "FQN";
+
+struct FqnParams {
+  int nbits;
+  bool is_weight;
+  bool perchannel;
+  int channel_axis;
+  float ema_decay;
+  bool ste;
+
+  explicit FqnParams(const qo::AttrMap& a) {
+    qo::check_known_keys(kOp, a,
+                         {"nbits", "is_weight", "is_perchannel", "channel_axis", "ema_decay",
+                          "grad_mode"});
+    nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 4, 2, 16));
+    is_weight = qo::attr_bool(kOp, a, "is_weight", false);
+    perchannel = qo::attr_bool(kOp, a, "is_perchannel", false);
+    channel_axis = static_cast<int>(qo::attr_int(kOp, a, "channel_axis", 0, 0, 7));
+    ema_decay = qo::attr_float(kOp, a, "ema_decay", 0.0f, 0.0f, 1.0f);
+    ste = qo::attr_choice(kOp, a, "grad_mode", {"clip", "ste"}, 0) == 1;
+    if (perchannel && !is_weight)
+      throw qo::AttrError(std::string(kOp) +
+                          ": is_perchannel=True needs is_weight=True (activations are "
+                          "quantized per tensor)");
+  }
+  bool per_channel() const { return is_weight && perchannel; }
+  float levels() const { return qo::fqn_levels(nbits); }
+};
+
+template <typename Shape>
+qo::FqnView view_of(const FqnParams& p, const Shape& shape) {
+  qo::FqnView v;
+  if (p.per_channel()) {
+    const qo::AxisView a = qo::axis_view(shape, p.channel_axis);
+    v.outer = a.outer;
+    v.channels = a.channels;
+    v.inner = a.inner;
+  } else {
+    for (auto d : shape) v.inner *= static_cast<int64_t>(d);
+  }
+  return v;
+}
+
+MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
+  return qo::guarded([&] {
+    FqnParams p(attrs);
+    (void)p;
+    *num_in = 4;
+    *num_out = 1;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
+  return qo::guarded([&] {
+    qo::require_float32(kOp, {"data", "fqn_min", "fqn_max", "qstate"}, *in);
+    for (auto& t : *in) t = kFloat32;
+    (*out)[0] = kFloat32;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue infer_stype(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
+  for (auto& s : *in) s = kDefaultStorage;
+  for (auto& s : *out) s = kDefaultStorage;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
+                          std::vector<std::vector<unsigned int>>* out) {
+  return qo::guarded([&] {
+    FqnParams p(attrs);
+    const auto& data = (*in)[0];
+    qo::require_known_shape(kOp, "data", data);
+    unsigned int channels = 1;
+    if (p.per_channel()) {
+      if (p.channel_axis >= static_cast<int>(data.size()))
+        throw qo::AttrError(std::string(kOp) + ": channel_axis=" +
+                            std::to_string(p.channel_axis) + " is outside data of shape " +
+                            qo::shape_str(data));
+      channels = data[p.channel_axis];
+    }
+    const std::vector<unsigned int> want{channels};
+    for (int i : {1, 2}) {
+      auto& r = (*in)[i];
+      if (!qo::shape_compatible(r, want))
+        throw qo::AttrError(std::string(kOp) + ": '" + (i == 1 ? "fqn_min" : "fqn_max") +
+                            "' must have shape " + qo::shape_str(want) + " for data of shape " +
+                            qo::shape_str(data) +
+                            (p.per_channel() ? " (one range per channel)" : " (one range)") +
+                            ", got " + qo::shape_str(r));
+      r = want;
+    }
+    const std::vector<unsigned int> want_st{2};
+    auto& st = (*in)[3];
+    if (!qo::shape_compatible(st, want_st))
+      throw qo::AttrError(std::string(kOp) + ": 'qstate' must have shape (2,) ([step, "
+                          "training]), got " + qo::shape_str(st));
+    st = want_st;
+    (*out)[0] = data;
+    return MX_SUCCESS;
+  });
+}
+
+MXReturnValue mutate_inputs(const qo::AttrMap&, std::vector<int>* idx) {
+  idx->push_back(1);  // fqn_min
+  idx->push_back(2);  // fqn_max
+  idx->push_back(3);  // qstate
+  return MX_SUCCESS;
+}
+
+MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
+                      std::vector<MXTensor>* outputs, const OpResource&) {
+  return qo::guarded([&] {
+    const FqnParams p(attrs);
+    MXTensor& data = (*inputs)[0];
+    float* mn = (*inputs)[1].data<float>();
+    float* mx = (*inputs)[2].data<float>();
+    float* st = (*inputs)[3].data<float>();
+    const float* x = data.data<float>();
+    const qo::FqnView v = view_of(p, data.shape);
+    const bool training = st[1] > 0.5f;
+
+    if (p.is_weight) {
+      if (p.per_channel()) {
+        qo::fqn_min_max_channels(x, v, mn, mx);
+      } else {
+        float bmn, bmx;
+        qo::fqn_min_max(x, data.size(), &bmn, &bmx);
+        const bool found = bmn <= bmx;
+        mn[0] = found ? bmn : 0.0f;
+        mx[0] = found ? bmx : 0.0f;
+      }
+    } else if (training) {
+      float bmn, bmx;
+      qo::fqn_min_max(x, data.size(), &bmn, &bmx);
+      if (bmn <= bmx) {  // a batch of NaN (or none) leaves the range alone
+        const bool uninitialized = mn[0] != mn[0] || mx[0] != mx[0] ||
+                                   (mn[0] == 0.0f && mx[0] == 0.0f);
+        if (p.ema_decay == 0.0f || uninitialized) {
+          mn[0] = bmn;
+          mx[0] = bmx;
+        } else {
+          mn[0] = qo::fqn_ema(mn[0], bmn, p.ema_decay);
+          mx[0] = qo::fqn_ema(mx[0], bmx, p.ema_decay);
+        }
+      }
+    }
+    qo::fqn_forward(x, (*outputs)[0].data<float>(), v, mn, mx, p.levels());
+    if (training) st[0] = st[0] + 1.0f;
+    return MX_SUCCESS;
+  });
+}
+
+// Backward inputs: [out_grad, data, fqn_min, fqn_max, qstate, output]; outputs: the gradients
+// of the inputs (only data's is written: the others are auxiliary states).
+MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
+                       std::vector<MXTensor>* outputs, const OpResource&) {
+  return qo::guarded([&] {
+    const FqnParams p(attrs);
+    const float* g = (*inputs)[0].data<float>();
+    MXTensor& data = (*inputs)[1];
+    float* dx = (*outputs)[0].data<float>();
+    if (p.ste) {
+      qo::copy(g, dx, data.size());
+    } else {
+      qo::fqn_backward(g, data.data<float>(), dx, view_of(p, data.shape),
+                       (*inputs)[2].data<float>(), (*inputs)[3].data<float>(), p.levels());
+    }
+    return MX_SUCCESS;
+  });
+}
+
+}  // namespace
+
+REGISTER_OP(FQN)
+    .setParseAttrs(parse_attrs)
+    .setInferType(infer_type)
+    .setInferSType(infer_stype)
+    .setInferShape(infer_shape)
+    .setMutateInputs(mutate_inputs)
+    .setForward(forward, "cpu")
+    .setBackward(backward, "cpu");
