@@ -40,12 +40,13 @@ OP_INPUTS = {
     "LSQ": ("data", "step"),
     "DoReFa": ("data",),
     "FQN": ("data", "fqn_min", "fqn_max", "qstate"),
+    "GDRQ": ("data", "gdrq_alpha", "qstate"),
 }
 LEARNED_INPUTS = {"gamma", "step"}
 QUANTIZERS = tuple(OP_INPUTS)
 # quantizers whose second input is a range (amax) that calibration sets and export reads
 RANGE_QUANTIZERS = ("Quantization_int8",)
-STATE_NAMES = ("minmax", "qstate", "fqn_min", "fqn_max")
+STATE_NAMES = ("minmax", "qstate", "fqn_min", "fqn_max", "gdrq_alpha")
 GRAD_SUM_SUFFIX = "_qo_gradsum"
 
 
@@ -69,7 +70,7 @@ def _is_nd_leaf(x: Any) -> bool:
 # and parameter variables therefore always carry a rank: (0,) is one dimension of a size
 # still unknown.
 _RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)",
-           "fqn_min": "(0,)", "fqn_max": "(0,)"}
+           "fqn_min": "(0,)", "fqn_max": "(0,)", "gdrq_alpha": "(0,)"}
 
 
 def _wrap(raw, inputs: tuple):

@@ -202,6 +202,8 @@ def test_shared_scale_at_residual_adds():
     ({"method": "dorefa", "bits": 4}, {"method": "lsq", "bits": 4}),
     ({"method": "int8", "bits": 8, "per_channel": True}, {"method": "pact", "bits": 8}),
     ({"method": "fqn", "bits": 4, "per_channel": True}, {"method": "fqn", "bits": 4}),
+    ({"method": "gdrq", "bits": 4, "params": {"do_quant": True}},
+     {"method": "gdrq", "bits": 4, "params": {"do_quant": True}}),
 ])
 def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
     from mxnet import autograd
@@ -215,7 +217,7 @@ def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
                            {k: v.asnumpy() for k, v in params.items()})
     ops = {n.op for _, n in rw.graph.ops()}
     names = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ", "dorefa": "DoReFa",
-             "fqn": "FQN"}
+             "fqn": "FQN", "gdrq": "GDRQ"}
     assert {names[weight["method"]], names[activation["method"]]} <= ops
     assert insert_quantizers(rw.graph, policy, {k: v.shape for k, v in params.items()}) \
         .graph.to_json() == rw.graph.to_json()                     # idempotent

@@ -123,6 +123,9 @@ def _method_inputs(spec, is_weight: bool, channels: int, qname: str, value, axis
         return [(f"{qname}_fqn_min", (channels,), np.zeros(channels, f32), False),
                 (f"{qname}_fqn_max", (channels,), np.zeros(channels, f32), False),
                 (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
+    if spec.method == "gdrq":  # one group (the policy allows group_size -1 only)
+        return [(f"{qname}_gdrq_alpha", (1,), np.zeros(1, f32), False),
+                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
     return []  # dorefa: no state, nothing learned
 
 
