@@ -324,7 +324,7 @@ def test_seed_op_not_landed_is_a_clear_error(op):
     with pytest.raises(QuantOpsError) as e:
         convert(b.json(q), source="model-symbol.json")
     assert str(e.value) == (f"model-symbol.json: node 'relu0_PACT' uses seed operator "
-                            f"'{op}', whose quant_ops operator has not landed yet")
+                            f"'{op}', whose conversion to quant_ops is not supported yet")
 
 
 def test_pact_in_a_net_fails_before_anything_converts():

@@ -57,7 +57,8 @@ from .ir import Graph, Node
 
 log = logging.getLogger(__name__)
 
-# seed operator -> quant_ops operator, or None while ours has not landed
+# seed operator -> quant_ops operator, or None while its conversion is not written (the
+# seed's attribute meanings must be mapped one by one: see the int8 nbits offset)
 SEED_OPS: dict = {
     "_contrib_Quantization_int8": "Quantization_int8",
     "_contrib_PACT": None,
@@ -292,7 +293,8 @@ def convert_seed_graph(graph: Graph, params: dict | None = None, *,
         if _target(key) is None:
             shown = key.split(":", 1)[1] if key.startswith("Custom:") else key
             raise QuantOpsError(f"{graph.source}: node '{n.name}' uses seed operator "
-                                f"'{shown}', whose quant_ops operator has not landed yet")
+                                f"'{shown}', whose conversion to quant_ops is not supported "
+                                "yet")
 
     new_attrs: dict = {}     # old index -> converted attrs of a quantizer
     minmax_shape: dict = {}  # old index of a minmax variable -> new __shape__
