@@ -41,8 +41,9 @@ OP_INPUTS = {
     "DoReFa": ("data",),
     "FQN": ("data", "fqn_min", "fqn_max", "qstate"),
     "GDRQ": ("data", "gdrq_alpha", "qstate"),
+    "QIL": ("data", "center", "distance", "gamma"),
 }
-LEARNED_INPUTS = {"gamma", "step"}
+LEARNED_INPUTS = {"gamma", "step", "center", "distance"}
 QUANTIZERS = tuple(OP_INPUTS)
 # quantizers whose second input is a range (amax) that calibration sets and export reads
 RANGE_QUANTIZERS = ("Quantization_int8",)
@@ -70,7 +71,8 @@ def _is_nd_leaf(x: Any) -> bool:
 # and parameter variables therefore always carry a rank: (0,) is one dimension of a size
 # still unknown.
 _RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)",
-           "fqn_min": "(0,)", "fqn_max": "(0,)", "gdrq_alpha": "(0,)"}
+           "fqn_min": "(0,)", "fqn_max": "(0,)", "gdrq_alpha": "(0,)", "center": "(1,)",
+           "distance": "(1,)"}
 
 
 def _wrap(raw, inputs: tuple):

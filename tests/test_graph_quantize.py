@@ -204,6 +204,7 @@ def test_shared_scale_at_residual_adds():
     ({"method": "fqn", "bits": 4, "per_channel": True}, {"method": "fqn", "bits": 4}),
     ({"method": "gdrq", "bits": 4, "params": {"do_quant": True}},
      {"method": "gdrq", "bits": 4, "params": {"do_quant": True}}),
+    ({"method": "qil", "bits": 4, "params": {"fix_gamma": False}}, {"method": "qil", "bits": 4}),
 ])
 def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
     from mxnet import autograd
@@ -217,13 +218,14 @@ def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
                            {k: v.asnumpy() for k, v in params.items()})
     ops = {n.op for _, n in rw.graph.ops()}
     names = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ", "dorefa": "DoReFa",
-             "fqn": "FQN", "gdrq": "GDRQ"}
+             "fqn": "FQN", "gdrq": "GDRQ", "qil": "QIL"}
     assert {names[weight["method"]], names[activation["method"]]} <= ops
     assert insert_quantizers(rw.graph, policy, {k: v.shape for k, v in params.items()}) \
         .graph.to_json() == rw.graph.to_json()                     # idempotent
     assert strip_quantizers(rw.graph).to_symbol().tojson() == sym.tojson()
     q = quantize_block(net, policy)
-    learned = [p for k, p in q.collect_params().items() if k.endswith(("_gamma", "_step"))]
+    learned = [p for k, p in q.collect_params().items()
+               if k.endswith(("_gamma", "_step", "_center", "_distance"))]
     assert all(p.grad_req == "write" for p in learned)
     with autograd.record():
         loss = q(x).sum()

@@ -123,6 +123,17 @@ def _method_inputs(spec, is_weight: bool, channels: int, qname: str, value, axis
         return [(f"{qname}_fqn_min", (channels,), np.zeros(channels, f32), False),
                 (f"{qname}_fqn_max", (channels,), np.zeros(channels, f32), False),
                 (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
+    if spec.method == "qil":
+        from ..refs.qil import QILAttrs, init_interval
+
+        if is_weight and value is not None:
+            c, d = init_interval(np.asarray(value.asnumpy() if hasattr(value, "asnumpy")
+                                            else value), QILAttrs(spec.bits, True))
+        else:  # activations: [0, init_range] until training moves it
+            c = d = np.array([spec.params.get("init_range", 4.0) / 2], f32)
+        return [(f"{qname}_center", (1,), np.asarray(c, f32), True),
+                (f"{qname}_distance", (1,), np.asarray(d, f32), True),
+                (f"{qname}_gamma", (1,), np.ones(1, f32), True)]
     if spec.method == "gdrq":  # one group (the policy allows group_size -1 only)
         return [(f"{qname}_gdrq_alpha", (1,), np.zeros(1, f32), False),
                 (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
