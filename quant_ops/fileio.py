@@ -12,6 +12,12 @@ from typing import Iterator
 from .errors import QuantOpsError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``, so a
     reader never sees half a file and a failure leaves none."""
@@ -23,6 +29,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, p)
         tmp = None
     except OSError as e:
