@@ -42,8 +42,9 @@ OP_INPUTS = {
     "FQN": ("data", "fqn_min", "fqn_max", "qstate"),
     "GDRQ": ("data", "gdrq_alpha", "qstate"),
     "QIL": ("data", "center", "distance", "gamma"),
+    "DSQ": ("data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"),
 }
-LEARNED_INPUTS = {"gamma", "step", "center", "distance"}
+LEARNED_INPUTS = {"gamma", "step", "center", "distance", "dsq_lower", "dsq_upper", "dsq_alpha"}
 QUANTIZERS = tuple(OP_INPUTS)
 # quantizers whose second input is a range (amax) that calibration sets and export reads
 RANGE_QUANTIZERS = ("Quantization_int8",)
@@ -72,7 +73,7 @@ def _is_nd_leaf(x: Any) -> bool:
 # still unknown.
 _RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)",
            "fqn_min": "(0,)", "fqn_max": "(0,)", "gdrq_alpha": "(0,)", "center": "(1,)",
-           "distance": "(1,)"}
+           "distance": "(1,)", "dsq_lower": "(1,)", "dsq_upper": "(1,)", "dsq_alpha": "(1,)"}
 
 
 def _wrap(raw, inputs: tuple):
@@ -168,7 +169,7 @@ def track_training(net: gluon.Block) -> gluon.Block:
         @functools.wraps(hybridize)
         def quiet_hybridize(*args, **kwargs):
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*still having forward hook")
+                warnings.filterwarnings("ignore", message="(?s).*still having forward hook")
                 return hybridize(*args, **kwargs)
 
         net.hybridize = quiet_hybridize

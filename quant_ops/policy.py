@@ -21,18 +21,19 @@ from .errors import QuantOpsError
 
 #: method name -> the operator that implements it
 METHODS: dict[str, str] = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ",
-                           "dorefa": "DoReFa", "fqn": "FQN", "gdrq": "GDRQ", "qil": "QIL"}
+                           "dorefa": "DoReFa", "fqn": "FQN", "gdrq": "GDRQ", "qil": "QIL",
+                           "dsq": "DSQ"}
 #: methods whose operators have not landed yet: named so asking for one says so, not "unknown"
-PLANNED_METHODS = frozenset({"dsq"})
+PLANNED_METHODS: frozenset = frozenset()
 METHOD_BITS: dict[str, tuple[int, int]] = {"int8": (2, 16), "pact": (2, 16), "lsq": (2, 16),
                                            "dorefa": (1, 16), "fqn": (2, 16), "gdrq": (1, 16),
-                                           "qil": (2, 16)}
+                                           "qil": (2, 16), "dsq": (1, 16)}
 #: which inputs a method can quantize, and whether it can have one scale per channel
 METHOD_ROLES: dict[str, tuple[tuple[str, ...], bool]] = {
     "int8": (("weight", "activation"), True), "pact": (("activation",), False),
     "lsq": (("weight", "activation"), True), "dorefa": (("weight", "activation"), False),
     "fqn": (("weight", "activation"), True), "gdrq": (("weight", "activation"), False),
-    "qil": (("weight", "activation"), False)}
+    "qil": (("weight", "activation"), False), "dsq": (("weight", "activation"), False)}
 #: ops whose inputs may share one activation quantizer (TensorRT fuses them on one scale)
 SHAREABLE_OPS = ("elemwise_add", "_Plus", "broadcast_add", "Concat", "Pooling")
 DEFAULT_QUANTIZE_OPS = ("Convolution", "FullyConnected", "Deconvolution")
@@ -73,6 +74,11 @@ METHOD_PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {"int8"
     "fix_gamma": (lambda v: isinstance(v, bool), "true or false"),
     "init_range": (lambda v: _is_num(v) and v > 0,
                    "a number > 0 (activations: initial interval [0, init_range])"),
+}, "dsq": {
+    "soft": (lambda v: isinstance(v, bool), "true or false (false: the uniform baseline)"),
+    "alpha": (lambda v: _is_num(v) and 0 < v < 0.5, "a number in (0, 0.5) (initial softness)"),
+    "init_range": (lambda v: _is_num(v) and v > 0,
+                   "a number > 0 (activations: initial range [0, init_range])"),
 }, "dorefa": {}, "fqn": {
     "ema_decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "grad_mode": (lambda v: isinstance(v, str) and v in ("ste", "clip"), "'ste' or 'clip'"),

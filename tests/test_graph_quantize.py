@@ -205,6 +205,7 @@ def test_shared_scale_at_residual_adds():
     ({"method": "gdrq", "bits": 4, "params": {"do_quant": True}},
      {"method": "gdrq", "bits": 4, "params": {"do_quant": True}}),
     ({"method": "qil", "bits": 4, "params": {"fix_gamma": False}}, {"method": "qil", "bits": 4}),
+    ({"method": "dsq", "bits": 4}, {"method": "dsq", "bits": 4}),
 ])
 def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
     from mxnet import autograd
@@ -218,14 +219,14 @@ def test_low_bit_methods_rewrite_train_and_strip(weight, activation):
                            {k: v.asnumpy() for k, v in params.items()})
     ops = {n.op for _, n in rw.graph.ops()}
     names = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ", "dorefa": "DoReFa",
-             "fqn": "FQN", "gdrq": "GDRQ", "qil": "QIL"}
+             "fqn": "FQN", "gdrq": "GDRQ", "qil": "QIL", "dsq": "DSQ"}
     assert {names[weight["method"]], names[activation["method"]]} <= ops
     assert insert_quantizers(rw.graph, policy, {k: v.shape for k, v in params.items()}) \
         .graph.to_json() == rw.graph.to_json()                     # idempotent
     assert strip_quantizers(rw.graph).to_symbol().tojson() == sym.tojson()
     q = quantize_block(net, policy)
     learned = [p for k, p in q.collect_params().items()
-               if k.endswith(("_gamma", "_step", "_center", "_distance"))]
+               if k.endswith(("_gamma", "_step", "_center", "_distance", "_dsq_upper"))]
     assert all(p.grad_req == "write" for p in learned)
     with autograd.record():
         loss = q(x).sum()

@@ -173,11 +173,9 @@ def test_check_patterns():
     ({"weight": {"bits": True}}, "weight.bits must be an integer"),
     ({"weight": {"bitz": 8}}, "unknown key 'weight.bitz' (known: bits, method, params, per_channel)"),
     ({"weight": 8}, "weight must be a mapping, got 8"),
-    ({"weight": {"method": "dsq"}},
-     "weight.method: method 'dsq' is not available yet (its operator has not landed)"),
-    ({"activation": {"method": "dsq"}}, "activation.method: method 'dsq' is not available yet"),
+    ({"activation": {"method": "bnn"}}, "activation.method = 'bnn' is unknown"),
     ({"weight": {"method": "fp8"}},
-     "weight.method = 'fp8' is unknown (known: dorefa, fqn, gdrq, int8, lsq, pact, qil)"),
+     "weight.method = 'fp8' is unknown (known: dorefa, dsq, fqn, gdrq, int8, lsq, pact, qil)"),
     ({"weight": {"method": "pact"}},
      "weight.method: 'pact' quantizes activations only, not weights"),
     ({"weight": {"method": "dorefa", "per_channel": True}},
@@ -211,8 +209,8 @@ def test_check_patterns():
     ({"overrides": [{"match": 3}]}, "overrides[0] must be an Override with a string pattern"),
     ({"overrides": [{"match": "a"}, {"match": "b", "weight": {"bits": 32}}]},
      "overrides[1].weight.bits = 32 is out of range [2, 16]"),
-    ({"overrides": [{"match": "a", "weight": {"method": "dsq"}}]},
-     "overrides[0].weight.method: method 'dsq' is not available yet"),
+    ({"overrides": [{"match": "a", "weight": {"method": "bnn"}}]},
+     "overrides[0].weight.method = 'bnn' is unknown"),
     ({"overrides": [{"match": "a", "activation": {"per_channel": True}}]},
      "overrides[0].activation.per_channel = true: per-channel scales are for weights only"),
     ({"overrides": [{"match": "a", "activation": {"params": {"x": 1}}}]},
@@ -267,8 +265,8 @@ def test_direct_construction_is_validated():
         QuantPolicy.preset("nope")
     with raises("QuantSpec: spec.bits = 20 is out of range [2, 16]"):
         QuantSpec(bits=20)
-    with raises("QuantSpec: spec.method: method 'dsq' is not available yet"):
-        QuantSpec("dsq")
+    with raises("QuantSpec: spec.method = 'bnn' is unknown"):
+        QuantSpec("bnn")
     with raises("<QuantPolicy>: activation.per_channel = true"):
         QuantPolicy(activation=QuantSpec(per_channel=True))
     with raises("overrides[0].weight.bits = 40"):

@@ -134,6 +134,18 @@ def _method_inputs(spec, is_weight: bool, channels: int, qname: str, value, axis
         return [(f"{qname}_center", (1,), np.asarray(c, f32), True),
                 (f"{qname}_distance", (1,), np.asarray(d, f32), True),
                 (f"{qname}_gamma", (1,), np.ones(1, f32), True)]
+    if spec.method == "dsq":
+        from ..refs.dsq import init_range
+
+        if is_weight and value is not None:
+            lo, hi = init_range(value.asnumpy() if hasattr(value, "asnumpy") else value)
+        else:  # activations: [0, init_range] until training moves it
+            lo, hi = np.zeros(1, f32), np.array([spec.params.get("init_range", 4.0)], f32)
+        return [(f"{qname}_dsq_lower", (1,), np.asarray(lo, f32).reshape(1), True),
+                (f"{qname}_dsq_upper", (1,), np.asarray(hi, f32).reshape(1), True),
+                (f"{qname}_dsq_alpha", (1,), np.array([spec.params.get("alpha", 0.2)], f32),
+                 True),
+                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
     if spec.method == "gdrq":  # one group (the policy allows group_size -1 only)
         return [(f"{qname}_gdrq_alpha", (1,), np.zeros(1, f32), False),
                 (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
