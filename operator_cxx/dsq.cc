@@ -51,18 +51,7 @@ MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
 }
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::guarded([&] {
-    qo::require_float32(kOp, {"data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"}, *in);
-    for (auto& t : *in) t = kFloat32;
-    (*out)[0] = kFloat32;
-    return MX_SUCCESS;
-  });
-}
-
-MXReturnValue infer_stype(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  for (auto& s : *in) s = kDefaultStorage;
-  for (auto& s : *out) s = kDefaultStorage;
-  return MX_SUCCESS;
+  return qo::float32_types(kOp, {"data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"}, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -137,7 +126,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 REGISTER_OP(DSQ)
     .setParseAttrs(parse_attrs)
     .setInferType(infer_type)
-    .setInferSType(infer_stype)
+    .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)
     .setMutateInputs(mutate_inputs)
     .setForward(forward, "cpu")

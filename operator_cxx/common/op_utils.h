@@ -117,7 +117,31 @@ inline const char* dtype_name(int t) {
   }
 }
 
+/*! \brief Storage inference of every operator here: all dense (needed by simple_bind). */
+inline mxnet::ext::MXReturnValue infer_dense_stype(const AttrMap&, std::vector<int>* in,
+                                                   std::vector<int>* out) {
+  for (auto& s : *in) s = mxnet::ext::kDefaultStorage;
+  for (auto& s : *out) s = mxnet::ext::kDefaultStorage;
+  return mxnet::ext::MX_SUCCESS;
+}
+
 /*! \brief All inputs must be float32 (the spec computes in float32); outputs are float32. */
+inline void require_float32(const std::string& op, const std::vector<const char*>& names,
+                            const std::vector<int>& types);
+
+/*! \brief Type inference of every operator here: float32 inputs (named in errors), one
+ *  float32 output. */
+inline mxnet::ext::MXReturnValue float32_types(const std::string& op,
+                                               const std::vector<const char*>& names,
+                                               std::vector<int>* in, std::vector<int>* out) {
+  return guarded([&] {
+    require_float32(op, names, *in);
+    for (auto& t : *in) t = mxnet::ext::kFloat32;
+    (*out)[0] = mxnet::ext::kFloat32;
+    return mxnet::ext::MX_SUCCESS;
+  });
+}
+
 inline void require_float32(const std::string& op, const std::vector<const char*>& names,
                             const std::vector<int>& types) {
   for (size_t i = 0; i < types.size(); ++i) {
