@@ -78,3 +78,20 @@ def test_fit_improves_and_evaluates(data):
     before = evaluate(net, *val)
     fit(net, train, None, FitConfig(epochs=2, lr=0.05, batch_size=50, progress=False))
     assert evaluate(net, *val) > before + 10
+
+
+def test_qat_train_entry_single_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "utils" / "qat_train.py"), "--model", "tiny",
+                        "--kvstore", "device", "--epochs", "1", "--train-limit", "512",
+                        "--test-limit", "200", "--lr", "0.05", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "rank0" / "result.json").read_text())
+    assert res["steps"] == 8 and res["accuracy"] > 20
+    assert (tmp_path / "checkpoint" / "progress.json").is_file()

@@ -41,6 +41,7 @@ class FitConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100       # steps
     stop_after_steps: int | None = None   # for tests: stop as if killed after N steps
+    kvstore: str = "device"           # local | device | dist_sync | dist_device_sync
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -78,7 +79,14 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
     x, y = train
     if len(x) == 0:
         raise QuantOpsError("the training set is empty")
-    steps_per_epoch = -(-len(x) // cfg.batch_size)
+    kv = mx.kv.create(cfg.kvstore)
+    dist = "dist" in kv.type
+    rank, workers = kv.rank, kv.num_workers
+    # each worker reads its shard; all take the same number of steps (dist_sync needs it)
+    steps_per_epoch = (len(x) // (cfg.batch_size * workers) if dist
+                       else -(-len(x) // cfg.batch_size))
+    if steps_per_epoch < 1:
+        raise QuantOpsError(f"{len(x)} training images are fewer than one global batch")
     total = steps_per_epoch * cfg.epochs
     sched = SineScheduler(total, cfg.lr) if cfg.schedule == "sine" else None
     opt_params = {"learning_rate": cfg.lr, "wd": cfg.wd}
@@ -86,11 +94,17 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
         opt_params["momentum"] = cfg.momentum
     if sched is not None:
         opt_params["lr_scheduler"] = sched
-    trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params)
+    trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params, kvstore=kv,
+                            update_on_kvstore=False if dist else None)
+    from .distributed import StateSync
+
+    sync_state = StateSync(net, kv) if dist else None
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     track_training(net)
     progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "config": asdict(cfg)}
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckpt is not None and dist:
+        ckpt = ckpt / f"rank{rank}"
     if ckpt is not None and (ckpt / "progress.json").is_file():
         progress = json.loads((ckpt / "progress.json").read_text())
         net.load_parameters(str(ckpt / "net.params"))
@@ -103,7 +117,7 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
     steps_run = 0
     while progress["epoch"] < cfg.epochs:
         ep = progress["epoch"]
-        order = _order(cfg.seed, ep, len(x))
+        order = _order(cfg.seed, ep, len(x))[rank::workers]
         run_loss = progress.get("run_loss", 0.0)
         bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {ep + 1}/{cfg.epochs}",
                    leave=False, disable=not cfg.progress)
@@ -113,9 +127,15 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
             with autograd.record():
                 loss = loss_fn(net(xb), yb)
             loss.backward()
-            trainer.step(len(idx))
+            trainer.step(len(idx) * workers)   # gradients are summed over the workers
+            if sync_state is not None:
+                sync_state()
             run_loss += float(loss.sum().asscalar())
-            progress.update(batch=b + 1, step=progress["step"] + 1, run_loss=run_loss)
+            progress.update(batch=b + 1, step=progress["step"] + 1, run_loss=run_loss,
+                            rank=rank)
+            hook = cfg.extra.get("on_step")
+            if hook is not None:
+                hook(progress["step"], rank)
             steps_run += 1
             if ckpt is not None and progress["step"] % cfg.checkpoint_every == 0:
                 _save(ckpt, net, trainer, progress)
@@ -123,7 +143,8 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
                 if ckpt is not None:
                     _save(ckpt, net, trainer, progress)
                 return progress
-        row = {"epoch": ep + 1, "loss": run_loss / len(x), "lr": trainer.learning_rate}
+        row = {"epoch": ep + 1, "loss": run_loss / (steps_per_epoch * cfg.batch_size),
+               "lr": trainer.learning_rate}
         if val is not None:
             row["val_accuracy"] = evaluate(net, *val, progress=cfg.progress)
         progress["history"].append(row)

@@ -1,0 +1,131 @@
+"""Data-parallel training on MXNet's kvstore, with the state that is not a gradient kept
+identical on every worker, and a launcher for one machine.
+
+Gradients go through the kvstore as usual (summed over workers).  Quantizer state (EMA
+ranges, step counters), BatchNorm statistics and any other parameter that is not trained by
+gradients are *averaged* over the workers after every optimizer step, through the same
+kvstore under their own keys, so every worker's checkpoint is the same model.
+
+MXNet's bundled ``tools/launch.py`` fails on Python 3.11; ``launch_local`` starts the
+scheduler, the servers and the workers as local processes on loopback with the ``DMLC_*``
+variables, stops the whole job when any process fails or the timeout passes, and leaves no
+process behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import mxnet as mx
+
+from ..errors import QuantOpsError
+
+log = logging.getLogger(__name__)
+STATE_KEY_BASE = 1 << 20   # the Trainer uses keys 0..n_params-1; state keys stay apart
+
+
+class StateSync:
+    """Average every non-gradient parameter of ``net`` over the workers of ``kv``."""
+
+    def __init__(self, net, kv):
+        self.kv = kv
+        self.params = [p for _, p in sorted(net.collect_params().items())
+                       if p.grad_req == "null"]
+        self.keys = [STATE_KEY_BASE + i for i in range(len(self.params))]
+        self._initialized = False
+
+    def __call__(self) -> None:
+        if not self.params or self.kv.num_workers == 1:
+            return
+        arrays = [p.data() for p in self.params]
+        if not self._initialized:
+            self.kv.init(self.keys, [a.zeros_like() for a in arrays])
+            self._initialized = True
+        self.kv.pushpull(self.keys, arrays, out=arrays)   # the sum over workers
+        for a in arrays:
+            a /= self.kv.num_workers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_all(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 5
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int = 1,
+                 timeout: float = 600, log_dir: str | Path | None = None,
+                 env: dict | None = None) -> None:
+    """Run ``command`` as ``num_workers`` workers of a ``dist_sync`` job on this machine.
+
+    Raises QuantOpsError (naming the process and the end of its log) when a worker fails
+    or the job outlives ``timeout`` seconds; every process started is stopped either way.
+    """
+    if num_workers < 1 or num_servers < 1:
+        raise QuantOpsError("a distributed job needs at least one worker and one server")
+    base = {**os.environ, **(env or {}), "DMLC_PS_ROOT_URI": "127.0.0.1",
+            "DMLC_PS_ROOT_PORT": str(free_port()), "DMLC_NUM_SERVER": str(num_servers),
+            "DMLC_NUM_WORKER": str(num_workers), "PS_VERBOSE": "0"}
+    log_dir = Path(log_dir) if log_dir else None
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    server_cmd = [sys.executable, "-c", "import mxnet"]  # importing mxnet runs the role
+    roles = [("scheduler", "scheduler", server_cmd)] \
+        + [(f"server{i}", "server", server_cmd) for i in range(num_servers)] \
+        + [(f"worker{i}", "worker", list(command)) for i in range(num_workers)]
+    procs, names, logs = [], [], []
+    try:
+        for name, role, cmd in roles:
+            path = log_dir / f"{name}.log" if log_dir else None
+            with open(path, "w") if path else open(os.devnull, "w") as out:
+                procs.append(subprocess.Popen(cmd, env={**base, "DMLC_ROLE": role},
+                                              stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+            names.append(name)
+            logs.append(path)
+        workers = [i for i, n in enumerate(names) if n.startswith("worker")]
+        deadline = time.time() + timeout
+        while True:
+            codes = {i: procs[i].poll() for i in range(len(procs))}
+            # a scheduler or server that fails leaves the workers waiting: stop on any failure
+            failed = [i for i, c in codes.items() if c not in (None, 0)]
+            if failed:
+                i = failed[0]
+                tail = ""
+                if logs[i] and logs[i].is_file():
+                    tail = " | ".join(logs[i].read_text().strip().splitlines()[-3:])
+                raise QuantOpsError(f"{names[i]} exited with code {codes[i]}; the job was "
+                                    f"stopped{': ' + tail if tail else ''}")
+            if all(codes[i] == 0 for i in workers):
+                return
+            if time.time() > deadline:
+                raise QuantOpsError(f"the distributed job did not finish within {timeout:.0f} s"
+                                    "; every process was stopped")
+            time.sleep(0.2)
+    finally:
+        _kill_all(procs)

@@ -1,0 +1,64 @@
+"""The one-machine dist_sync launcher: a job runs to the end on loopback; a crashed worker
+stops the whole job with a clear message and leaves no process behind."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from quant_ops.errors import QuantOpsError
+from quant_ops.train.distributed import launch_local
+
+WORKER = """
+import sys, mxnet as mx
+from mxnet import gluon, autograd
+kv = mx.kv.create('dist_sync')
+net = gluon.nn.Dense(3, in_units=4)
+net.initialize(mx.init.Constant(0.1))
+trainer = gluon.Trainer(net.collect_params(), 'sgd', {'learning_rate': 0.1}, kvstore=kv,
+                        update_on_kvstore=False)
+if kv.rank == int(sys.argv[2]):
+    import os
+    os._exit(3)  # this worker crashes (a Python exit would wait for the others in kvstore)
+for _ in range(3):
+    with autograd.record():
+        loss = net(mx.nd.ones((2, 4)) * (kv.rank + 1)).sum()
+    loss.backward()
+    trainer.step(4)
+open(sys.argv[1] + '/w%d.txt' % kv.rank, 'w').write(str(net.weight.data().asnumpy().tolist()))
+"""
+
+
+def _processes_with(token: str) -> list:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if token.encode() in (d / "environ").read_bytes():
+                    found.append(int(d.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_job_runs_to_the_end(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(WORKER)
+    token = uuid.uuid4().hex
+    launch_local([sys.executable, str(script), str(tmp_path), "-1"], num_workers=2,
+                 timeout=120, log_dir=tmp_path / "logs", env={"QO_TEST_TOKEN": token})
+    assert (tmp_path / "w0.txt").is_file() and (tmp_path / "w1.txt").is_file()
+    assert not _processes_with(token)
+
+
+def test_failed_worker_stops_the_job(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(WORKER)
+    token = uuid.uuid4().hex
+    with pytest.raises(QuantOpsError, match=r"worker\d exited with code 3; the job was stopped"):
+        launch_local([sys.executable, str(script), str(tmp_path), "1"], num_workers=2,
+                     timeout=60, log_dir=tmp_path / "logs", env={"QO_TEST_TOKEN": token})
+    assert not _processes_with(token)  # scheduler, server and the other worker are gone
