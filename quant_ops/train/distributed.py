@@ -112,6 +112,8 @@ def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int 
         deadline = time.time() + timeout
         while True:
             codes = {i: procs[i].poll() for i in range(len(procs))}
+            if all(codes[i] == 0 for i in workers):
+                return
             # a scheduler or server that fails leaves the workers waiting: stop on any failure
             failed = [i for i, c in codes.items() if c not in (None, 0)]
             if failed:
@@ -121,8 +123,6 @@ def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int 
                     tail = " | ".join(logs[i].read_text().strip().splitlines()[-3:])
                 raise QuantOpsError(f"{names[i]} exited with code {codes[i]}; the job was "
                                     f"stopped{': ' + tail if tail else ''}")
-            if all(codes[i] == 0 for i in workers):
-                return
             if time.time() > deadline:
                 raise QuantOpsError(f"the distributed job did not finish within {timeout:.0f} s"
                                     "; every process was stopped")
