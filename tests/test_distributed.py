@@ -62,3 +62,59 @@ def test_failed_worker_stops_the_job(tmp_path):
         launch_local([sys.executable, str(script), str(tmp_path), "1"], num_workers=2,
                      timeout=60, log_dir=tmp_path / "logs", env={"QO_TEST_TOKEN": token})
     assert not _processes_with(token)  # scheduler, server and the other worker are gone
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entry(out, *extra):
+    return [sys.executable, str(ROOT / "utils" / "qat_train.py"), "--model", "tiny",
+            "--epochs", "1", "--train-limit", "1024", "--test-limit", "1000", "--lr", "0.05",
+            "--out", str(out), *extra]
+
+
+def test_two_workers_end_with_identical_model_and_ranges(tmp_path):
+    import json
+
+    import mxnet as mx
+    import numpy as np
+
+    token = uuid.uuid4().hex
+    launch_local(_entry(tmp_path / "dist", "--kvstore", "dist_sync", "--batch-size", "32"),
+                 num_workers=2, timeout=240, log_dir=tmp_path / "logs",
+                 env={"QO_TEST_TOKEN": token})
+    assert not _processes_with(token)
+    a = mx.nd.load(str(tmp_path / "dist" / "rank0" / "final.params"))
+    b = mx.nd.load(str(tmp_path / "dist" / "rank1" / "final.params"))
+    assert a.keys() == b.keys() and any(k.endswith("_minmax") for k in a)
+    for k in a:  # weights and quantizer state alike
+        assert np.array_equal(a[k].asnumpy(), b[k].asnumpy()), k
+    dist = json.loads((tmp_path / "dist" / "rank0" / "result.json").read_text())
+    import subprocess
+
+    r = subprocess.run(_entry(tmp_path / "single", "--kvstore", "device", "--batch-size", "64"),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    single = json.loads((tmp_path / "single" / "rank0" / "result.json").read_text())
+    assert dist["steps"] == single["steps"] == 16          # same global batch, same steps
+    assert abs(dist["accuracy"] - single["accuracy"]) < 5  # within the noise of 16 steps
+
+
+def test_killed_worker_ends_the_job_and_keeps_the_checkpoint(tmp_path):
+    import json
+
+    token = uuid.uuid4().hex
+    with pytest.raises(QuantOpsError, match=r"worker\d exited with code -9"):
+        launch_local(_entry(tmp_path, "--kvstore", "dist_sync", "--batch-size", "32",
+                            "--checkpoint-every", "4", "--fail-at-step", "10"),
+                     num_workers=2, timeout=240, log_dir=tmp_path / "logs",
+                     env={"QO_TEST_TOKEN": token})
+    assert not _processes_with(token)
+    for rank in (0, 1):  # the last complete checkpoint of each worker is intact
+        ck = tmp_path / "checkpoint" / f"rank{rank}"
+        progress = json.loads((ck / "progress.json").read_text())
+        assert progress["step"] == 8
+        net = __import__("quant_ops.train.entry", fromlist=["load_model"]).load_model("tiny")[0]
+        from quant_ops.prepare import quantize_block
+
+        quantize_block(net, "trt_int8").load_parameters(str(ck / "net.params"))

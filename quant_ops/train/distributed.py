@@ -88,7 +88,10 @@ def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int 
     """
     if num_workers < 1 or num_servers < 1:
         raise QuantOpsError("a distributed job needs at least one worker and one server")
-    base = {**os.environ, **(env or {}), "DMLC_PS_ROOT_URI": "127.0.0.1",
+    # MXNet 1.9.1's dist kvstore mis-handles arrays that MKL-DNN has put in its own layout
+    # (convolution weights after a forward): the server aborts with "init N first"
+    base = {"MXNET_MKLDNN_ENABLED": "0", **os.environ, **(env or {}),
+            "DMLC_PS_ROOT_URI": "127.0.0.1",
             "DMLC_PS_ROOT_PORT": str(free_port()), "DMLC_NUM_SERVER": str(num_servers),
             "DMLC_NUM_WORKER": str(num_workers), "PS_VERBOSE": "0"}
     log_dir = Path(log_dir) if log_dir else None

@@ -101,7 +101,8 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
     sync_state = StateSync(net, kv) if dist else None
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     track_training(net)
-    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "config": asdict(cfg)}
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [],
+                "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt is not None and dist:
         ckpt = ckpt / f"rank{rank}"
