@@ -58,8 +58,34 @@ def quantize_graph(graph: Graph, params: dict, policy: QuantPolicy | str | dict 
         graph, params = fold_batchnorm(graph, params, fold_bn)
         after = sum(n.op == "BatchNorm" for n in graph.nodes)
         notes.append(f"BatchNorm folded ({fold_bn}): {before - after} of {before}")
-    rw = insert_quantizers(graph, policy, {k: np.shape(v) for k, v in params.items()}, params)
+    values = {**params, **_computed_weights(graph, params, policy)}
+    rw = insert_quantizers(graph, policy, {k: np.shape(v) for k, v in params.items()}, values)
     return QuantizedGraph(rw.graph, {**params, **rw.new_params}, rw.table, notes)
+
+
+def _computed_weights(graph: Graph, params: dict, policy: QuantPolicy) -> dict:
+    """Values of weights computed in-graph from params alone (BN folded for QAT:
+    ``<layer>_weight_folded``), so learned weight quantizers (LSQ step, QIL interval, DSQ
+    range) start from the weights they will see, not from a generic default."""
+    internals, out = None, {}
+    for _, n in graph.ops():
+        if n.op not in policy.quantize_ops or len(n.inputs) < 2:
+            continue
+        src = graph.nodes[n.inputs[1][0]]
+        if src.is_var or src.name in out:
+            continue
+        if internals is None:
+            internals = graph.to_symbol().get_internals()
+        try:
+            sym = internals[f"{src.name}_output"]
+        except (KeyError, ValueError, mx.base.MXNetError):
+            continue
+        args = sym.list_arguments() + sym.list_auxiliary_states()
+        if not all(a in params for a in args):  # depends on data: not a weight
+            continue
+        feed = {a: mx.nd.array(params[a]) for a in args}
+        out[src.name] = sym.eval(ctx=mx.cpu(), **feed)[0].asnumpy()
+    return out
 
 
 def _trace(net: gluon.HybridBlock, data_names: Sequence[str]):
@@ -81,7 +107,8 @@ def _flatten(xs):
 def quantize_block(net: gluon.HybridBlock, policy: QuantPolicy | str | dict = "trt_int8",
                    sample: mx.nd.NDArray | Sequence[mx.nd.NDArray] | None = None,
                    data_names: Sequence[str] = ("data",), fold_bn: str | None = None,
-                   relu6: bool = False) -> gluon.SymbolBlock:
+                   relu6: bool = False, calib_data: Sequence[np.ndarray] | None = None,
+                   calib_method: str = "mse") -> gluon.SymbolBlock:
     """A trainable quantized copy of ``net`` (a Gluon HybridBlock, e.g. a gluoncv model).
 
     Without folding or with ``fold_bn="qat"`` (folded in-graph), the returned block shares
@@ -100,6 +127,13 @@ def quantize_block(net: gluon.HybridBlock, policy: QuantPolicy | str | dict = "t
                             "(an input batch) or run the block once first") from None
     sym, inputs = _trace(net, data_names)
     q = quantize_graph(Graph.from_symbol(sym), arrays, policy, fold_bn, relu6)
+    if calib_data is not None:
+        from .calib.graph_calib import calibrate_graph
+
+        if len(data_names) != 1:
+            raise QuantOpsError("calib_data works for single-input nets")
+        q.params, _ = calibrate_graph(q.graph, q.params, calib_data, calib_method,
+                                      data_name=data_names[0])
     qsym = q.graph.to_symbol()
     shared = pdict if fold_bn in (None, "qat") else None
     blk = gluon.SymbolBlock(qsym, inputs, params=shared)

@@ -3,8 +3,14 @@
 The statistics are those of the float network (as TensorRT calibrates): the quantizers are
 stripped, the tensors they read become outputs, and each batch feeds one observer per
 tensor.  Histogram methods take two passes (the first finds each tensor's max, so the
-histograms are exact).  The ranges go into the quantizers' ``_minmax`` state, so the result
-is an ordinary checkpoint that QAT can start from.
+histograms are exact).  The ranges go into the quantizers' state (``_minmax`` of INT8
+quantizers), so the result is an ordinary checkpoint that QAT can start from; learned-range
+quantizers start from the calibrated range too (PACT clip, LSQ step, QIL interval, DSQ
+range), instead of a generic default.
+
+Network inputs are calibrated by min/max unless asked otherwise: their range is fixed by
+the input pipeline, and clipping it (what entropy does to an image whose background is one
+value) saturates real pixels.
 """
 from __future__ import annotations
 
@@ -16,27 +22,67 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import QuantOpsError
-from ..graph.ir import Graph
+from ..graph.ir import Graph, Node
 from ..graph.quantize import strip_quantizers
-from ..ops import RANGE_QUANTIZERS
+from ..ops import OP_INPUTS, RANGE_QUANTIZERS
 from .observers import make_observer
 
 log = logging.getLogger(__name__)
 HISTOGRAM_METHODS = ("entropy", "percentile", "mse")
+BITS_AWARE = ("entropy", "mse")      # observers whose answer depends on the bit width
+
+
+def _leaf(graph: Graph, entry) -> Node:
+    node = graph.nodes[entry[0]]
+    while node.op == "_copy" and node.inputs:  # gradient-sum copy of a leaf
+        node = graph.nodes[node.inputs[0][0]]
+    return node
+
+
+def _is_weight(n: Node) -> bool:
+    return n.attrs.get("is_weight") in ("True", "1", "true")
 
 
 def activation_tensors(graph: Graph) -> dict:
-    """{activation quantizer name: (name of the tensor it reads, name of its minmax var)}."""
+    """{INT8 activation quantizer name: (name of the tensor it reads, name of its minmax
+    var)}."""
+    return {q: (t, v["minmax"]) for q, (t, op, _, v) in activation_quantizers(graph).items()
+            if op in RANGE_QUANTIZERS}
+
+
+def activation_quantizers(graph: Graph) -> dict:
+    """{activation quantizer name: (tensor it reads, op, attrs, {input role: var name})}
+    for every quantizer operator."""
     res = {}
     for n in graph.nodes:
-        if n.op in RANGE_QUANTIZERS and n.attrs.get("is_weight") not in ("True", "1", "true"):
-            src = graph.nodes[n.inputs[0][0]]
-            while src.op == "_copy" and src.inputs:  # gradient-sum copy of a leaf
-                src = graph.nodes[src.inputs[0][0]]
+        if n.op in OP_INPUTS and not _is_weight(n):
+            src = _leaf(graph, n.inputs[0])
             out = n.inputs[0][1]
             tensor = src.name if src.is_var else f"{src.name}_output" + (str(out) if out else "")
-            res[n.name] = (tensor, graph.nodes[n.inputs[1][0]].name)
+            roles = {role: _leaf(graph, e).name
+                     for role, e in zip(OP_INPUTS[n.op][1:], n.inputs[1:])}
+            res[n.name] = (tensor, n.op, n.attrs, roles)
     return res
+
+
+def _range_state(op: str, attrs: dict, amax: float) -> dict:
+    """{input role: value} that makes a quantizer start from the range [-amax, amax] (or
+    [0, amax] for unsigned ones); empty for quantizers that observe ranges themselves."""
+    f32 = np.float32
+    if op == "Quantization_int8":
+        return {"minmax": np.array([amax], f32)}
+    if op == "PACT":
+        return {"gamma": np.array([amax], f32)}
+    if op == "LSQ":
+        from ..refs.lsq import bounds
+
+        signed = attrs.get("signed", "False") in ("True", "1", "true")
+        return {"step": np.array([amax / bounds(int(attrs.get("nbits", 8)), signed)[1]], f32)}
+    if op == "QIL":
+        return {"center": np.array([amax / 2], f32), "distance": np.array([amax / 2], f32)}
+    if op == "DSQ":
+        return {"dsq_upper": np.array([amax], f32)}
+    return {}  # FQN, GDRQ: EMA state from the first training batch; DoReFa: fixed range
 
 
 def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
@@ -73,16 +119,24 @@ def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
 
 def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
                     method: str = "entropy", data_name: str = "data",
-                    progress: bool = True, **observer_params) -> tuple[dict, dict]:
+                    progress: bool = True, input_method: str | None = "minmax",
+                    **observer_params) -> tuple[dict, dict]:
     """Ranges for every activation quantizer; returns (params with the ranges, {quantizer:
-    amax}).  ``batches`` is a re-iterable of input arrays (a list, or a DataLoader's data)."""
+    amax}).  ``batches`` is a re-iterable of input arrays (a list, or a DataLoader's data).
+    ``input_method`` calibrates the network inputs (None: ``method`` as for the rest)."""
     batches = list(batches)
     if not batches:
         raise QuantOpsError("the calibration set is empty")
-    quantizers = activation_tensors(graph)
+    quantizers = activation_quantizers(graph)
     if not quantizers:
         raise QuantOpsError(f"{graph.source}: the graph has no activation quantizer")
-    tensors = sorted({t for t, _ in quantizers.values()})
+    tensors = sorted({q[0] for q in quantizers.values()})
+    variables = {n.name for n in graph.nodes if n.is_var}
+    inputs = {q[0] for q in quantizers.values() if q[0] in variables}
+    methods = {t: (input_method or method) if t in inputs else method for t in tensors}
+    bits = {}
+    for t, _, attrs, _ in quantizers.values():
+        bits[t] = min(bits.get(t, 16), int(attrs.get("nbits", 8)))
     first = np.asarray(batches[0], np.float32)
     probe = _probe(graph, tensors, params, data_name, first.shape)
 
@@ -91,28 +145,40 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
             yield probe(np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x, np.float32))
 
     hints = {}
-    if method in HISTOGRAM_METHODS:  # pass 1: each tensor's max, for exact histograms
-        hints = {t: 0.0 for t in tensors}
+    if any(m in HISTOGRAM_METHODS for m in methods.values()):
+        hints = {t: 0.0 for t in tensors}   # pass 1: each tensor's max, for exact histograms
         for values in sweep("calibration: max"):
             for t, v in zip(tensors, values):
                 if not np.isfinite(v).all():
                     raise QuantOpsError(f"tensor '{t}' has NaN or infinite values on the "
                                         "calibration set")
                 hints[t] = max(hints[t], float(np.abs(v).max()))
-    observers = {t: make_observer(method, name=t, **({"amax_hint": hints[t]} if hints and
-                                                      hints[t] > 0 else {}), **observer_params)
-                 for t in tensors}
+
+    def observer(t: str):
+        kw = dict(observer_params) if methods[t] == method else {}
+        if methods[t] in HISTOGRAM_METHODS and hints.get(t, 0) > 0:
+            kw["amax_hint"] = hints[t]
+        if methods[t] in BITS_AWARE:
+            kw.setdefault("num_bits", bits[t])
+        return make_observer(methods[t], name=t, **kw)
+
+    observers = {t: observer(t) for t in tensors}
     for values in sweep(f"calibration: {method}"):
         for t, v in zip(tensors, values):
             observers[t].observe(v)
     amax = {t: float(o.amax()) for t, o in observers.items()}
     params = dict(params)
-    ranges: dict = {}
-    for q, (t, mm) in quantizers.items():
-        # quantizers sharing one range variable take the largest of their tensors' ranges
-        params[mm] = np.array([max(amax[t], float(np.asarray(ranges.get(mm, 0.0))))],
-                              np.float32)
-        ranges[mm] = params[mm][0]
+    # quantizers sharing one range variable take the largest of their tensors' ranges
+    shared: dict = {}
+    for t, op, attrs, roles in quantizers.values():
+        if "minmax" in roles:
+            shared[roles["minmax"]] = max(shared.get(roles["minmax"], 0.0), amax[t])
+    ranges = {}
+    for q, (t, op, attrs, roles) in quantizers.items():
+        a = shared.get(roles.get("minmax"), amax[t])
+        for role, value in _range_state(op, attrs, a).items():
+            params[roles[role]] = value
+        ranges[q] = a
     log.info("calibrated %d activation tensors (%s) on %d batches", len(tensors), method,
              len(batches))
-    return params, {q: float(params[mm][0]) for q, (_, mm) in quantizers.items()}
+    return params, ranges

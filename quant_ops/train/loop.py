@@ -1,10 +1,14 @@
-"""A resumable training loop for (quantized) Gluon nets on in-memory data.
+"""A resumable training loop for (quantized) Gluon nets.
 
 A checkpoint is the net's ``.params`` (quantizer state included: it is ordinary params),
-the trainer's ``.states`` and a small JSON of where the run stands (epoch, batch, metrics),
-written atomically every ``checkpoint_every`` steps and at each epoch's end.  The batch
-order of an epoch depends only on (seed, epoch), so a resumed run sees exactly the batches
-the uninterrupted one would have.
+the trainer's ``.states`` and a small JSON of where the run stands (epoch, batch, step,
+metrics), written atomically every ``checkpoint_every`` steps and at each epoch's end.  The
+training data are ``(x, y)`` arrays, a Gluon ``Dataset`` or a ``DataLoader``; what a resumed
+run sees for each of them is in ``quant_ops.train.data`` (arrays: exactly the batches of an
+uninterrupted run).
+
+BatchNorm statistics can be frozen after ``freeze_bn_after`` steps (``train.bn``); whether
+they are is a function of the global step, so a run resumed past that step resumes frozen.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from tqdm import tqdm
 from ..errors import QuantOpsError
 from ..fileio import atomic_write_text
 from ..ops import track_training
+from .bn import count_bn, freeze_bn
+from .data import Source, eval_batches
 from .scheduler import SineScheduler
 
 log = logging.getLogger(__name__)
@@ -43,21 +49,42 @@ class FitConfig:
     stop_after_steps: int | None = None   # for tests: stop as if killed after N steps
     kvstore: str = "device"           # local | device | dist_sync | dist_device_sync
     progress: bool = True
+    freeze_bn_after: int | None = None    # steps: BN uses (and stops updating) running stats
+    max_steps_per_epoch: int | None = None  # cap an epoch (smoke runs); the schedule follows
+    num_workers: int = 0              # DataLoader worker processes for a Dataset
     extra: dict = field(default_factory=dict)
 
 
-def evaluate(net, x: np.ndarray, y: np.ndarray, batch_size: int = 500,
-             progress: bool = False) -> float:
-    """Top-1 accuracy in percent (inference mode)."""
-    correct = 0
-    for i in tqdm(range(0, len(x), batch_size), desc="eval", leave=False, disable=not progress):
-        out = net(mx.nd.array(x[i:i + batch_size]))
-        correct += int((out.argmax(axis=1).asnumpy() == y[i:i + batch_size]).sum())
-    return 100.0 * correct / len(x)
+# settings that decide the run: resuming with other values continues a different run
+RUN_KEYS = ("epochs", "lr", "batch_size", "optimizer", "schedule", "seed", "freeze_bn_after",
+            "max_steps_per_epoch")
 
 
-def _order(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n)
+def _net_ctx(net) -> mx.Context:
+    """Where the net's parameters live (batches are moved there: loader workers hand back
+    ``cpu_shared`` arrays, which a CachedOp refuses)."""
+    for p in net.collect_params().values():
+        if p._data is not None:
+            return p.list_ctx()[0]
+    return mx.cpu()
+
+
+def evaluate(net, x, y=None, batch_size: int = 500, progress: bool = False,
+             num_workers: int = 0) -> float:
+    """Top-1 accuracy in percent (inference mode) on ``(x, y)`` arrays, a Dataset of
+    ``(x, y)`` items or a DataLoader (then ``y`` is None)."""
+    batches, total = eval_batches(x, y, batch_size, num_workers)
+    correct = seen = 0
+    ctx = _net_ctx(net)
+    for xb, yb in tqdm(batches, total=total, desc="eval", leave=False, disable=not progress):
+        out = net(xb.as_in_context(ctx) if isinstance(xb, mx.nd.NDArray)
+                  else mx.nd.array(xb, ctx=ctx))
+        yb = yb.asnumpy() if isinstance(yb, mx.nd.NDArray) else np.asarray(yb)
+        correct += int((out.argmax(axis=1).asnumpy() == yb.reshape(-1)).sum())
+        seen += len(yb)
+    if seen == 0:
+        raise QuantOpsError("the evaluation set is empty")
+    return 100.0 * correct / seen
 
 
 def _save(ckpt: Path, net, trainer, progress: dict) -> None:
@@ -71,22 +98,41 @@ def _save(ckpt: Path, net, trainer, progress: dict) -> None:
     atomic_write_text(ckpt / "progress.json", json.dumps(progress, indent=1))
 
 
-def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
-        cfg: FitConfig | None = None) -> dict:
-    """Train ``net`` on ``train = (x, y)``; returns the progress record (per-epoch loss and
-    validation accuracy).  Resumes from ``cfg.checkpoint_dir`` when it holds a checkpoint."""
+def _freeze_bn_now(net, progress: dict, after: int, resumed: bool) -> None:
+    n = freeze_bn(net)
+    total = count_bn(net)
+    progress.setdefault("bn_frozen_at", progress["step"])
+    if total == 0:
+        log.info("step %d: freeze_bn_after=%d, but the net has no BatchNorm layer (folded "
+                 "with fold_bn='qat', its statistics are frozen from the start)",
+                 progress["step"], after)
+    elif resumed:
+        log.info("resumed at step %d, past freeze_bn_after=%d: BatchNorm statistics frozen "
+                 "(%d layers)", progress["step"], after, total)
+    else:
+        log.info("step %d: BatchNorm statistics frozen in %d of %d layers (running mean/var "
+                 "fixed, gamma/beta keep training)", progress["step"], n, total)
+
+
+def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict:
+    """Train ``net``; returns the progress record (step, per-epoch loss and validation
+    accuracy, ``bn_frozen_at``, ``last_loss``).  Resumes from ``cfg.checkpoint_dir`` when it
+    holds a checkpoint.
+
+    ``train``: ``(x, y)`` arrays, a Gluon Dataset of ``(x, y)`` items, or a DataLoader of
+    ``(x, y)`` batches; ``val`` likewise (or None).  See ``quant_ops.train.data`` for what a
+    resumed run sees with each.
+    """
     cfg = cfg or FitConfig()
-    x, y = train
-    if len(x) == 0:
-        raise QuantOpsError("the training set is empty")
+    if cfg.freeze_bn_after is not None and cfg.freeze_bn_after < 0:
+        raise QuantOpsError(f"freeze_bn_after must be >= 0 steps, got {cfg.freeze_bn_after}")
+    source = Source(train, cfg.num_workers)
     kv = mx.kv.create(cfg.kvstore)
     dist = "dist" in kv.type
     rank, workers = kv.rank, kv.num_workers
-    # each worker reads its shard; all take the same number of steps (dist_sync needs it)
-    steps_per_epoch = (len(x) // (cfg.batch_size * workers) if dist
-                       else -(-len(x) // cfg.batch_size))
-    if steps_per_epoch < 1:
-        raise QuantOpsError(f"{len(x)} training images are fewer than one global batch")
+    steps_per_epoch = source.steps_per_epoch(cfg.batch_size, workers, dist)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = max(1, min(steps_per_epoch, cfg.max_steps_per_epoch))
     total = steps_per_epoch * cfg.epochs
     sched = SineScheduler(total, cfg.lr) if cfg.schedule == "sine" else None
     opt_params = {"learning_rate": cfg.lr, "wd": cfg.wd}
@@ -106,6 +152,7 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt is not None and dist:
         ckpt = ckpt / f"rank{rank}"
+    resumed = False
     if ckpt is not None and (ckpt / "progress.json").is_file():
         progress = json.loads((ckpt / "progress.json").read_text())
         net.load_parameters(str(ckpt / "net.params"))
@@ -114,26 +161,51 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
         opt = trainer._optimizer
         opt.begin_num_update = opt.num_update = progress["step"]
         opt._index_update_count = {}
-        log.info("resumed at epoch %d batch %d", progress["epoch"], progress["batch"])
+        resumed = True
+        saved = progress.get("config", {})
+        differ = [k for k in RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+        if differ:
+            log.warning("resuming with a different %s than the checkpoint's run (%s): the "
+                        "run is no longer the one that was interrupted", ", ".join(differ),
+                        ", ".join(f"{k}={saved[k]!r}" for k in differ))
+        log.info("resumed at epoch %d batch %d (step %d)", progress["epoch"],
+                 progress["batch"], progress["step"])
+    bn_after = cfg.freeze_bn_after
+    bn_frozen = False
+    if bn_after is not None and progress["step"] >= bn_after:
+        _freeze_bn_now(net, progress, bn_after, resumed and progress["step"] > 0)
+        bn_frozen = True
+    ctx = _net_ctx(net)
     steps_run = 0
     while progress["epoch"] < cfg.epochs:
         ep = progress["epoch"]
-        order = _order(cfg.seed, ep, len(x))[rank::workers]
         run_loss = progress.get("run_loss", 0.0)
-        bar = tqdm(range(progress["batch"], steps_per_epoch), desc=f"epoch {ep + 1}/{cfg.epochs}",
+        run_n = progress.get("run_n", progress["batch"] * cfg.batch_size)
+        start = progress["batch"]
+        bar = tqdm(source.batches(cfg.seed, ep, start, steps_per_epoch, rank, workers,
+                                  cfg.batch_size),
+                   total=steps_per_epoch - start, desc=f"epoch {ep + 1}/{cfg.epochs}",
                    leave=False, disable=not cfg.progress)
-        for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb, yb = mx.nd.array(x[idx]), mx.nd.array(y[idx])
+        b = start
+        for xb, yb in bar:
+            xb, yb = xb.as_in_context(ctx), yb.as_in_context(ctx)
+            if not bn_frozen and bn_after is not None and progress["step"] >= bn_after:
+                _freeze_bn_now(net, progress, bn_after, False)
+                bn_frozen = True
             with autograd.record():
-                loss = loss_fn(net(xb), yb)
+                loss = loss_fn(net(xb), yb.astype("float32", copy=False))
             loss.backward()
-            trainer.step(len(idx) * workers)   # gradients are summed over the workers
+            trainer.step(xb.shape[0] * workers)   # gradients are summed over the workers
             if sync_state is not None:
                 sync_state()
-            run_loss += float(loss.sum().asscalar())
-            progress.update(batch=b + 1, step=progress["step"] + 1, run_loss=run_loss,
-                            rank=rank)
+            batch_loss = float(loss.sum().asscalar())
+            run_loss += batch_loss
+            run_n += xb.shape[0]
+            b += 1
+            progress.update(batch=b, step=progress["step"] + 1, run_loss=run_loss,
+                            run_n=run_n, rank=rank, last_loss=batch_loss / xb.shape[0])
+            if cfg.progress:
+                bar.set_postfix(loss=f"{run_loss / run_n:.4f}", refresh=False)
             hook = cfg.extra.get("on_step")
             if hook is not None:
                 hook(progress["step"], rank)
@@ -144,12 +216,17 @@ def fit(net: gluon.Block, train: tuple, val: tuple | None = None,
                 if ckpt is not None:
                     _save(ckpt, net, trainer, progress)
                 return progress
-        row = {"epoch": ep + 1, "loss": run_loss / (steps_per_epoch * cfg.batch_size),
-               "lr": trainer.learning_rate}
+        if b < steps_per_epoch:
+            raise QuantOpsError(f"the training data ran out after {b} of {steps_per_epoch} "
+                                f"batches in epoch {ep + 1}")
+        row = {"epoch": ep + 1, "loss": run_loss / max(run_n, 1), "lr": trainer.learning_rate}
         if val is not None:
-            row["val_accuracy"] = evaluate(net, *val, progress=cfg.progress)
+            row["val_accuracy"] = (evaluate(net, *val, progress=cfg.progress)
+                                   if isinstance(val, tuple) else
+                                   evaluate(net, val, progress=cfg.progress,
+                                            num_workers=cfg.num_workers))
         progress["history"].append(row)
-        progress.update(epoch=ep + 1, batch=0, run_loss=0.0)
+        progress.update(epoch=ep + 1, batch=0, run_loss=0.0, run_n=0)
         log.info("epoch %d: %s", ep + 1, row)
         if ckpt is not None:
             _save(ckpt, net, trainer, progress)

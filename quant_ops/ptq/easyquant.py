@@ -1,0 +1,685 @@
+"""EasyQuant scale search (Wu et al. 2020, arXiv 2006.16669).
+
+Calibration picks each range from one tensor's statistics; EasyQuant instead picks the
+scales of a layer (its weight scale and the scale of its input activation) to maximize the
+cosine similarity between the float layer output and the quantized one, alternating
+between the two, layer by layer in topological order.  The quantized layer reads its input
+from the quantized network with the earlier layers already optimized, so every layer
+compensates for the error accumulated before it.
+
+How the chosen scales live in a graph:
+
+* an activation scale is the quantizer's ``<quantizer>_minmax`` param (its amax);
+* a weight quantizer derives its range from the weight on every call (max|W|, per output
+  channel when per-channel), so a weight scale ``f * max|W|`` (``f <= 1``) is realized by
+  clipping the weight to ``[-f max|W|, f max|W|]``: the quantizer, and any runtime that
+  computes weight scales from the weights (ONNX QDQ export, TensorRT), then sees exactly
+  that scale.  Weight factors above 1 cannot be realized this way and are not searched.
+
+The search simulates each layer in numpy as a matrix product over a random sample of its
+output positions (im2col rows): a weight candidate needs only the Gram matrix of those rows
+(one ``K x K`` product per candidate and channel, all candidates and channels at once), an
+activation candidate one quantization of the rows and one product.  Every step keeps the
+current scale among its candidates and is accepted only if no layer's cosine drops, so each
+layer's cosine after the search is at least its cosine before.
+
+Bit width comes from the graph (the ``nbits`` attribute of each quantizer): build INT7 with
+a 7-bit policy, e.g. ``{"preset": "trt_int8", "weight": {"bits": 7}, "activation": {"bits":
+7}}``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..calib.graph_calib import activation_tensors
+from ..errors import QuantOpsError
+from ..graph.ir import Graph
+from ..graph.quantize import strip_quantizers
+from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
+from ..reference import abs_max, fake_quant, qrange, scale_of
+from .common import runner
+
+log = logging.getLogger(__name__)
+
+f32 = np.float32
+LAYER_OPS = ("Convolution", "FullyConnected", "Deconvolution")
+INT8_OP = "Quantization_int8"
+_TRUE = ("True", "true", "1")
+
+
+@contextmanager
+def _no_fusion() -> Iterator[None]:
+    """Bind without MXNet's MKLDNN subgraph fusion: with a layer's pre-activation output
+    among the requested tensors, mxnet 1.9.1 fuses the layer with its ReLU anyway and the
+    tensors downstream come out wrong (checked: a FullyConnected output off by 14 in a
+    four-layer net)."""
+    key = "MXNET_SUBGRAPH_BACKEND"
+    old = os.environ.get(key)
+    os.environ[key] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
+def _runner(graph: Graph, params: dict, shape: tuple, data_name: str,
+            outputs: list) -> Callable[[np.ndarray], list]:
+    with _no_fusion():
+        return runner(graph, params, shape, data_name, outputs)
+
+
+# -- what a layer is ------------------------------------------------------------------------
+@dataclass
+class _Geometry:
+    """A layer as a convolution: patches of ``groups * k`` values give ``groups * og``
+    outputs.  A deconvolution is the convolution of its zero-dilated, padded input with
+    the flipped, transposed kernel; a fully connected layer is a 1x1 convolution."""
+
+    op: str
+    kernel: tuple = ()
+    stride: tuple = ()
+    dilate: tuple = ()
+    pad: tuple = ()
+    adj: tuple = ()
+    groups: int = 1
+    flatten: bool = True
+
+    def out_spatial(self, spatial: tuple) -> tuple:
+        if self.op == "Deconvolution":
+            return tuple((h - 1) * s - 2 * p + d * (k - 1) + 1 + a for h, s, p, d, k, a in
+                         zip(spatial, self.stride, self.pad, self.dilate, self.kernel,
+                             self.adj))
+        return tuple((h + 2 * p - d * (k - 1) - 1) // s + 1 for h, s, p, d, k in
+                     zip(spatial, self.stride, self.pad, self.dilate, self.kernel))
+
+
+@dataclass
+class _Layer:
+    index: int
+    name: str
+    op: str
+    geo: _Geometry
+    weight: str                      # param name of the weight
+    bias: str | None
+    act_q: str | None = None         # input quantizer (Quantization_int8) and its state
+    minmax: str | None = None
+    tensor: str | None = None        # the tensor the input quantizer reads
+    act_bits: int = 8
+    w_q: str | None = None           # weight quantizer
+    w_bits: int = 8
+    w_axis: int | None = None        # channel axis of a per-channel weight quantizer
+    w_search: bool = False           # weight is a plain variable read by this layer only
+    # filled while searching
+    per_image: int = 1               # output rows per image
+    out_spatial: tuple = ()
+    flat: np.ndarray | None = None   # sampled rows, flat over (image, out position)
+    rows: list = field(default_factory=list)     # per batch: rows in _patches' form
+    out: np.ndarray | None = None    # float outputs at the sampled rows, (groups, rows, og),
+    #                                  float64 (the cosine's sums)
+    x: np.ndarray | None = None      # quantized-network inputs there, (rows, groups, k)
+
+
+def _ints(text: str | None, n: int, default: int) -> tuple:
+    """An MXNet tuple attribute such as ``(1, 1)``; missing or empty: ``n`` defaults."""
+    vals = tuple(int(v) for v in (text or "").strip("()[] ").replace(" ", "").split(",") if v)
+    return vals if vals else (default,) * n
+
+
+def _geometry(node) -> _Geometry | str:
+    """The layer's geometry, or why it cannot be simulated."""
+    a = node.attrs
+    if node.op == "FullyConnected":
+        return _Geometry("FullyConnected", flatten=a.get("flatten", "True") in _TRUE)
+    if a.get("layout") not in (None, "None", "NCW", "NCHW", "NCDHW"):
+        return f"layout {a.get('layout')} (only channels-first is simulated)"
+    kernel = _ints(a.get("kernel"), 0, 1)
+    nd = len(kernel)
+    if nd == 0:
+        return "no kernel attribute"
+    if node.op == "Deconvolution" and a.get("target_shape", "").strip("()[] ,0") != "":
+        return "target_shape is set (the padding is then implicit)"
+    geo = _Geometry(node.op, kernel, _ints(a.get("stride"), nd, 1), _ints(a.get("dilate"), nd, 1),
+                    _ints(a.get("pad"), nd, 0), _ints(a.get("adj"), nd, 0),
+                    int(a.get("num_group", "1")))
+    if any(len(v) != nd for v in (geo.stride, geo.dilate, geo.pad, geo.adj)):
+        return "stride/dilate/pad/adj do not match the kernel's dimensions"
+    return geo
+
+
+def _source_var(graph: Graph, entry) -> int | None:
+    """Index of the variable behind ``entry`` (through a gradient-sum copy), else None."""
+    node = graph.nodes[entry[0]]
+    if node.op == "_copy" and node.name.endswith(GRAD_SUM_SUFFIX) and node.inputs:
+        return _source_var(graph, node.inputs[0])
+    return entry[0] if node.is_var else None
+
+
+def _tensor_name(graph: Graph, entry, names: set) -> str:
+    """MXNet's internal name of the tensor at ``entry`` (a gradient-sum copy looked through)."""
+    node = graph.nodes[entry[0]]
+    while node.op == "_copy" and node.name.endswith(GRAD_SUM_SUFFIX) and node.inputs:
+        entry = node.inputs[0]
+        node = graph.nodes[entry[0]]
+    if node.is_var:
+        return node.name
+    for key in (f"{node.name}_output", f"{node.name}_output{entry[1]}"):
+        if key in names:
+            return key
+    raise QuantOpsError(f"{graph.source}: no tensor for output {entry[1]} of node '{node.name}'")
+
+
+def _find_layers(graph: Graph) -> tuple[list, list]:
+    """The layers to search (in topological order) and [(name, why)] of those skipped."""
+    acts = activation_tensors(graph)
+    names = set(graph.to_symbol().get_internals().list_outputs())
+    weight_users: dict = {}
+    for n in graph.nodes:
+        if n.op in LAYER_OPS and len(n.inputs) > 1:
+            weight_users.setdefault(n.inputs[1][0], []).append(n.name)
+    layers, skipped = [], []
+    for i, n in graph.ops():
+        if n.op not in LAYER_OPS or len(n.inputs) < 2:
+            continue
+        dq, wq = graph.nodes[n.inputs[0][0]], graph.nodes[n.inputs[1][0]]
+        ops = (dq.op, wq.op)
+        if INT8_OP not in ops:
+            if any(op in QUANTIZERS for op in ops):
+                skipped.append((n.name, "its quantizers are not Quantization_int8"))
+            continue
+        geo = _geometry(n)
+        if isinstance(geo, str):
+            skipped.append((n.name, geo))
+            continue
+        w_var = _source_var(graph, wq.inputs[0] if wq.op == INT8_OP else n.inputs[1])
+        if w_var is None:
+            skipped.append((n.name, "its weight is computed in the graph, not a parameter"))
+            continue
+        no_bias = n.attrs.get("no_bias", "True" if n.op == "Deconvolution" else "False") \
+            in _TRUE
+        bias = None
+        if not no_bias and len(n.inputs) > 2:
+            b_var = _source_var(graph, n.inputs[2])
+            if b_var is None:
+                skipped.append((n.name, "its bias is computed in the graph, not a parameter"))
+                continue
+            bias = graph.nodes[b_var].name
+        layer = _Layer(i, n.name, n.op, geo, graph.nodes[w_var].name, bias)
+        data_entry = n.inputs[0]
+        if dq.op == INT8_OP:
+            layer.act_q = dq.name
+            layer.minmax = acts[dq.name][1]
+            layer.act_bits = int(dq.attrs.get("nbits", "8"))
+            data_entry = dq.inputs[0]
+        layer.tensor = _tensor_name(graph, data_entry, names)
+        if wq.op == INT8_OP:
+            layer.w_q = wq.name
+            layer.w_bits = int(wq.attrs.get("nbits", "8"))
+            per_channel = wq.attrs.get("is_weight_perchannel", "False") in _TRUE
+            layer.w_axis = int(wq.attrs.get("channel_axis", "0")) if per_channel else None
+            users = weight_users.get(n.inputs[1][0], [])
+            layer.w_search = len(users) == 1
+            if not layer.w_search:
+                log.info("easyquant: weight quantizer '%s' is read by %s: its scale is kept",
+                         wq.name, ", ".join(users))
+        layers.append(layer)
+    return layers, skipped
+
+
+# -- numerics -------------------------------------------------------------------------------
+def _np(v) -> np.ndarray:
+    return np.asarray(v.asnumpy() if hasattr(v, "asnumpy") else v)
+
+
+def _act_quant(x: np.ndarray, amax, nbits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``reference.fake_quant`` for a per-tensor activation with a usable range, in place
+    into ``out`` (the same float32 operations in the same order: divide by ``s``, round half
+    to even, clamp, multiply), because the search quantizes the sample once per candidate."""
+    s = scale_of(amax, nbits)
+    qmin, qmax = qrange(nbits, False)
+    out = np.divide(x, s, out=out)
+    np.rint(out, out=out)
+    np.clip(out, f32(qmin), f32(qmax), out=out)
+    return np.multiply(out, s, out=out)
+
+
+def _channel_view(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """The weight as (scale channels, rest)."""
+    return w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+
+
+def _quant_weights(w: np.ndarray, amax: np.ndarray, nbits: int, axis: int | None) -> np.ndarray:
+    """Clip then fake-quantize ``w`` for each row of ``amax`` (candidates x scale channels):
+    returns (candidates, *w.shape), what the weight quantizer gives for the clipped weight."""
+    view = _channel_view(w, axis)                          # (S, rest)
+    p, s = amax.shape
+    t = amax[:, :, None]
+    clipped = np.clip(view[None], -t, t)
+    q = fake_quant(clipped.reshape(p * s, -1), amax.reshape(-1), nbits, True, 0)
+    q = q.reshape(p, s, -1)
+    if axis is None:
+        return q.reshape((p,) + w.shape)
+    moved = (w.shape[axis],) + tuple(d for i, d in enumerate(w.shape) if i != axis)
+    return np.moveaxis(q.reshape((p,) + moved), 1, axis + 1)
+
+
+def _as_conv(w: np.ndarray, geo: _Geometry) -> np.ndarray:
+    """Weights (candidates, *layout) as convolution matrices (candidates, groups, og, k)."""
+    p = w.shape[0]
+    if geo.op == "FullyConnected":
+        return w.reshape(p, 1, w.shape[1], -1)
+    g = geo.groups
+    if geo.op == "Convolution":
+        return w.reshape(p, g, w.shape[1] // g, -1)
+    cin, og = w.shape[1], w.shape[2]                       # deconv: (in, out/groups, *k)
+    w = w.reshape((p, g, cin // g, og) + w.shape[3:]).swapaxes(2, 3)
+    w = np.flip(w, axis=tuple(range(4, w.ndim)))
+    return w.reshape(p, g, og, -1)
+
+
+def _scale_channel(layer: _Layer, out_channels: int) -> np.ndarray:
+    """Which weight scale each output channel uses."""
+    if layer.w_axis is None:
+        return np.zeros(out_channels, np.int64)
+    if layer.op == "Deconvolution":                        # axis 1 holds out/groups channels
+        return np.arange(out_channels) % (out_channels // layer.geo.groups)
+    return np.arange(out_channels)
+
+
+def _patches(x: np.ndarray, rows, geo: _Geometry) -> np.ndarray:
+    """The layer's input patches at the sampled output rows: (rows, groups, k)."""
+    if geo.op == "FullyConnected":
+        m = x.reshape(len(x), -1) if geo.flatten else x.reshape(-1, x.shape[-1])
+        return m[rows][:, None, :]
+    img, pos = rows
+    nd = len(geo.kernel)
+    if geo.op == "Deconvolution":
+        z = np.zeros(x.shape[:2] + tuple((h - 1) * s + 1 for h, s in
+                                         zip(x.shape[2:], geo.stride)), x.dtype)
+        z[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.stride)] = x
+        lo = [d * (k - 1) - p for d, k, p in zip(geo.dilate, geo.kernel, geo.pad)]
+        hi = [v + a for v, a in zip(lo, geo.adj)]
+        z = np.pad(z, [(0, 0), (0, 0)] + [(max(a, 0), max(b, 0)) for a, b in zip(lo, hi)])
+        x = z[(slice(None), slice(None)) + tuple(slice(max(-a, 0), z.shape[2 + i] - max(-b, 0))
+                                                 for i, (a, b) in enumerate(zip(lo, hi)))]
+        stride = (1,) * nd
+    else:
+        x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in geo.pad])
+        stride = geo.stride
+    taps = np.stack(np.meshgrid(*[np.arange(k) for k in geo.kernel], indexing="ij"),
+                    -1).reshape(-1, nd)                    # (T, nd), kernel order
+    coords = pos[:, None, :] * np.array(stride) + taps[None] * np.array(geo.dilate)
+    p = x[(img[:, None], slice(None)) + tuple(coords[..., d] for d in range(nd))]  # (R, T, C)
+    r, t, c = p.shape
+    return np.ascontiguousarray(p.transpose(0, 2, 1)).reshape(r, geo.groups, (c // geo.groups) * t)
+
+
+def _out_rows(y: np.ndarray, rows, geo: _Geometry) -> np.ndarray:
+    """The layer's outputs at the sampled rows: (rows, channels)."""
+    if geo.op == "FullyConnected":
+        m = y.reshape(len(y), -1) if geo.flatten else y.reshape(-1, y.shape[-1])
+        return m[rows]
+    img, pos = rows
+    return y[(img, slice(None)) + tuple(pos[:, d] for d in range(pos.shape[1]))]
+
+
+def _cosine(x: np.ndarray, wc: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> float:
+    """Cosine between the float outputs ``out`` (groups, rows, og; float64) and those of the
+    quantized input patches ``x`` (rows, groups, k) times the conv matrices ``wc`` (groups,
+    og, k), summed in float64."""
+    q = np.matmul(x.transpose(1, 0, 2), wc.transpose(0, 2, 1))   # (groups, rows, og)
+    if bias is not None:
+        q += bias[:, None, :]
+    q = q.astype(np.float64).ravel()
+    o = out.ravel()
+    den = np.sqrt(np.dot(q, q) * np.dot(o, o))
+    return float(np.dot(q, o) / den) if den > 0 else 0.0
+
+
+# -- the search ---------------------------------------------------------------------------
+@dataclass
+class _State:
+    """A layer's current scales: weight factors relative to the given weight's max|W|."""
+
+    w0: np.ndarray                   # the weight as given
+    wmax: np.ndarray                 # its max|W| per scale channel
+    factors: np.ndarray              # current factor per scale channel (<= 1)
+    bias: np.ndarray | None          # (groups, og)
+    cos: float = 0.0
+
+    def amax(self, factors=None) -> np.ndarray:
+        return (np.atleast_2d(self.factors if factors is None else factors)
+                * self.wmax[None]).astype(f32)
+
+
+def _weight_conv(layer: _Layer, st: _State, factors=None) -> np.ndarray:
+    """The quantized weight under ``factors`` (default: current) as (groups, og, k)."""
+    if layer.w_q is None:
+        return _as_conv(st.w0[None].astype(f32), layer.geo)[0]
+    q = _quant_weights(st.w0, st.amax(factors), layer.w_bits, layer.w_axis)
+    return _as_conv(q, layer.geo)[0]
+
+
+def _quant_x(layer: _Layer, amax) -> np.ndarray:
+    if layer.act_q is None:
+        return layer.x
+    return fake_quant(layer.x, amax, layer.act_bits)   # the reference itself, for reports
+
+
+def _weight_step(layer: _Layer, st: _State, amax, ratios: np.ndarray,
+                 chunk_elems: int = 1 << 23) -> None:
+    """Search the weight factors (each scale channel on its own output channels' cosine),
+    all candidates and channels at once through the Gram matrix of the quantized rows."""
+    x = _act_quant(layer.x, amax, layer.act_bits, np.empty_like(layer.x)) \
+        if layer.act_q is not None else layer.x
+    r, g, k = x.shape
+    xa = np.concatenate([x, np.ones((r, g, 1), f32)], axis=2).transpose(1, 0, 2)
+    xa = xa.astype(np.float64)                                   # (g, r, k+1)
+    gram = np.matmul(xa.transpose(0, 2, 1), xa)                  # (g, k+1, k+1)
+    o = layer.out                                                # (g, r, og)
+    gvec = np.matmul(xa.transpose(0, 2, 1), o)                   # (g, k+1, og)
+    og = o.shape[2]
+    oo = (o * o).sum(1).reshape(-1)                              # (channels,)
+    chan = _scale_channel(layer, g * og)
+    nscale = len(st.wmax)
+    onehot = np.zeros((g * og, nscale))
+    onehot[np.arange(g * og), chan] = 1.0
+    cand = np.minimum(ratios[:, None] * st.factors[None], 1.0)   # (P, S), row 0 = current
+    bias = st.bias if st.bias is not None else np.zeros((g, og), f32)
+    step = max(1, chunk_elems // max(st.w0.size, 1))
+    num, den = [], []
+    for i in range(0, len(cand), step):
+        wc = _as_conv(_quant_weights(st.w0, st.amax(cand[i:i + step]), layer.w_bits,
+                                     layer.w_axis), layer.geo).astype(np.float64)
+        wc = np.concatenate([wc, np.broadcast_to(bias[None, :, :, None],
+                                                 wc.shape[:3] + (1,))], axis=3)
+        a = np.einsum("pgok,gko->pgo", wc, gvec)
+        b = (np.matmul(wc, gram[None]) * wc).sum(-1)
+        num.append(a.reshape(len(wc), -1) @ onehot)
+        den.append(b.reshape(len(wc), -1) @ onehot)
+    num, den = np.concatenate(num), np.concatenate(den)
+    den = np.sqrt(np.maximum(den, 0) * (oo @ onehot)[None])
+    cos = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    best = cos.argmax(0)                                         # ties keep row 0 (current)
+    new = cand[best, np.arange(nscale)]
+    if np.array_equal(new, st.factors):
+        return
+    old = st.factors
+    st.factors = new
+    c = _cosine(_quant_x(layer, amax), _weight_conv(layer, st), st.bias, layer.out)
+    if c >= st.cos:
+        st.cos = c
+    else:  # the channels' best factors lowered the layer's cosine: keep the old ones
+        st.factors = old
+        log.debug("easyquant: %s: weight step rejected (%.6f < %.6f)", layer.name, c, st.cos)
+
+
+def _act_step(layers: list, states: list, amax: f32, ratios: np.ndarray, nbits: int) -> f32:
+    """Search the shared input amax of ``layers``: the mean of their cosines, among the
+    candidates that lower none of them (the current amax, row 0, always qualifies)."""
+    amaxes = (ratios * float(amax)).astype(f32)
+    amaxes[0] = amax
+    wcs = [_weight_conv(ly, st) for ly, st in zip(layers, states)]
+    cos = np.zeros((len(amaxes), len(layers)))
+    bufs = [np.empty_like(ly.x) for ly in layers]
+    for p, a in enumerate(amaxes):
+        for j, (ly, st) in enumerate(zip(layers, states)):
+            cos[p, j] = _cosine(_act_quant(ly.x, a, nbits, bufs[j]), wcs[j], st.bias, ly.out)
+    ok = (cos >= cos[0][None]).all(1)
+    score = np.where(ok, cos.mean(1), -np.inf)
+    best = int(score.argmax())
+    for j, st in enumerate(states):
+        st.cos = float(cos[best, j])
+    return amaxes[best]
+
+
+def _sample_rows(total: int, k: int, rng, max_rows: int, max_elements: int) -> np.ndarray:
+    """Sorted flat indices of the sampled output rows: at most ``max_rows`` rows and about
+    ``max_elements`` patch values (never fewer than 256 rows)."""
+    want = int(min(total, max_rows, max(256, max_elements // max(k, 1))))
+    if want >= total:
+        return np.arange(total)
+    return np.sort(rng.choice(total, want, replace=False))
+
+
+def _check_args(batches, rounds, points, search) -> tuple[list, float, float]:
+    batches = [np.asarray(_np(b), f32) for b in batches]
+    if not batches:
+        raise QuantOpsError("easyquant: the calibration set is empty")
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise QuantOpsError(f"easyquant: rounds must be an integer >= 1, got {rounds!r}")
+    if not (isinstance(points, int) and points >= 2):
+        raise QuantOpsError(f"easyquant: points must be an integer >= 2, got {points!r}")
+    try:
+        lo, hi = (float(v) for v in search)
+    except (TypeError, ValueError):
+        lo = hi = -1.0
+    if not 0 < lo < hi:
+        raise QuantOpsError(f"easyquant: search must be (low, high) with 0 < low < high, "
+                            f"got {search!r}")
+    shape = batches[0].shape[1:]
+    for i, b in enumerate(batches):
+        if b.ndim == 0 or b.shape[1:] != shape or len(b) == 0:
+            raise QuantOpsError(f"easyquant: batch {i} has shape {b.shape}; every batch must "
+                                f"be non-empty with items of shape {shape}")
+    return batches, lo, hi
+
+
+def _check_params(graph: Graph, params: dict, layers: list, nbits: int | None) -> list:
+    bits = sorted({int(n.attrs.get("nbits", "8")) for n in graph.nodes if n.op == INT8_OP})
+    if nbits is not None and bits != [nbits]:
+        raise QuantOpsError(f"{graph.source}: easyquant(nbits={nbits}) but the graph's "
+                            f"quantizers have {bits} bits: build the graph with a {nbits}-bit "
+                            f"policy, e.g. {{'preset': 'trt_int8', 'weight': {{'bits': {nbits}}}, "
+                            f"'activation': {{'bits': {nbits}}}}}")
+    for ly in layers:
+        for key in filter(None, (ly.weight, ly.bias, ly.minmax)):
+            if key not in params:
+                raise QuantOpsError(f"easyquant: no param '{key}' (layer '{ly.name}')")
+        if ly.minmax is not None:
+            mm = _np(params[ly.minmax]).reshape(-1)
+            if mm.size < 1 or not np.isfinite(mm[0]) or mm[0] <= 0:
+                raise QuantOpsError(f"easyquant: activation quantizer '{ly.act_q}' has range "
+                                    f"{mm[:1].tolist()} in '{ly.minmax}': calibrate the graph "
+                                    "first (calibrate_graph)")
+    return bits
+
+
+def _inference_params(graph: Graph, params: dict) -> dict:
+    """Params as numpy with every quantizer in inference mode (a QAT checkpoint may hold
+    training = 1 in its ``qstate``, which would move the ranges while we run)."""
+    run = {k: _np(v) for k, v in params.items()}
+    for n in graph.nodes:
+        if n.op == INT8_OP and len(n.inputs) > 2:
+            key = graph.nodes[n.inputs[2][0]].name
+            if key in run:
+                qs = np.array(run[key], f32).reshape(-1)
+                qs[1:2] = 0
+                run[key] = qs
+    return run
+
+
+def _split_rows(ly: _Layer, start: int, n: int):
+    """The sampled rows that fall in images [start, start + n), in ``_patches``' form."""
+    lo, hi = np.searchsorted(ly.flat, [start * ly.per_image, (start + n) * ly.per_image])
+    local = ly.flat[lo:hi] - start * ly.per_image
+    if ly.op == "FullyConnected":
+        return local
+    loc = np.unravel_index(local, (n,) + tuple(ly.out_spatial))
+    return loc[0], np.stack(loc[1:], 1)
+
+
+def _float_outputs(layers: list, fgraph: Graph, run_params: dict, batches: list,
+                   data_name: str, rng, max_rows: int, max_elements: int,
+                   progress: bool) -> None:
+    """Sample each layer's output rows and keep the float network's outputs there."""
+    n_images = sum(len(b) for b in batches)
+    runners: dict = {}
+    names = [f"{ly.name}_output" for ly in layers]
+    parts: list = [[] for _ in layers]
+    start = 0
+    for b in tqdm(batches, desc="easyquant: float outputs", leave=False, disable=not progress):
+        if b.shape not in runners:
+            runners[b.shape] = _runner(fgraph, run_params, b.shape, data_name, names)
+        for j, (ly, y) in enumerate(zip(layers, runners[b.shape](b))):
+            if ly.flat is None:
+                if ly.op == "FullyConnected":
+                    ly.per_image = 1 if ly.geo.flatten else int(np.prod(y.shape[1:-1]))
+                else:
+                    ly.out_spatial = tuple(y.shape[2:])
+                    ly.per_image = int(np.prod(ly.out_spatial))
+                w = _np(run_params[ly.weight])          # k: input values per output row
+                k = w.size // w.shape[1] if ly.op == "Deconvolution" else \
+                    (w.size // w.shape[0]) * (ly.geo.groups if ly.op == "Convolution" else 1)
+                ly.flat = _sample_rows(n_images * ly.per_image, k, rng, max_rows, max_elements)
+            ly.rows.append(_split_rows(ly, start, len(b)))
+            parts[j].append(_out_rows(y, ly.rows[-1], ly.geo))
+        start += len(b)
+    for ly, p in zip(layers, parts):
+        o = np.concatenate(p).astype(np.float64)                 # (R, channels)
+        g = 1 if ly.op == "FullyConnected" else ly.geo.groups
+        ly.out = np.ascontiguousarray(o.reshape(len(o), g, -1).transpose(1, 0, 2))
+
+
+def _quantized_inputs(unit: list, graph: Graph, run_params: dict, batches: list,
+                      data_name: str) -> None:
+    """Each layer's input patches at its sampled rows, from the quantized network with the
+    params as optimized so far."""
+    tensors = sorted({ly.tensor for ly in unit if ly.tensor != data_name})
+    runners: dict = {}
+    parts: list = [[] for _ in unit]
+    for bi, b in enumerate(batches):
+        vals = {data_name: b}
+        if tensors:
+            if b.shape not in runners:
+                runners[b.shape] = _runner(graph, run_params, b.shape, data_name, tensors)
+            vals.update(zip(tensors, runners[b.shape](b)))
+        for j, ly in enumerate(unit):
+            x = vals[ly.tensor]
+            if bi == 0 and ly.op != "FullyConnected" and \
+                    ly.geo.out_spatial(x.shape[2:]) != ly.out_spatial:
+                raise QuantOpsError(f"easyquant: layer '{ly.name}': the simulated output "
+                                    f"{ly.geo.out_spatial(x.shape[2:])} differs from "
+                                    f"MXNet's {ly.out_spatial}")
+            parts[j].append(_patches(np.asarray(x, f32), ly.rows[bi], ly.geo))
+    for ly, p in zip(unit, parts):
+        ly.x = np.concatenate(p).astype(f32)
+
+
+def _clipped(st: _State, axis: int | None) -> np.ndarray:
+    """The given weight clipped to the current factors' ranges (what realizes the scale)."""
+    t = st.amax()[0]
+    if axis is None:
+        return np.clip(st.w0, -t[0], t[0]).astype(f32)
+    shp = [1] * st.w0.ndim
+    shp[axis] = -1
+    return np.clip(st.w0, -t.reshape(shp), t.reshape(shp)).astype(f32)
+
+
+def easyquant(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
+              nbits: int | None = None, rounds: int = 2,
+              search: tuple[float, float] = (0.5, 1.2), points: int = 100,
+              data_name: str = "data", progress: bool = True, max_rows: int = 1 << 15,
+              max_elements: int = 1 << 21, seed: int = 0) -> tuple[dict, dict]:
+    """EasyQuant on a quantized, calibrated graph; returns (new params, report).
+
+    ``graph``/``params``: the output of ``quantize_graph`` with activation ranges filled by
+    ``calibrate_graph``; they are not modified.  ``batches``: calibration inputs.  Each
+    layer (Convolution, FullyConnected, Deconvolution with a ``Quantization_int8`` input),
+    in topological order, gets ``rounds`` alternations of a weight-scale search (per channel
+    when its weight quantizer is) and a search of its input activation's amax, over
+    ``points`` factors in ``search`` times the current scale, maximizing the cosine between
+    its float output (float network) and its quantized output (quantized network as
+    optimized so far).  Layers reading one activation quantizer search its amax together.
+    The cosine is measured on at most ``max_rows`` output positions (about
+    ``max_elements`` input values) drawn with ``seed``.  The new params differ from
+    ``params`` only in clipped weights and activation ``_minmax`` values.  ``nbits``, if
+    given, must be the bit width of every quantizer (build the graph with such a policy).
+
+    The report: ``layers`` (per layer: cosine before/after on its sampled rows, the
+    activation factor and amax, the weight factors per scale channel), ``skipped`` layers
+    with the reason, and the settings.
+    """
+    batches, lo, hi = _check_args(batches, rounds, points, search)
+    layers, skipped = _find_layers(graph)
+    if not layers:
+        raise QuantOpsError(f"{graph.source}: no Convolution/FullyConnected/Deconvolution "
+                            "with a Quantization_int8 input to search")
+    bits = _check_params(graph, params, layers, nbits)
+    run_params = _inference_params(graph, params)
+    new_params = dict(params)
+    _float_outputs(layers, strip_quantizers(graph), run_params, batches, data_name,
+                   np.random.default_rng(seed), max_rows, max_elements, progress)
+
+    # layers reading one activation range are searched together, at the first of them
+    units: list = []
+    by_minmax: dict = {}
+    for ly in layers:
+        if ly.minmax is not None and ly.minmax in by_minmax:
+            by_minmax[ly.minmax].append(ly)
+        else:
+            units.append([ly])
+            if ly.minmax is not None:
+                by_minmax[ly.minmax] = units[-1]
+
+    ratios = np.concatenate([[1.0], np.linspace(lo, hi, points)])   # row 0: keep
+    report_rows = []
+    for unit in tqdm(units, desc="easyquant: layers", disable=not progress):
+        _quantized_inputs(unit, graph, run_params, batches, data_name)
+        states = []
+        for ly in unit:
+            w0 = _np(params[ly.weight]).astype(f32)
+            wmax = abs_max(w0, ly.w_axis)
+            bias = None
+            if ly.bias is not None:
+                bias = _np(params[ly.bias]).astype(f32).reshape(ly.out.shape[0], -1)
+            states.append(_State(w0, wmax, np.ones(len(wmax)), bias))
+        first = unit[0]
+        amax0 = f32(_np(params[first.minmax]).reshape(-1)[0]) if first.minmax else None
+        amax = amax0
+        for ly, st in zip(unit, states):
+            st.cos = _cosine(_quant_x(ly, amax), _weight_conv(ly, st), st.bias, ly.out)
+        before = [st.cos for st in states]
+        for _ in range(rounds):
+            for ly, st in zip(unit, states):
+                if ly.w_q is not None and ly.w_search:
+                    _weight_step(ly, st, amax, ratios)
+            if amax is not None:
+                amax = _act_step(unit, states, amax, ratios, first.act_bits)
+        after = [_cosine(_quant_x(ly, amax), _weight_conv(ly, st), st.bias, ly.out)
+                 for ly, st in zip(unit, states)]
+        # the unit's scales go into the params, for the layers after it and for the caller
+        if amax is not None:
+            new_params[first.minmax] = np.array([amax], f32)
+            run_params[first.minmax] = new_params[first.minmax]
+        for ly, st, b4, af in zip(unit, states, before, after):
+            searched = ly.w_q is not None and ly.w_search
+            if searched and np.any(st.factors < 1):
+                new_params[ly.weight] = run_params[ly.weight] = _clipped(st, ly.w_axis)
+            report_rows.append({
+                "layer": ly.name, "op": ly.op, "input_quantizer": ly.act_q,
+                "minmax": ly.minmax, "weight": ly.weight, "weight_quantizer": ly.w_q,
+                "per_channel": ly.w_axis is not None,
+                "act_bits": ly.act_bits if ly.act_q else None,
+                "weight_bits": ly.w_bits if ly.w_q else None,
+                "rows": int(len(ly.x)), "cosine_before": b4, "cosine_after": af,
+                "amax_before": None if amax0 is None else float(amax0),
+                "amax_after": None if amax is None else float(amax),
+                "act_factor": None if amax0 is None else float(amax / amax0),
+                "weight_factors": [float(f) for f in st.factors] if searched else None,
+                "shared_input_with": [o.name for o in unit if o is not ly]})
+            log.info("easyquant: %s cosine %.5f -> %.5f", ly.name, b4, af)
+            ly.x = None
+    return new_params, {"layers": report_rows,
+                        "skipped": [{"layer": n, "reason": r} for n, r in skipped],
+                        "rounds": rounds, "points": points, "search": [lo, hi],
+                        "bits": bits, "images": sum(len(b) for b in batches)}

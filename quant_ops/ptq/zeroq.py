@@ -1,0 +1,241 @@
+"""ZeroQ distilled data (Cai et al. 2020, arXiv 2001.00281): a calibration set made from
+the float model alone, for when no real images may be used.
+
+Start from Gaussian noise and optimize the *input* (weights frozen) so that, at every
+BatchNorm layer, the per-channel mean and standard deviation of the batch that reaches the
+BN equal the BN's running statistics, which summarize the training data the model saw.
+The loss is the paper's statistic loss, summed over the BN layers:
+
+    ||mu_batch - running_mean||_2 + ||sigma_batch - sqrt(running_var + eps)||_2
+
+It is built as one MXNet symbol on the *float* graph (BN not folded: folding removes the
+statistics), so forward and backward run in MXNet and only the Adam step is numpy.  The
+network runs in inference mode, so every BN normalizes with its running statistics, as
+deployment does: the data that comes out is data for which the model behaves as it did on
+its training set.
+
+The network input itself has no BN in front of it.  When the pixel range is known (images
+in [0, 1] normalized with the model's mean/std), ``input_range`` keeps the distilled pixels
+inside it (projected Adam); this is what fixes the input quantizer's range, which the BN
+statistics cannot (see ``bench/zeroq_fmnist.py``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Sequence
+
+import mxnet as mx
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import QuantOpsError
+from ..graph.ir import Graph
+
+log = logging.getLogger(__name__)
+
+_TINY = 1e-12  # keeps the norm's gradient finite when a difference is exactly zero
+
+
+def _tensor_name(graph: Graph, entry) -> str:
+    """The name ``get_internals()`` gives the tensor of a node input entry."""
+    node = graph.nodes[entry[0]]
+    if node.is_var:
+        return node.name
+    return f"{node.name}_output" + (str(entry[1]) if entry[1] else "")
+
+
+def _batchnorms(graph: Graph) -> list:
+    bns = [n for _, n in graph.ops() if n.op == "BatchNorm"]
+    if not bns:
+        raise QuantOpsError(f"{graph.source}: the graph has no BatchNorm layer; ZeroQ distils "
+                            "data from BN running statistics (use the float graph, before "
+                            "BN folding)")
+    return bns
+
+
+def _stat_param(params: dict, graph: Graph, bn, pos: int, what: str) -> np.ndarray:
+    name = graph.nodes[bn.inputs[pos][0]].name
+    if name not in params:
+        raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}' needs its {what} "
+                            f"'{name}', which is not in the params")
+    v = params[name]
+    return np.asarray(v.asnumpy() if hasattr(v, "asnumpy") else v, np.float64).ravel()
+
+
+class StatisticLoss:
+    """The ZeroQ statistic loss of a float graph, bound for input batches of ``shape``.
+
+    ``loss(x)`` gives the total and the per-BN terms; ``loss_and_grad(x)`` also the gradient
+    with respect to ``x`` (the only input that gets one).
+    """
+
+    def __init__(self, graph: Graph, params: dict, shape: Sequence[int],
+                 data_name: str = "data") -> None:
+        self.shape = tuple(int(d) for d in shape)
+        if len(self.shape) < 2 or any(d <= 0 for d in self.shape):
+            raise QuantOpsError(f"input shape {self.shape} is not a batch shape "
+                                "(batch, channels, ...)")
+        if self.shape[0] < 2:
+            raise QuantOpsError(f"input shape {self.shape}: a batch of one image has no "
+                                "batch statistics to match; use a batch of at least 2")
+        self.bns = _batchnorms(graph)
+        # The BNs must normalize with their running statistics (the distilled data has to
+        # pass through the network as deployment runs it).  They do so in inference mode,
+        # but MXNet's MKL-DNN backward of an inference-mode BN is ~4x slower than the
+        # training-mode path; use_global_stats=True gives the same numbers on the fast path
+        # (and Dropout, the other op that reads the mode, is made the identity).
+        graph = copy.deepcopy(graph)
+        for n in graph.nodes:
+            if n.op == "BatchNorm":
+                n.attrs["use_global_stats"] = "True"
+            elif n.op == "Dropout":
+                n.attrs["p"] = "0"
+        internals = graph.to_symbol().get_internals()
+        names = set(internals.list_outputs())
+        if data_name not in names:
+            raise QuantOpsError(f"{graph.source}: no input named '{data_name}'")
+        inputs = [internals[_tensor_name(graph, bn.inputs[0])] for bn in self.bns]
+        try:
+            out_shapes = mx.sym.Group(inputs).infer_shape(**{data_name: self.shape})[1]
+        except mx.base.MXNetError as e:
+            raise QuantOpsError(f"{graph.source}: input shape {self.shape} does not fit the "
+                                f"model: {' '.join(str(e).split())[:300]}") from None
+        if out_shapes is None:
+            raise QuantOpsError(f"{graph.source}: input shape {self.shape} leaves the BN "
+                                "input shapes unknown")
+
+        terms = []
+        consts: dict = {}
+        for bn, x, xs in zip(self.bns, inputs, out_shapes):
+            axis = int(bn.attrs.get("axis", "1")) % len(xs)
+            eps = float(bn.attrs.get("eps", "0.001"))   # MXNet's default BN eps
+            mean = _stat_param(params, graph, bn, 3, "running mean")
+            var = _stat_param(params, graph, bn, 4, "running variance")
+            if mean.size != xs[axis] or var.size != xs[axis]:
+                raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}' has {mean.size} "
+                                    f"running statistics for {xs[axis]} channels")
+            # per-channel moments through contiguous reductions: (pre, C, post) -> mean
+            # over post, then over pre.  MXNet's reduction over axes (0, 2, 3) in one call,
+            # and the backward of a centring broadcast, are several times slower.
+            pre = int(np.prod(xs[:axis], dtype=np.int64))
+            post = int(np.prod(xs[axis + 1:], dtype=np.int64))
+            r = mx.sym.reshape(x, shape=(pre, xs[axis], post))
+            mu = mx.sym.mean(mx.sym.mean(r, axis=2), axis=0)
+            m2 = mx.sym.mean(mx.sym.mean(mx.sym.square(r), axis=2), axis=0)
+            sigma = mx.sym.sqrt(mx.sym.relu(m2 - mx.sym.square(mu)) + eps)
+            m_var = mx.sym.var(f"{bn.name}_zeroq_mean", shape=(xs[axis],))
+            s_var = mx.sym.var(f"{bn.name}_zeroq_std", shape=(xs[axis],))
+            consts[m_var.name] = mean
+            consts[s_var.name] = np.sqrt(np.maximum(var, 0.0) + eps)
+            d_mu = mx.sym.sqrt(mx.sym.sum(mx.sym.square(mu - m_var)) + _TINY)
+            d_sigma = mx.sym.sqrt(mx.sym.sum(mx.sym.square(sigma - s_var)) + _TINY)
+            terms.append(mx.sym.reshape(d_mu + d_sigma, shape=(1,)))
+        per_bn = mx.sym.concat(*terms, dim=0) if len(terms) > 1 else terms[0]
+        total = mx.sym.sum(per_bn)
+        loss = mx.sym.Group([mx.sym.MakeLoss(total), mx.sym.BlockGrad(per_bn)])
+
+        args = {}
+        for k in loss.list_arguments():
+            if k == data_name:
+                continue
+            if k in consts:
+                args[k] = mx.nd.array(consts[k])
+            elif k in params:
+                args[k] = mx.nd.array(params[k])
+            else:
+                raise QuantOpsError(f"{graph.source}: no value for parameter '{k}'")
+        aux = {}
+        for k in loss.list_auxiliary_states():
+            if k not in params:
+                raise QuantOpsError(f"{graph.source}: no value for auxiliary state '{k}'")
+            aux[k] = mx.nd.array(params[k])
+        self.data_name = data_name
+        self._grad = mx.nd.zeros(self.shape)
+        try:
+            self._exe = loss.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(self.shape)},
+                                  args_grad={data_name: self._grad},
+                                  grad_req={k: ("write" if k == data_name else "null")
+                                            for k in loss.list_arguments()},
+                                  aux_states=aux)
+        except mx.base.MXNetError as e:
+            raise QuantOpsError(f"{graph.source}: input shape {self.shape} does not fit the "
+                                f"model's parameters: {' '.join(str(e).split())[:300]}") from None
+
+    def loss(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """(total loss, loss of each BN in graph order) for the batch ``x``."""
+        x = np.asarray(x, np.float32)
+        if x.shape != self.shape:
+            raise QuantOpsError(f"batch of shape {x.shape}, expected {self.shape}")
+        self._exe.arg_dict[self.data_name][:] = x
+        out = self._exe.forward(is_train=True)  # BNs use global stats: see __init__
+        return float(out[0].asnumpy().ravel()[0]), out[1].asnumpy().astype(np.float64)
+
+    def loss_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
+        """(total loss, d loss / d x)."""
+        total, _ = self.loss(x)
+        self._exe.backward()
+        return total, self._grad.asnumpy()
+
+
+def statistic_loss(graph: Graph, params: dict, x: np.ndarray,
+                   data_name: str = "data") -> float:
+    """The ZeroQ statistic loss of one input batch ``x`` (lower: the BN inputs' batch
+    statistics are closer to the running statistics)."""
+    return StatisticLoss(graph, params, np.shape(x), data_name).loss(x)[0]
+
+
+def distill_batches(graph: Graph, params: dict, shape: Sequence[int], num_batches: int = 16,
+                    steps: int = 200, lr: float = 0.1, seed: int = 0,
+                    data_name: str = "data", progress: bool = True,
+                    input_range: tuple[float, float] | None = None) -> list[np.ndarray]:
+    """``num_batches`` input batches of ``shape`` distilled from the float model's BN
+    statistics; a list of float32 arrays to pass as ``calibrate_graph``'s ``batches``.
+
+    Each batch starts as N(0, 1) noise and takes ``steps`` Adam steps of size ``lr`` on the
+    statistic loss (weights frozen).  ``input_range=(lo, hi)`` keeps every input value in
+    that interval (the model's valid, normalized, pixel range), by projection after each
+    step.  Deterministic for a given ``seed``.
+    """
+    if num_batches < 1 or steps < 0:
+        raise QuantOpsError(f"num_batches must be >= 1 and steps >= 0, got {num_batches} "
+                            f"and {steps}")
+    if lr <= 0:
+        raise QuantOpsError(f"the learning rate must be positive, got {lr}")
+    if input_range is not None:
+        lo, hi = (np.float32(v) for v in input_range)
+        if not lo < hi:
+            raise QuantOpsError(f"input_range {input_range} is empty (needs lo < hi)")
+    stat = StatisticLoss(graph, params, shape, data_name)
+    rng = np.random.default_rng(seed)
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    out = []
+    bar = tqdm(total=num_batches * steps, desc="zeroq: distilling", disable=not progress)
+    for b in range(num_batches):
+        x = rng.standard_normal(stat.shape).astype(np.float32)
+        if input_range is not None:
+            np.clip(x, lo, hi, out=x)
+        m = np.zeros_like(x)
+        v = np.zeros_like(x)
+        first = None
+        for t in range(1, steps + 1):
+            total, g = stat.loss_and_grad(x)
+            if first is None:
+                first = total
+            if not np.isfinite(total) or not np.isfinite(g).all():
+                raise QuantOpsError(f"{graph.source}: the statistic loss became non-finite "
+                                    f"at step {t} of batch {b} (lower lr, now {lr})")
+            m = beta1 * m + (1 - beta1) * g
+            v = beta2 * v + (1 - beta2) * (g * g)
+            step = lr * (m / (1 - beta1 ** t)) / (np.sqrt(v / (1 - beta2 ** t)) + adam_eps)
+            x = (x - step).astype(np.float32)
+            if input_range is not None:
+                np.clip(x, lo, hi, out=x)
+            bar.update(1)
+            bar.set_postfix(batch=b, loss=f"{total:.3g}", refresh=False)
+        last = stat.loss(x)[0]
+        log.info("zeroq batch %d: statistic loss %.4g -> %.4g in %d steps", b,
+                 first if first is not None else last, last, steps)
+        out.append(x)
+    bar.close()
+    return out
