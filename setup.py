@@ -43,6 +43,7 @@ setup(
     install_requires=["mxnet==1.9.1", "numpy==1.23.5", "tqdm"],
     cmdclass={"build_py": BuildWithLibrary},
     entry_points={"console_scripts": ["qo-graph-optimize=quant_ops.cli:graph_optimize_main",
-                                      "qo-export-onnx=quant_ops.cli:export_main"]},
+                                      "qo-export-onnx=quant_ops.cli:export_main",
+                                      "qo-sensitivity=quant_ops.ptq.sensitivity:sensitivity_main"]},
     zip_safe=False,
 )

@@ -70,3 +70,106 @@ def test_bad_calibration_sets_are_clear_errors(model):
         calibrate_graph(q.graph, q.params, [bad], "entropy", progress=False)
     with pytest.raises(QuantOpsError, match="NaN"):
         calibrate_graph(q.graph, q.params, [bad], "minmax", progress=False)
+
+
+def _data_histogram_range(batches):
+    return max(float(np.abs(b).max()) for b in batches)
+
+
+def test_network_input_is_calibrated_by_minmax_unless_asked(model):
+    q, _, _, _ = model
+    rng = np.random.default_rng(1)   # long-tailed inputs, which entropy clips
+    batches = [rng.standard_exponential((8, 3, 32, 32)).astype(np.float32) for _ in range(3)]
+    _, default = calibrate_graph(q.graph, q.params, batches, "entropy", progress=False)
+    _, same = calibrate_graph(q.graph, q.params, batches, "entropy", progress=False,
+                              input_method=None)
+    assert default["data_int8"] == pytest.approx(_data_histogram_range(batches))
+    assert same["data_int8"] < 0.9 * default["data_int8"]
+    others = [k for k in default if k != "data_int8"]
+    assert all(default[k] == same[k] for k in others)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile", "mse"])
+def test_cached_first_pass_gives_the_same_ranges(model, method):
+    """Keeping the first pass's tensors (one network run) must not change any range."""
+    q, _, _, batches = model
+    _, cached = calibrate_graph(q.graph, q.params, batches, method, progress=False)
+    _, rerun = calibrate_graph(q.graph, q.params, batches, method, progress=False,
+                               cache_bytes=0)
+    assert cached == rerun
+    # one pass (growing histograms): percentile and MSE land within a few bins
+    _, one = calibrate_graph(q.graph, q.params, batches, method, progress=False, passes=1)
+    _, top = calibrate_graph(q.graph, q.params, batches, "minmax", progress=False)
+    if method != "entropy":   # entropy's divergence curve can be flat: no bound promised
+        for k in one:
+            assert abs(one[k] - cached[k]) <= 4 * top[k] / 2048, k
+    with pytest.raises(QuantOpsError, match="passes"):
+        calibrate_graph(q.graph, q.params, batches, method, progress=False, passes=3)
+
+
+def test_learned_range_quantizers_start_from_the_calibrated_range(model):
+    """PACT clips, LSQ steps, QIL intervals and DSQ ranges are set from calibration (not
+    left at their generic defaults), and MSE follows each quantizer's bit width."""
+    _, sym, params, batches = model
+    pol = {"weight": {"method": "lsq", "bits": 4, "per_channel": True},
+           "activation": {"method": "lsq", "bits": 4},
+           "overrides": [{"match": "*stage2*", "activation": {"method": "pact", "bits": 4}},
+                         {"match": "*stage3*", "activation": {"method": "qil", "bits": 4}},
+                         {"match": "*dense*", "activation": {"method": "dsq", "bits": 4}}]}
+    q = quantize_graph(Graph.from_symbol(sym), params, pol)
+    qp, ranges = calibrate_graph(q.graph, q.params, batches, "mse", progress=False)
+    _, top = calibrate_graph(q.graph, q.params, batches, "minmax", progress=False)
+    seen = set()
+    for node in q.graph.nodes:
+        if node.name not in ranges:
+            continue
+        amax = ranges[node.name]
+        assert 0 < amax <= top[node.name] * 1.0001
+        state = {q.graph.nodes[e[0]].name.replace("_qo_gradsum", "") for e in node.inputs[1:]}
+        if node.op == "LSQ" and node.name != "data_lsq":
+            step = qp[next(s for s in state if s.endswith("_step"))][0]
+            assert step == pytest.approx(amax / 15, rel=1e-6)    # unsigned 4-bit: Qp = 15
+        elif node.op == "PACT":
+            assert qp[next(iter(state))][0] == pytest.approx(amax)
+        elif node.op == "QIL":
+            c = qp[next(s for s in state if s.endswith("_center"))][0]
+            d = qp[next(s for s in state if s.endswith("_distance"))][0]
+            assert (c, d) == (pytest.approx(amax / 2), pytest.approx(amax / 2))
+        elif node.op == "DSQ":
+            assert qp[next(s for s in state if s.endswith("_dsq_upper"))][0] == \
+                pytest.approx(amax)
+        seen.add(node.op)
+    assert seen >= {"LSQ", "PACT", "QIL", "DSQ"}
+    # 4-bit MSE clips harder than 8-bit MSE on the same tensors
+    q8 = quantize_graph(Graph.from_symbol(sym), params, "trt_int8")
+    _, r8 = calibrate_graph(q8.graph, q8.params, batches, "mse", progress=False)
+    assert np.mean(list(ranges.values())) < np.mean(list(r8.values()))
+
+
+def test_learned_weight_quantizers_start_from_bn_folded_weights():
+    """With BN folded for QAT the weight is computed in-graph; LSQ's step must still come
+    from that weight (2 mean|w| / sqrt(Qp)), not from a generic default."""
+    from mxnet.gluon import nn
+
+    from quant_ops.refs.lsq import LSQAttrs, init_step
+
+    net = nn.HybridSequential()
+    net.add(nn.Conv2D(4, 3, use_bias=False), nn.BatchNorm(), nn.Activation("relu"),
+            nn.Dense(3))
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.random.normal(shape=(2, 1, 8, 8))
+    net(x)
+    bn = net[1]
+    bn.gamma.set_data(mx.nd.array([0.5, 2.0, 1.0, 3.0]))
+    bn.running_var.set_data(mx.nd.array([4.0, 1.0, 0.25, 1.0]))
+    sym = net(mx.sym.var("data"))
+    params = {p.name: p.data().asnumpy() for p in net.collect_params().values()}
+    pol = {"weight": {"method": "lsq", "bits": 4, "per_channel": True},
+           "activation": {"method": "lsq", "bits": 4}}
+    q = quantize_graph(Graph.from_symbol(sym), params, pol, fold_bn="qat")
+    w = params[net[0].weight.name]
+    scale = params[bn.gamma.name] / np.sqrt(params[bn.running_var.name] + 1e-5)
+    folded = w * scale.reshape(-1, 1, 1, 1)
+    want = init_step(folded, LSQAttrs(nbits=4, is_weight=True, is_weight_perchannel=True))
+    step = next(v for k, v in q.params.items() if "weight_folded" in k and k.endswith("_step"))
+    np.testing.assert_allclose(step, np.asarray(want).reshape(-1), rtol=1e-5)
