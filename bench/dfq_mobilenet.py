@@ -2,7 +2,8 @@
 model, of naive per-tensor INT8 quantization, and of the same after each DFQ step.
 
 Naive: BatchNorm folded (deploy), ReLU6 kept, quantized by ``quantize_graph`` with per-tensor
-INT8 weights (W8A8 also with INT8 activations calibrated by min/max on 512 training images).
+INT8 weights (W8A8 also with INT8 activations calibrated by min/max on 512 training images;
+W8 and W6: weights only, activations float).
 DFQ: ReLU6 -> ReLU, BN folded, cross-layer equalization, high-bias absorption, bias
 correction (data-free, or empirical on the same 512 images), quantized the same way.
 
@@ -36,6 +37,9 @@ W_PER_TENSOR = {"method": "int8", "bits": 8, "per_channel": False}
 POLICIES = {
     "W8A8": {"weight": W_PER_TENSOR, "activation": {"method": "int8", "bits": 8}},
     "W8": {"weight": W_PER_TENSOR, "overrides": [{"match": "*", "activation": None}]},
+    # 6-bit per-tensor weights, float activations: where the steps after CLE show
+    "W6": {"weight": {**W_PER_TENSOR, "bits": 6},
+           "overrides": [{"match": "*", "activation": None}]},
 }
 REF_POLICY = {"weight": {"method": "int8", "bits": 8, "per_channel": True},
               "activation": {"method": "int8", "bits": 8}}
@@ -98,7 +102,8 @@ def measure_dfq(model_name: str = "mobilenetv2", calib_images: int = 512,
         rows.append(row)
         logging.info("%s: %s", label, row)
     ref = {"variant": "naive, per-channel weights (reference)", "float": None,
-           "W8A8": quantized_accuracy(naive_g, naive_p, REF_POLICY, calib, x, yte), "W8": None}
+           "W8A8": quantized_accuracy(naive_g, naive_p, REF_POLICY, calib, x, yte), "W8": None,
+           "W6": None}
     rows.append(ref)
 
     naive = rows[0]
@@ -135,11 +140,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     res = measure_dfq(args.model, args.calib, args.test)
     print(f"{args.model}: float {res['float_accuracy']:.2f}% on {res['test_images']} test "
-          f"images; INT8 per-tensor weights, activations min/max on {res['calib_images']} "
-          "training images")
-    print(f"{'variant':<52} {'float':>7} {'W8A8':>7} {'W8':>7}")
+          f"images; per-tensor weights, INT8 activations (A8) min/max on "
+          f"{res['calib_images']} training images")
+    cols = ["float"] + list(POLICIES)
+    print(f"{'variant':<52}" + "".join(f" {c:>7}" for c in cols))
     for r in res["rows"]:
-        print(f"{r['variant']:<52} {_fmt(r['float']):>7} {_fmt(r['W8A8']):>7} {_fmt(r['W8']):>7}")
+        print(f"{r['variant']:<52}" + "".join(f" {_fmt(r[c]):>7}" for c in cols))
     for k, v in res["dfq_recovered_fraction_of_naive_loss"].items():
         print(f"DFQ (data-free) recovers {_fmt(None if v is None else 100 * v)}% of what "
               f"naive {k} loses")

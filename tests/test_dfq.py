@@ -292,3 +292,26 @@ def test_bad_input_raises():
         dfq.apply_dfq(graph, params, weight_clip=-1)
     with pytest.raises(QuantOpsError, match="int8 weights only"):
         dfq.apply_dfq(graph, params, policy={"weight": {"method": "dorefa", "bits": 4}})
+
+
+def test_real_mobilenet_cle_keeps_float_and_shrinks_per_tensor_error():
+    from quant_ops.ptq.common import MODELS, load_fmnist_model
+
+    if not (MODELS / "fmnist_mobilenetv2.json").is_file():
+        pytest.skip("examples/models/fmnist_mobilenetv2 not trained yet")
+    from quant_ops.datasets import fashion_mnist
+
+    model = load_fmnist_model("mobilenetv2")
+    x = model.normalize(fashion_mnist("test")[0][:16])
+    g0, p0 = _plain(model.graph, model.params)
+    g1, p1 = dfq.apply_dfq(model.graph, model.params)
+    ge, pe = dfq.apply_dfq(model.graph, model.params, absorb_bias=False, bias_correction=None)
+    y0 = _run(g0, p0, x)[0]
+    assert _rel(_run(ge, pe, x)[0], y0) < 1e-4
+    w8 = {"weight": {"method": "int8", "bits": 8, "per_channel": False},
+          "overrides": [{"match": "*", "activation": None}]}
+    errs = []
+    for g, p in ((g0, p0), (g1, p1)):
+        q = quantize_graph(g, p, w8)
+        errs.append(float(np.abs(_run(q.graph, q.params, x)[0] - y0).mean()))
+    assert errs[1] < 0.25 * errs[0], errs

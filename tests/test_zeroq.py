@@ -119,6 +119,8 @@ def test_input_range_keeps_pixels_inside(net):
     with pytest.raises(QuantOpsError, match="empty"):
         distill_batches(g, p, SHAPE, num_batches=1, steps=1, input_range=(1, 1),
                         progress=False)
+    with pytest.raises(QuantOpsError, match="schedule 'step'"):
+        distill_batches(g, p, SHAPE, num_batches=1, steps=1, schedule="step", progress=False)
 
 
 def test_distilled_batches_calibrate_a_quantized_graph(net):
@@ -149,3 +151,20 @@ def test_shapes_that_do_not_fit_are_refused(net, shape, match):
     g, p = net
     with pytest.raises(QuantOpsError, match=match):
         distill_batches(g, p, shape, num_batches=1, steps=1, progress=False)
+
+
+def test_bn_after_a_multi_output_op():
+    """The BN input is found when it is one output of several (here a SliceChannel)."""
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="c")
+    parts = mx.sym.SliceChannel(x, num_outputs=2, axis=1, name="sp")
+    y = mx.sym.BatchNorm(parts[1], eps=EPS, fix_gamma=False, name="bn")
+    rng = np.random.default_rng(2)
+    p = {"c_weight": rng.normal(0, 0.5, (4, 1, 3, 3)).astype(np.float32),
+         "c_bias": np.zeros(4, np.float32), "bn_gamma": np.ones(2, np.float32),
+         "bn_beta": np.zeros(2, np.float32), "bn_moving_mean": np.array([0.5, -0.5], np.float32),
+         "bn_moving_var": np.array([2.0, 0.5], np.float32)}
+    g = Graph.from_symbol(y)
+    noise = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    (b,) = distill_batches(g, p, SHAPE, num_batches=1, steps=100, progress=False)
+    assert statistic_loss(g, p, b) < statistic_loss(g, p, noise) / 10

@@ -3,9 +3,11 @@ function, the project's Fashion-MNIST models, and test accuracy."""
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mxnet as mx
 import numpy as np
@@ -41,6 +43,24 @@ def load_fmnist_model(name: str = "resnet20") -> FloatModel:
                       info["normalize"]["mean"], info["normalize"]["std"], info["test_accuracy"])
 
 
+@contextmanager
+def no_fusion() -> Iterator[None]:
+    """Bind without MXNet's MKL-DNN subgraph fusion.  With an inner tensor among the
+    requested outputs, mxnet 1.9.1 still fuses its producer with what follows (conv + BN,
+    conv + ReLU): the bind fails ("arg_names.size() == in_args_map.size()") or the tensors
+    downstream come out wrong."""
+    key = "MXNET_SUBGRAPH_BACKEND"
+    old = os.environ.get(key)
+    os.environ[key] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
 def runner(graph: Graph, params: dict, shape: tuple, data_name: str = "data",
            outputs: list[str] | None = None) -> Callable[[np.ndarray], list]:
     """A function from an input batch of ``shape`` to the graph's outputs (or the named
@@ -55,8 +75,13 @@ def runner(graph: Graph, params: dict, shape: tuple, data_name: str = "data",
         sym = mx.sym.Group([internals[o] for o in outputs])
     args = {k: mx.nd.array(params[k]) for k in sym.list_arguments() if k != data_name}
     aux = {k: mx.nd.array(params[k]) for k in sym.list_auxiliary_states()}
-    exe = sym.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
-                   grad_req="null")
+    if outputs:
+        with no_fusion():
+            exe = sym.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
+                           grad_req="null")
+    else:
+        exe = sym.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
+                       grad_req="null")
 
     def run(x: np.ndarray) -> list:
         exe.arg_dict[data_name][:] = x

@@ -30,10 +30,8 @@ a 7-bit policy, e.g. ``{"preset": "trt_int8", "weight": {"bits": 7}, "activation
 from __future__ import annotations
 
 import logging
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -52,30 +50,6 @@ f32 = np.float32
 LAYER_OPS = ("Convolution", "FullyConnected", "Deconvolution")
 INT8_OP = "Quantization_int8"
 _TRUE = ("True", "true", "1")
-
-
-@contextmanager
-def _no_fusion() -> Iterator[None]:
-    """Bind without MXNet's MKLDNN subgraph fusion: with a layer's pre-activation output
-    among the requested tensors, mxnet 1.9.1 fuses the layer with its ReLU anyway and the
-    tensors downstream come out wrong (checked: a FullyConnected output off by 14 in a
-    four-layer net)."""
-    key = "MXNET_SUBGRAPH_BACKEND"
-    old = os.environ.get(key)
-    os.environ[key] = "NONE"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = old
-
-
-def _runner(graph: Graph, params: dict, shape: tuple, data_name: str,
-            outputs: list) -> Callable[[np.ndarray], list]:
-    with _no_fusion():
-        return runner(graph, params, shape, data_name, outputs)
 
 
 # -- what a layer is ------------------------------------------------------------------------
@@ -529,7 +503,7 @@ def _float_outputs(layers: list, fgraph: Graph, run_params: dict, batches: list,
     start = 0
     for b in tqdm(batches, desc="easyquant: float outputs", leave=False, disable=not progress):
         if b.shape not in runners:
-            runners[b.shape] = _runner(fgraph, run_params, b.shape, data_name, names)
+            runners[b.shape] = runner(fgraph, run_params, b.shape, data_name, names)
         for j, (ly, y) in enumerate(zip(layers, runners[b.shape](b))):
             if ly.flat is None:
                 if ly.op == "FullyConnected":
@@ -561,7 +535,7 @@ def _quantized_inputs(unit: list, graph: Graph, run_params: dict, batches: list,
         vals = {data_name: b}
         if tensors:
             if b.shape not in runners:
-                runners[b.shape] = _runner(graph, run_params, b.shape, data_name, tensors)
+                runners[b.shape] = runner(graph, run_params, b.shape, data_name, tensors)
             vals.update(zip(tensors, runners[b.shape](b)))
         for j, ly in enumerate(unit):
             x = vals[ly.tensor]
