@@ -184,25 +184,20 @@ def run_model(name: str, args) -> dict:
     add("quant_ops", "entropy on the input too (TensorRT's choice)",
         lambda: ours(m, calib, test, "entropy", input_method=None))
     add("quant_ops", "minmax, per-tensor W", lambda: ours(m, calib, test, "minmax", PER_TENSOR_W))
+    def add_rows(label, fn):   # one call that yields several (method, accuracy, seconds)
+        try:
+            for method, acc, sec in fn():
+                add("quant_ops", method, lambda acc=acc, sec=sec: (acc, sec))
+        except Exception as e:
+            add("quant_ops", label, lambda e=e: (_ for _ in ()).throw(e))
+
     if "dfq" in args.extras:
-        try:
-            for label, acc, sec in ours_dfq(m, calib, test):
-                add("quant_ops", label, lambda acc=acc, sec=sec: (acc, sec))
-        except Exception as e:
-            add("quant_ops", "DFQ", lambda e=e: (_ for _ in ()).throw(e))
+        add_rows("DFQ", lambda: ours_dfq(m, calib, test))
     if "zeroq" in args.extras:
-        try:
-            for label, acc, sec in ours_zeroq(m, calib, test):
-                add("quant_ops", label, lambda acc=acc, sec=sec: (acc, sec))
-        except Exception as e:
-            add("quant_ops", "ZeroQ", lambda e=e: (_ for _ in ()).throw(e))
+        add_rows("ZeroQ", lambda: ours_zeroq(m, calib, test))
     if "easyquant" in args.extras:
         for bits in (8, 7):
-            try:
-                for label, acc, sec in ours_easyquant(m, calib, test, bits):
-                    add("quant_ops", label, lambda acc=acc, sec=sec: (acc, sec))
-            except Exception as e:
-                add("quant_ops", f"EasyQuant W{bits}A{bits}", lambda e=e: (_ for _ in ()).throw(e))
+            add_rows(f"EasyQuant W{bits}A{bits}", lambda: ours_easyquant(m, calib, test, bits))
     for mode in ("naive", "entropy"):
         add("mxnet quantize_net_v2", mode, lambda: mxnet_builtin(m, prefix, calib, test, mode))
     with tempfile.TemporaryDirectory() as tmp:

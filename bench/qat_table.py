@@ -9,10 +9,9 @@ Writes the QAT section of ``docs/results.md`` and ``bench/results/qat_table.json
     python bench/qat_table.py --configs lsq:4/4,int8:8/8 --train-images 25600
 
 Recipe: start from the float checkpoint, BatchNorm folded for QAT (frozen statistics),
-SGD + momentum under the SineScheduler for one pass over ``--train-images`` images.  Below
-8 bits the first convolution and the classifier stay at 8 bits (int8 method), as in the
-PACT, DoReFa and LSQ papers; the network input is signed, which PACT/DoReFa activations
-(ranges [0, a]) cannot represent.
+SGD + momentum under the SineScheduler for one pass over ``--train-images`` images.  The
+first convolution and the classifier stay INT8, as in the PACT, DoReFa and LSQ papers; the
+network input is signed, which [0, a] activation quantizers (PACT, DoReFa) cannot represent.
 """
 from __future__ import annotations
 
@@ -43,6 +42,10 @@ METHODS = {"int8": ("int8", "int8"), "int8+pact": ("int8", "pact"),
            "qil": ("qil", "qil"), "dsq": ("dsq", "dsq"), "gdrq": ("gdrq", "gdrq"),
            "fqn": ("fqn", "fqn")}
 PER_CHANNEL = {"int8", "lsq", "fqn"}
+#: weight quantizers that keep the weight's scale can train with BN folded (frozen
+#: statistics, as deployed); DoReFa and QIL map weights into [-1, 1], GDRQ reshapes them,
+#: so BN stays after the conv to absorb the new scale (as in those papers)
+FOLD_BN = {"int8": "qat", "lsq": "qat", "dsq": "qat", "fqn": "qat"}
 BITS = ["8/8", "4/4", "2/2", "3/3", "3/4"]
 #: the seed toolkit's published top-1 (README of XiaotaoChen/mx_quant_op): CIFAR-10
 #: ResNet-20, fp32 0.920; columns: our method name it corresponds to
@@ -62,14 +65,18 @@ def load_float():
 def policy(name: str, bits: str) -> dict:
     w, a = METHODS[name]
     wb, ab = (int(b) for b in bits.split("/"))
-    pol = {"weight": {"method": w, "bits": wb, "per_channel": w in PER_CHANNEL},
-           "activation": {"method": a, "bits": ab}}
-    if wb < 8 or ab < 8:
-        pol["overrides"] = [{"match": n, "weight": {"method": "int8", "bits": 8,
-                                                    "per_channel": True, "params": {}},
-                             "activation": {"method": "int8", "bits": 8, "params": {}}}
-                            for n in FIRST_LAST]
-    return pol
+    return {"weight": {"method": w, "bits": wb, "per_channel": w in PER_CHANNEL},
+            "activation": {"method": a, "bits": ab},
+            "overrides": [{"match": n, "weight": {"method": "int8", "bits": 8,
+                                                  "per_channel": True, "params": {}},
+                           "activation": {"method": "int8", "bits": 8, "params": {}}}
+                          for n in FIRST_LAST]}
+
+
+def learning_rate(bits: str, args) -> float:
+    """8-bit fine-tuning starts next to the float optimum (calibrated PTQ is already within
+    a few hundredths of a point): a small step keeps it there; lower bits need to move."""
+    return args.lr_8bit if bits == "8/8" else args.lr
 
 
 def step_time(net, x, y, steps=20) -> float:
@@ -94,36 +101,41 @@ def run_config(name: str, bits: str, data: tuple, args) -> dict:
     xtr, ytr, xte, yte = data
     net, _ = load_float()
     calib = [xtr[i:i + 128] for i in range(0, 512, 128)]
-    q = quantize_block(net, policy(name, bits), fold_bn="qat", calib_data=calib,
-                       calib_method="mse")
+    q = quantize_block(net, policy(name, bits), fold_bn=FOLD_BN.get(METHODS[name][0]),
+                       calib_data=calib, calib_method="mse")
     acc0 = evaluate(q, xte, yte, progress=False)
     q.hybridize(static_alloc=True)
     t = time.time()
-    prog = fit(q, (xtr, ytr), None, FitConfig(epochs=1, lr=args.lr, batch_size=128,
-                                              seed=0, progress=False))
+    prog = fit(q, (xtr, ytr), None, FitConfig(epochs=1, lr=learning_rate(bits, args),
+                                              batch_size=128, seed=0, progress=False))
     acc = evaluate(q, xte, yte, progress=False)
     loss = prog["history"][-1]["loss"] if prog["history"] else float("nan")
     return {"method": name, "bits": bits, "weight": METHODS[name][0],
+            "fold_bn": FOLD_BN.get(METHODS[name][0]) or "no", "lr": learning_rate(bits, args),
             "activation": METHODS[name][1], "accuracy_before": acc0, "accuracy": acc,
             "train_loss": loss, "train_minutes": round((time.time() - t) / 60, 2)}
 
 
 def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -> str:
     lines = ["## QAT on Fashion-MNIST (ResNet-20, test set of 10,000 images)", "",
-             f"Float: **{acc_float:.2f}%**. Each row fine-tunes the float checkpoint (BN "
-             f"folded, frozen statistics) for one pass over {args.train_images} training "
-             f"images (batch 128, SGD momentum 0.9, lr {args.lr} under the SineScheduler). "
-             "Below 8 bits the first conv and the classifier stay at 8 bits. 'before' is "
+             f"Float: **{acc_float:.2f}%**. Each row fine-tunes the float checkpoint for one "
+             f"pass over {args.train_images} training images (batch 128, SGD momentum 0.9, "
+             f"peak lr {args.lr_8bit} at W8A8 and {args.lr} below, SineScheduler). BN is "
+             "folded with frozen statistics where the weight quantizer keeps the weight "
+             "scale (int8, LSQ, DSQ, FQN), and kept after the conv for DoReFa, QIL and "
+             "GDRQ weights. The first conv and the classifier stay INT8 (the network input "
+             "is signed, which [0, a] activation quantizers cannot represent). 'before' is "
              "the quantized net before fine-tuning: activation ranges (INT8 ranges, PACT clips, "
              "LSQ steps, QIL/DSQ intervals) calibrated by MSE at the layer's bit width on "
              "512 training images. "
              f"Seed: the seed toolkit's published CIFAR-10 ResNet-20 top-1 (fp32 "
              f"{SEED_FP32}), for context only (another dataset).", "",
-             "| method | W | A | W/A bits | before (%) | after (%) | vs float | seed CIFAR-10 (%) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | W | A | W/A bits | BN folded | before (%) | after (%) | vs float | "
+             "seed CIFAR-10 (%) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seed = SEED_CIFAR10.get(r["method"], {}).get(r["bits"])
         lines.append(f"| {r['method']} | {r['weight']} | {r['activation']} | {r['bits']} | "
+                     f"{r.get('fold_bn', 'qat')} | "
                      f"{r['accuracy_before']:.2f} | {r['accuracy']:.2f} | "
                      f"{r['accuracy'] - acc_float:+.2f} | {'' if seed is None else seed} |")
     if missing:
@@ -135,7 +147,8 @@ def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -
                  f"**{step['w8a8_bn_unfolded'] / step['float']:.2f}x**"
                  if "w8a8_bn_unfolded" in step else "") + ".", "",
               "Regenerate: `python bench/qat_table.py`" +
-              (f" (this run: `--train-images {args.train_images} --lr {args.lr}`" +
+              (f" (this run: `--train-images {args.train_images} --lr {args.lr} --lr-8bit "
+               f"{args.lr_8bit}`" +
                (f" --configs {args.configs}" if args.configs else "") + ")")]
     return "\n".join(lines) + "\n"
 
@@ -155,7 +168,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", help="comma list of method:W/A (default: all)")
     ap.add_argument("--train-images", type=int, default=12800)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.01, help="peak lr below 8 bits")
+    ap.add_argument("--lr-8bit", type=float, default=0.002, help="peak lr at W8A8")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of --json measured with the same setup")
     ap.add_argument("--render-only", action="store_true",
@@ -179,7 +193,8 @@ def main(argv=None) -> int:
             ap.error(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     if args.render_only:
         old = json.loads(args.json.read_text())
-        args.train_images, args.lr = old["train_images"], old["lr"]
+        args.train_images, args.lr, args.lr_8bit = (old["train_images"], old["lr"],
+                                                    old["lr_8bit"])
         have = {(r["method"], r["bits"]) for r in old["rows"]}
         missing = [f"{m}:{b}" for m, b in configs if (m, b) not in have]
         section = render(old["rows"], old["float_accuracy"], args, old["step_ms"], missing)
@@ -196,7 +211,7 @@ def main(argv=None) -> int:
     step = {"float": step_time(fnet, xb, yb) * 1e3, "w8a8": step_time(qnet, xb, yb) * 1e3,
             "w8a8_bn_unfolded": step_time(unfolded, xb, yb) * 1e3}
     print(json.dumps({"step_ms": step}), flush=True)
-    setup = {"train_images": args.train_images, "lr": args.lr}
+    setup = {"train_images": args.train_images, "lr": args.lr, "lr_8bit": args.lr_8bit}
     done = {}
     if args.resume and args.json.is_file():  # rows of an earlier run with the same setup
         old = json.loads(args.json.read_text())

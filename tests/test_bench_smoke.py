@@ -1,4 +1,5 @@
-"""Smoke test of bench/bench_ops.py: it runs end to end and writes well-formed JSON.
+"""Smoke tests of the benches (bench_ops.py, ptq_table.py): they run end to end and write
+well-formed JSON.
 
 No timing thresholds: timings on a shared CI machine are not a test of correctness.
 """
@@ -53,3 +54,21 @@ def test_bench_quick_run_writes_json(tmp_path):
         assert v["quant_ops"]["equal_fraction"] == 1.0, name
         assert v["composed_nd"]["equal_fraction"] == 1.0, name
         assert v["quant_ops_grad_is_dy"], name
+
+
+def test_ptq_table_runs_every_peer(tmp_path):
+    """bench/ptq_table.py end to end on a small slice: quant_ops, MXNet's quantize_net_v2 and
+    onnxruntime's quantize_static all produce an accuracy (none fails), and the section is
+    written into an existing results file without touching its other sections."""
+    out, js = tmp_path / "results.md", tmp_path / "ptq.json"
+    out.write_text("# Results\n\n## QAT on Fashion-MNIST\n\nkept\n")
+    cmd = [sys.executable, str(ROOT / "bench" / "ptq_table.py"), "--models", "resnet20",
+           "--extras", "dfq", "--calib-images", "64", "--test-images", "300",
+           "--out", str(out), "--json", str(js)]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    rows = json.loads(js.read_text())["results"][0]["rows"]
+    tools = {r["tool"] for r in rows}
+    assert tools == {"quant_ops", "mxnet quantize_net_v2", "onnxruntime quantize_static"}
+    assert all(r["accuracy"] is not None and 50 < r["accuracy"] <= 100 for r in rows), rows
+    text = out.read_text()
+    assert "## QAT on Fashion-MNIST\n\nkept" in text and "## PTQ on Fashion-MNIST" in text

@@ -32,12 +32,7 @@ def _flag(attrs: dict, key: str, default: bool) -> bool:
 
 def _pairs(graph: Graph):
     """(layer index, bn index) where the BN reads only the layer's output, on axis 1."""
-    uses: dict = {}
-    for i, n in enumerate(graph.nodes):
-        for e in n.inputs:
-            uses.setdefault(e[0], []).append(i)
-    for h in graph.heads:
-        uses.setdefault(h[0], []).append(-1)
+    uses = graph.consumers()
     for b, bn in enumerate(graph.nodes):
         if bn.op != "BatchNorm" or int(bn.attrs.get("axis", "1")) != 1:
             continue

@@ -98,6 +98,17 @@ class Graph:
     def index(self) -> dict:
         return {n.name: i for i, n in enumerate(self.nodes)}
 
+    def consumers(self) -> dict:
+        """node index -> indices of the nodes reading it (one entry per use; -1: a graph
+        output)."""
+        uses: dict = {}
+        for i, n in enumerate(self.nodes):
+            for e in n.inputs:
+                uses.setdefault(e[0], []).append(i)
+        for h in self.heads:
+            uses.setdefault(h[0], []).append(-1)
+        return uses
+
     def ops(self) -> Iterator[tuple[int, Node]]:
         return ((i, n) for i, n in enumerate(self.nodes) if not n.is_var)
 

@@ -90,10 +90,12 @@ def runner(graph: Graph, params: dict, shape: tuple, data_name: str = "data",
     return run
 
 
-def predict(graph: Graph, params: dict, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
+def predict(graph: Graph, params: dict, x: np.ndarray, batch_size: int = 500,
+            data_name: str = "data") -> np.ndarray:
     """The first output of the graph over ``x`` (batches of ``batch_size``; the last,
     shorter batch is padded)."""
-    run = runner(graph, params, (batch_size,) + x.shape[1:])
+    batch_size = min(batch_size, len(x))
+    run = runner(graph, params, (batch_size,) + x.shape[1:], data_name)
     out = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]

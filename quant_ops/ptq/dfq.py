@@ -66,17 +66,6 @@ def _copy_graph(graph: Graph) -> Graph:
                  graph.source)
 
 
-def _consumers(graph: Graph) -> dict:
-    """node index -> indices of the nodes reading it (one entry per use; -1: graph output)."""
-    uses: dict = {}
-    for i, n in enumerate(graph.nodes):
-        for e in n.inputs:
-            uses.setdefault(e[0], []).append(i)
-    for h in graph.heads:
-        uses.setdefault(h[0], []).append(-1)
-    return uses
-
-
 def _flag(attrs: dict, key: str, default: bool) -> bool:
     v = attrs.get(key)
     return default if v is None else v in ("True", "true", "1")
@@ -281,7 +270,7 @@ def find_pairs(graph: Graph, params: dict) -> tuple[list, list]:
     """(pairs, skipped): the layer pairs CLE and absorption may work on, in graph order, and
     ``(layer, reason)`` for each layer whose output cannot be rescaled."""
     layers = {l.index: l for l in _layers(graph, params)}
-    uses = _consumers(graph)
+    uses = graph.consumers()
     idx = graph.index()
     var_uses = {i: len(uses.get(i, [])) for i, n in enumerate(graph.nodes) if n.is_var}
     pairs, skipped = [], []

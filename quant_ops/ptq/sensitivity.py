@@ -37,7 +37,7 @@ from ..graph.quantize import strip_quantizers
 from ..ops import QUANTIZERS
 from ..policy import QuantPolicy
 from ..prepare import QuantizedGraph, as_policy, quantize_graph
-from .common import runner
+from .common import predict, runner
 
 log = logging.getLogger(__name__)
 DEFAULT_MIN_GAIN = 0.1      # top-1 points a float layer must win to be kept float
@@ -231,24 +231,9 @@ def _with_ranges(qs: QuantizedGraph, known: dict, calibrated: dict, batches: lis
     return params
 
 
-def _predict(graph: Graph, params: dict, x: np.ndarray, data_name: str,
-             batch_size: int) -> np.ndarray:
-    """The graph's first output over ``x``; the last, shorter batch is padded."""
-    bs = min(batch_size, len(x))
-    run = runner(graph, params, (bs,) + x.shape[1:], data_name)
-    out = []
-    for i in range(0, len(x), bs):
-        xb = x[i:i + bs]
-        n = len(xb)
-        if n < bs:
-            xb = np.concatenate([xb, np.zeros((bs - n,) + x.shape[1:], x.dtype)])
-        out.append(run(xb)[0][:n])
-    return np.concatenate(out)
-
-
 def _accuracy(graph: Graph, params: dict, x: np.ndarray, y: np.ndarray, data_name: str,
               batch_size: int) -> float:
-    scores = _predict(graph, params, x, data_name, batch_size)
+    scores = predict(graph, params, x, batch_size, data_name)
     if scores.ndim != 2:
         raise QuantOpsError(f"{graph.source}: accuracy needs class scores (N, classes) as "
                             f"the first output, got shape {scores.shape}")
