@@ -15,7 +15,7 @@ value) saturates real pixels.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import mxnet as mx
 import numpy as np
@@ -86,8 +86,11 @@ def _range_state(op: str, attrs: dict, amax: float) -> dict:
 
 
 def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
-           shape: tuple) -> Callable[[np.ndarray], list]:
-    """A function from an input batch to the float values of ``tensors``."""
+           shape: tuple) -> Callable[[Iterable[np.ndarray]], Iterator[list]]:
+    """A function from input batches to the float values of ``tensors``, batch by batch.
+
+    Two executors take turns, so MXNet computes batch i+1 on its own threads while the
+    caller's numpy code (histograms) works on batch i."""
     fsym = strip_quantizers(graph).to_symbol()
     internals = fsym.get_internals()
     names = set(internals.list_outputs())
@@ -100,21 +103,29 @@ def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
     group = mx.sym.Group(outs)
     args = {k: mx.nd.array(params[k]) for k in group.list_arguments() if k != data_name}
     aux = {k: mx.nd.array(params[k]) for k in group.list_auxiliary_states()}
-    data = mx.nd.zeros(shape)
     try:
-        exe = group.bind(mx.cpu(), {**args, data_name: data}, aux_states=aux, grad_req="null")
+        exes = [group.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
+                           grad_req="null") for _ in range(2)]
     except mx.base.MXNetError as e:
         raise QuantOpsError(f"calibration images of shape {shape} do not fit the model: "
                             f"{' '.join(str(e).split())[:300]}") from None
 
-    def run(x: np.ndarray) -> list:
-        if x.shape != shape:
-            raise QuantOpsError(f"calibration batch of shape {x.shape}, expected {shape} "
-                                "(all batches must have the first batch's shape)")
-        exe.arg_dict[data_name][:] = x
-        return [o.asnumpy() for o in exe.forward(is_train=False)]
+    def stream(xs: Iterable[np.ndarray]) -> Iterator[list]:
+        pending = None
+        for i, x in enumerate(xs):
+            if x.shape != shape:
+                raise QuantOpsError(f"calibration batch of shape {x.shape}, expected {shape} "
+                                    "(all batches must have the first batch's shape)")
+            exe = exes[i % 2]
+            exe.arg_dict[data_name][:] = x
+            exe.forward(is_train=False)          # queued: runs while batch i-1 is read
+            if pending is not None:
+                yield [o.asnumpy() for o in pending.outputs]
+            pending = exe
+        if pending is not None:
+            yield [o.asnumpy() for o in pending.outputs]
 
-    return run
+    return stream
 
 
 def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
@@ -151,8 +162,10 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     probe = _probe(graph, tensors, params, data_name, first.shape)
 
     def sweep(desc: str):
-        for x in tqdm(batches, desc=desc, leave=False, disable=not progress):
-            yield probe(np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x, np.float32))
+        xs = (np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x, np.float32)
+              for x in batches)
+        yield from tqdm(probe(xs), desc=desc, total=len(batches), leave=False,
+                        disable=not progress)
 
     hints: dict = {}
     cache: list | None = None
@@ -160,15 +173,18 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
         hints = {t: 0.0 for t in tensors}   # pass 1: each tensor's max, for exact histograms
         cache, held = [], 0
         for values in sweep("calibration: max"):
+            maxes = []
             for t, v in zip(tensors, values):
-                m = float(np.abs(v).max()) if v.size else 0.0
+                np.abs(v, out=v)                  # ours (a fresh copy): |x| is all we need
+                m = float(v.max()) if v.size else 0.0
                 if not np.isfinite(m):
                     raise QuantOpsError(f"tensor '{t}' has NaN or infinite values on the "
                                         "calibration set")
                 hints[t] = max(hints[t], m)
+                maxes.append(m)
             held += sum(v.nbytes for v in values)
             if cache is not None and held <= cache_bytes:
-                cache.append(values)
+                cache.append((values, maxes))
             else:  # too big to keep: the second pass runs the network again
                 cache = None
 
@@ -181,9 +197,14 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
         return make_observer(methods[t], name=t, **kw)
 
     observers = {t: observer(t) for t in tensors}
-    for values in cache if cache is not None else sweep(f"calibration: {method}"):
-        for t, v in zip(tensors, values):
-            observers[t].observe(v)
+    if cache is not None:
+        for values, maxes in cache:
+            for t, v, m in zip(tensors, values, maxes):
+                observers[t].observe_abs(v, m)
+    else:
+        for values in sweep(f"calibration: {method}"):
+            for t, v in zip(tensors, values):
+                observers[t].observe(v)
     amax = {t: float(o.amax()) for t, o in observers.items()}
     params = dict(params)
     # quantizers sharing one range variable take the largest of their tensors' ranges

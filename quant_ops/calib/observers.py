@@ -75,6 +75,17 @@ class Observer:
     def _observe(self, a: np.ndarray) -> None:
         raise NotImplementedError
 
+    def observe_abs(self, ab: np.ndarray, amax: float) -> None:
+        """Record a batch given as ``|x|`` (non-negative, finite) with its max, for a caller
+        that has both already (every observer here is symmetric, so ``|x|`` is enough)."""
+        self._observe_abs(ab, float(amax))
+        self.num_batches += 1
+        self.num_elements += int(ab.size)
+        self._amax = None
+
+    def _observe_abs(self, ab: np.ndarray, amax: float) -> None:
+        self._observe(ab)
+
     def amax(self) -> float:
         """The calibrated symmetric range ``amax >= 0`` (0 only for a tensor that was all zeros)."""
         if self.num_batches == 0:
@@ -113,6 +124,9 @@ class MinMaxObserver(Observer):
         if not (np.isfinite(hi) and np.isfinite(lo)):
             raise self._not_finite(a)
         self._max = max(self._max, float(hi), -float(lo))
+
+    def _observe_abs(self, ab: np.ndarray, amax: float) -> None:
+        self._max = max(self._max, amax)
 
     def _compute(self) -> float:
         return self._max
@@ -167,6 +181,9 @@ class HistogramObserver(Observer):
         if not np.isfinite(m):
             raise self._not_finite(a)
         self._hist.add(ab, float(m))
+
+    def _observe_abs(self, ab: np.ndarray, amax: float) -> None:
+        self._hist.add(ab, amax)
 
     def _compute(self) -> float:
         if self._hist.top <= 0:
