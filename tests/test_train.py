@@ -95,3 +95,28 @@ def test_qat_train_entry_single_process(tmp_path):
     res = json.loads((tmp_path / "rank0" / "result.json").read_text())
     assert res["steps"] == 8 and res["accuracy"] > 20
     assert (tmp_path / "checkpoint" / "progress.json").is_file()
+
+
+def test_qat_train_entry_seed_recipe_defaults(tmp_path):
+    """Without --lr the entry uses the seed recipe (float lr / 2); it can start from
+    calibrated ranges and freeze BatchNorm after N steps; an unknown model exits 2."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "utils" / "qat_train.py"), "--model", "fmnist_mobilenetv2",
+           "--epochs", "1", "--train-limit", "256", "--test-limit", "200",
+           "--calib-images", "128", "--freeze-bn-after", "2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    progress = json.loads((tmp_path / "checkpoint" / "progress.json").read_text())
+    info = json.loads((root / "examples" / "models" / "fmnist_mobilenetv2.json").read_text())
+    assert progress["config"]["lr"] == info["lr"] / 2
+    assert progress["bn_frozen_at"] == 2
+    res = json.loads((tmp_path / "rank0" / "result.json").read_text())
+    assert res["steps"] == 4 and res["accuracy"] > 60   # started from a calibrated float model
+    bad = subprocess.run(cmd[:3] + ["nosuchmodel", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr

@@ -40,16 +40,21 @@ def _tiny() -> gluon.HybridBlock:
     return net
 
 
+MODELS = ("fmnist_resnet20", "fmnist_mobilenetv2", "tiny")
+TINY_LR = 0.1   # what the tiny test model would have been trained with
+
+
 def load_model(name: str):
-    """(float block, input normalization) for a model name."""
+    """(float block, input normalization, float training lr) for a model name."""
     if name == "tiny":  # for tests: a small CNN from a fixed seed
-        return _tiny(), (0.0, 1.0)
-    if name == "fmnist_resnet20":
-        info = json.loads((FLOAT_MODEL.parent / "fmnist_resnet20.json").read_text())
-        net = gluon.SymbolBlock.imports(str(FLOAT_MODEL) + "-symbol.json", ["data"],
-                                        str(FLOAT_MODEL) + "-0000.params")
-        return net, (info["normalize"]["mean"], info["normalize"]["std"])
-    raise QuantOpsError(f"unknown model {name!r}: use fmnist_resnet20 or tiny")
+        return _tiny(), (0.0, 1.0), TINY_LR
+    if name in MODELS:
+        prefix = FLOAT_MODEL.parent / name
+        info = json.loads(prefix.with_suffix(".json").read_text())
+        net = gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"],
+                                        f"{prefix}-0000.params")
+        return net, (info["normalize"]["mean"], info["normalize"]["std"]), info["lr"]
+    raise QuantOpsError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
 
 
 def main(argv=None) -> int:
@@ -59,8 +64,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="fmnist_resnet20")
     ap.add_argument("--preset", default="trt_int8")
     ap.add_argument("--fold-bn", choices=("qat",), default=None)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--epochs", type=int, default=2, help="seed recipe: 2")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak lr (default, the seed recipe: the float model's lr / 2)")
+    ap.add_argument("--calib-images", type=int, default=0,
+                    help="start from ranges calibrated (MSE) on this many training images")
+    ap.add_argument("--freeze-bn-after", type=int, default=None,
+                    help="freeze BatchNorm statistics after this many steps")
     ap.add_argument("--batch-size", type=int, default=64, help="per worker")
     ap.add_argument("--train-limit", type=int, default=0)
     ap.add_argument("--test-limit", type=int, default=0)
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        net, (mean, std) = load_model(args.model)
+        net, (mean, std), float_lr = load_model(args.model)
         xtr, ytr = fashion_mnist("train")
         xte, yte = fashion_mnist("test")
     except (QuantOpsError, OSError) as e:
@@ -84,10 +94,14 @@ def main(argv=None) -> int:
         xte, yte = xte[:args.test_limit], yte[:args.test_limit]
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     mx.random.seed(args.seed)
-    q = quantize_block(net, args.preset, fold_bn=args.fold_bn)
+    calib = ([xtr[i:i + 128] for i in range(0, args.calib_images, 128)]
+             if args.calib_images else None)
+    q = quantize_block(net, args.preset, fold_bn=args.fold_bn, calib_data=calib)
     q.hybridize(static_alloc=True)
     kv_rank = int(os.environ.get("DMLC_WORKER_ID", "0")) if "dist" in args.kvstore else 0
-    cfg = FitConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+    lr = args.lr if args.lr is not None else float_lr / 2
+    cfg = FitConfig(epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
+                    freeze_bn_after=args.freeze_bn_after,
                     checkpoint_dir=str(args.out / "checkpoint"),
                     checkpoint_every=args.checkpoint_every, kvstore=args.kvstore,
                     progress=False)
