@@ -12,6 +12,8 @@ Recipe: start from the float checkpoint, BatchNorm folded for QAT (frozen statis
 SGD + momentum under the SineScheduler for one pass over ``--train-images`` images.  The
 first convolution and the classifier stay INT8, as in the PACT, DoReFa and LSQ papers; the
 network input is signed, which [0, a] activation quantizers (PACT, DoReFa) cannot represent.
+The stem output (no ReLU in gluoncv's CIFAR ResNet v1) is signed as well: its one reader
+gets the signed int8 quantizer at the row's activation bit width.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from quant_ops.train import FitConfig, evaluate, fit  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "fmnist_resnet20"
 FIRST_LAST = ("cifarresnetv10_conv0_fwd", "cifarresnetv10_dense0_fwd")
+#: reads the stem's output, which has no ReLU in gluoncv's CIFAR ResNet v1: a signed tensor
+SIGNED_INPUT = ("cifarresnetv10_stage1_conv0_fwd",)
 #: table name -> (weight method, activation method); the seed's pairings included
 METHODS = {"int8": ("int8", "int8"), "int8+pact": ("int8", "pact"),
            "pact": ("dorefa", "pact"), "dorefa": ("dorefa", "dorefa"), "lsq": ("lsq", "lsq"),
@@ -70,7 +74,9 @@ def policy(name: str, bits: str) -> dict:
             "overrides": [{"match": n, "weight": {"method": "int8", "bits": 8,
                                                   "per_channel": True, "params": {}},
                            "activation": {"method": "int8", "bits": 8, "params": {}}}
-                          for n in FIRST_LAST]}
+                          for n in FIRST_LAST] +
+                         [{"match": n, "activation": {"method": "int8", "bits": ab, "params": {}}}
+                          for n in SIGNED_INPUT]}
 
 
 def learning_rate(bits: str, args) -> float:
@@ -124,7 +130,9 @@ def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -
              "folded with frozen statistics where the weight quantizer keeps the weight "
              "scale (int8, LSQ, DSQ, FQN), and kept after the conv for DoReFa, QIL and "
              "GDRQ weights. The first conv and the classifier stay INT8 (the network input "
-             "is signed, which [0, a] activation quantizers cannot represent). 'before' is "
+             "is signed, which [0, a] activation quantizers cannot represent); the stem output "
+             "(no ReLU in this ResNet) is signed too, so its one reader quantizes it with the "
+             "signed int8 quantizer at the row's activation bits. 'before' is "
              "the quantized net before fine-tuning: activation ranges (INT8 ranges, PACT clips, "
              "LSQ steps, QIL/DSQ intervals) calibrated by MSE at the layer's bit width on "
              "512 training images. "

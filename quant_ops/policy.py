@@ -161,11 +161,14 @@ class QuantSpec:
                 "params": dict(self.params)}
 
     def merged(self, partial: Mapping[str, Any], path: str = "spec", fail: Fail | None = None) -> QuantSpec:
-        """This spec with a partial spec dict applied; ``params`` merge key by key."""
+        """This spec with a partial spec dict applied; ``params`` merge key by key (and start
+        empty when the partial spec switches method)."""
         fail = fail or _raiser("QuantSpec")
         _no_unknown(_mapping(partial, path, fail), _SPEC_KEYS, path, fail)
         fields = {**self.to_dict(), **partial}
-        fields["params"] = {**self.params, **_mapping(partial.get("params", {}), f"{path}.params", fail)}
+        # another method's parameters mean nothing to this one: they do not carry over
+        base = self.params if fields["method"] == self.method else {}
+        fields["params"] = {**base, **_mapping(partial.get("params", {}), f"{path}.params", fail)}
         _check_spec(**fields, path=path, fail=fail)
         return QuantSpec(**fields)
 

@@ -173,3 +173,31 @@ def test_learned_weight_quantizers_start_from_bn_folded_weights():
     want = init_step(folded, LSQAttrs(nbits=4, is_weight=True, is_weight_perchannel=True))
     step = next(v for k, v in q.params.items() if "weight_folded" in k and k.endswith("_step"))
     np.testing.assert_allclose(step, np.asarray(want).reshape(-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_unsigned_quantizer_on_a_signed_tensor_is_named(caplog, passes):
+    """PACT (and unsigned LSQ) on a tensor with negative values clips them: calibration
+    says which quantizer and which tensor; signed LSQ on the same tensor is not flagged."""
+    data = mx.sym.var("data")
+    c1 = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), name="c1")   # no ReLU: signed
+    c2 = mx.sym.Convolution(c1, num_filter=2, kernel=(1, 1), name="c2")
+    rng = np.random.default_rng(0)
+    params = {"c1_weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32),
+              "c1_bias": np.zeros(4, np.float32),
+              "c2_weight": rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
+              "c2_bias": np.zeros(2, np.float32)}
+    batches = [rng.normal(size=(4, 1, 8, 8)).astype(np.float32)]
+    for act, flagged in (({"method": "pact", "bits": 4}, True),
+                         ({"method": "lsq", "bits": 4}, True),
+                         ({"method": "lsq", "bits": 4, "params": {"signed": True}}, False)):
+        pol = {"weight": {"method": "int8"}, "activation": act,
+               "overrides": [{"match": "c1", "activation": {"method": "int8", "params": {}}}]}
+        q = quantize_graph(Graph.from_symbol(c2), params, pol)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="quant_ops.calib.graph_calib"):
+            calibrate_graph(q.graph, q.params, batches, "mse", progress=False, passes=passes)
+        hits = [r.getMessage() for r in caplog.records if "negative values" in r.getMessage()]
+        assert bool(hits) == flagged, (act, hits)
+        if flagged:
+            assert "c1_output" in hits[0] and act["method"].upper() in hits[0]

@@ -271,3 +271,14 @@ def test_direct_construction_is_validated():
         QuantPolicy(activation=QuantSpec(per_channel=True))
     with raises("overrides[0].weight.bits = 40"):
         QuantPolicy(overrides=(Override("a", {"bits": 40}),))
+
+
+def test_override_that_switches_method_drops_the_other_methods_params():
+    from quant_ops.policy import QuantPolicy
+
+    pol = QuantPolicy.from_dict({
+        "activation": {"method": "lsq", "bits": 4, "params": {"signed": True}},
+        "overrides": [{"match": "c1", "activation": {"method": "int8"}},
+                      {"match": "c2", "activation": {"bits": 3}}]})
+    assert pol.rule_for("c1", "Convolution").activation.params == {}
+    assert pol.rule_for("c2", "Convolution").activation.params == {"signed": True}

@@ -65,6 +65,22 @@ def activation_quantizers(graph: Graph) -> dict:
     return res
 
 
+def _unsigned(op: str, attrs: dict) -> bool:
+    """The activation quantizer represents [0, a] only (negative inputs are clipped to 0)."""
+    if op == "LSQ":
+        return attrs.get("signed", "False") not in ("True", "1", "true")
+    return op in ("PACT", "DoReFa", "QIL", "DSQ")
+
+
+def _warn_negative(quantizers: dict, negative: set) -> None:
+    for q, (t, op, attrs, _) in quantizers.items():
+        if t in negative and _unsigned(op, attrs):
+            log.warning("%s (%s) represents [0, a] only, but the tensor it reads (%s) has "
+                        "negative values on the calibration set: they will be clipped to 0; "
+                        "give that layer's input a signed quantizer (a policy override)",
+                        q, op, t)
+
+
 def _range_state(op: str, attrs: dict, amax: float) -> dict:
     """{input role: value} that makes a quantizer start from the range [-amax, amax] (or
     [0, amax] for unsigned ones); empty for quantizers that observe ranges themselves."""
@@ -169,12 +185,16 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
 
     hints: dict = {}
     cache: list | None = None
+    watch = {t for t, op, attrs, _ in quantizers.values() if _unsigned(op, attrs)}
+    negative: set = set()
     if passes == 2 and any(m in HISTOGRAM_METHODS for m in methods.values()):
         hints = {t: 0.0 for t in tensors}   # pass 1: each tensor's max, for exact histograms
         cache, held = [], 0
         for values in sweep("calibration: max"):
             maxes = []
             for t, v in zip(tensors, values):
+                if t in watch and v.size and v.min() < 0:
+                    negative.add(t)
                 np.abs(v, out=v)                  # ours (a fresh copy): |x| is all we need
                 m = float(v.max()) if v.size else 0.0
                 if not np.isfinite(m):
@@ -204,7 +224,10 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     else:
         for values in sweep(f"calibration: {method}"):
             for t, v in zip(tensors, values):
+                if not hints and t in watch and v.size and v.min() < 0:
+                    negative.add(t)
                 observers[t].observe(v)
+    _warn_negative(quantizers, negative)
     amax = {t: float(o.amax()) for t, o in observers.items()}
     params = dict(params)
     # quantizers sharing one range variable take the largest of their tensors' ranges
