@@ -135,7 +135,8 @@ def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -
              "signed int8 quantizer at the row's activation bits. 'before' is "
              "the quantized net before fine-tuning: activation ranges (INT8 ranges, PACT clips, "
              "LSQ steps, QIL/DSQ intervals) calibrated by MSE at the layer's bit width on "
-             "512 training images. "
+             "512 training images; it is low for DoReFa, QIL and GDRQ weights, which rescale "
+             "the weights, until training lets BN's running statistics follow. "
              f"Seed: the seed toolkit's published CIFAR-10 ResNet-20 top-1 (fp32 "
              f"{SEED_FP32}), for context only (another dataset).", "",
              "| method | W | A | W/A bits | BN folded | before (%) | after (%) | vs float | "
