@@ -29,6 +29,7 @@ from ..fileio import atomic_write_text
 from ..ops import track_training
 from .bn import count_bn, freeze_bn
 from .data import Source, eval_batches
+from .constraints import Projector
 from .scheduler import SineScheduler
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
         _freeze_bn_now(net, progress, bn_after, resumed and progress["step"] > 0)
         bn_frozen = True
     ctx = _net_ctx(net)
+    project = Projector(net)   # learned quantizer parameters stay in their domains
     steps_run = 0
     while progress["epoch"] < cfg.epochs:
         ep = progress["epoch"]
@@ -196,6 +198,8 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
                 loss = loss_fn(net(xb), yb.astype("float32", copy=False))
             loss.backward()
             trainer.step(xb.shape[0] * workers)   # gradients are summed over the workers
+            if project:
+                project()
             if sync_state is not None:
                 sync_state()
             batch_loss = float(loss.sum().asscalar())
