@@ -66,18 +66,10 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     const char* meaning[] = {"the learned lower clip value l", "the learned upper clip value u",
                              "the learned softness alpha"};
     for (int i = 0; i < 3; ++i) {
-      auto& s = (*in)[1 + i];
-      if (!qo::shape_compatible(s, one))
-        throw qo::AttrError(std::string(kOp) + ": '" + what[i] + "' (" + meaning[i] +
-                            ") must have shape (1,), got " + qo::shape_str(s));
-      s = one;
+      qo::fit_shape((*in)[1 + i], one, std::string(kOp) + ": '" + what[i] + "' (" + meaning[i] +
+                                            ") must have shape (1,)");
     }
-    const std::vector<unsigned int> two{2};
-    auto& st = (*in)[4];
-    if (!qo::shape_compatible(st, two))
-      throw qo::AttrError(std::string(kOp) + ": 'qstate' must have shape (2,) ([step, "
-                          "training]), got " + qo::shape_str(st));
-    st = two;
+    qo::fit_qstate((*in)[4], kOp);
     (*out)[0] = data;
     return MX_SUCCESS;
   });

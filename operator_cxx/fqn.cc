@@ -89,21 +89,13 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     }
     const std::vector<unsigned int> want{channels};
     for (int i : {1, 2}) {
-      auto& r = (*in)[i];
-      if (!qo::shape_compatible(r, want))
-        throw qo::AttrError(std::string(kOp) + ": '" + (i == 1 ? "fqn_min" : "fqn_max") +
-                            "' must have shape " + qo::shape_str(want) + " for data of shape " +
-                            qo::shape_str(data) +
-                            (p.per_channel() ? " (one range per channel)" : " (one range)") +
-                            ", got " + qo::shape_str(r));
-      r = want;
+      qo::fit_shape((*in)[i], want,
+                    std::string(kOp) + ": '" + (i == 1 ? "fqn_min" : "fqn_max") +
+                        "' must have shape " + qo::shape_str(want) + " for data of shape " +
+                        qo::shape_str(data) +
+                        (p.per_channel() ? " (one range per channel)" : " (one range)"));
     }
-    const std::vector<unsigned int> want_st{2};
-    auto& st = (*in)[3];
-    if (!qo::shape_compatible(st, want_st))
-      throw qo::AttrError(std::string(kOp) + ": 'qstate' must have shape (2,) ([step, "
-                          "training]), got " + qo::shape_str(st));
-    st = want_st;
+    qo::fit_qstate((*in)[3], kOp);
     (*out)[0] = data;
     return MX_SUCCESS;
   });

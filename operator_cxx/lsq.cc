@@ -103,13 +103,10 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
       channels = data[p.channel_axis];
     }
     const std::vector<unsigned int> want{channels};
-    auto& step = (*in)[1];
-    if (!qo::shape_compatible(step, want))
-      throw qo::AttrError(std::string(kOp) + ": 'step' must have shape " + qo::shape_str(want) +
-                          " for data of shape " + qo::shape_str(data) +
-                          (p.per_channel() ? " (one step per channel)" : " (one step)") +
-                          ", got " + qo::shape_str(step));
-    step = want;
+    qo::fit_shape((*in)[1], want,
+                  std::string(kOp) + ": 'step' must have shape " + qo::shape_str(want) +
+                      " for data of shape " + qo::shape_str(data) +
+                      (p.per_channel() ? " (one step per channel)" : " (one step)"));
     (*out)[0] = data;
     return MX_SUCCESS;
   });

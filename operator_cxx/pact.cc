@@ -51,11 +51,8 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     const auto& data = (*in)[0];
     qo::require_known_shape(kOp, "data", data);
     const std::vector<unsigned int> want{1};
-    auto& gamma = (*in)[1];
-    if (!qo::shape_compatible(gamma, want))
-      throw qo::AttrError(std::string(kOp) + ": 'gamma' (the learned clip value alpha) must "
-                          "have shape (1,), got " + qo::shape_str(gamma));
-    gamma = want;
+    qo::fit_shape((*in)[1], want, std::string(kOp) + ": 'gamma' (the learned clip value "
+                                                     "alpha) must have shape (1,)");
     (*out)[0] = data;
     return MX_SUCCESS;
   });

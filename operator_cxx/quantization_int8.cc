@@ -84,19 +84,11 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
       channels = data[p.channel_axis];
     }
     const std::vector<unsigned int> want_mm{channels};
-    auto& mm = (*in)[1];
-    if (!qo::shape_compatible(mm, want_mm))
-      throw qo::AttrError(std::string(kOp) + ": 'minmax' must have shape " +
-                          qo::shape_str(want_mm) + " for data of shape " + qo::shape_str(data) +
-                          (p.per_channel() ? " (one range per channel)" : " (one range)") +
-                          ", got " + qo::shape_str(mm));
-    mm = want_mm;
-    const std::vector<unsigned int> want_st{2};
-    auto& st = (*in)[2];
-    if (!qo::shape_compatible(st, want_st))
-      throw qo::AttrError(std::string(kOp) + ": 'qstate' must have shape (2,) ([step, "
-                          "training]), got " + qo::shape_str(st));
-    st = want_st;
+    qo::fit_shape((*in)[1], want_mm,
+                  std::string(kOp) + ": 'minmax' must have shape " + qo::shape_str(want_mm) +
+                      " for data of shape " + qo::shape_str(data) +
+                      (p.per_channel() ? " (one range per channel)" : " (one range)"));
+    qo::fit_qstate((*in)[2], kOp);
     (*out)[0] = data;
     return MX_SUCCESS;
   });

@@ -104,6 +104,19 @@ inline std::string shape_str(const std::vector<unsigned int>& s) {
   return r + (s.size() == 1 ? ",)" : ")");
 }
 
+/*! \brief Give an input the shape `want`, or refuse with `what` + ", got <its shape>"
+ *  (`what` names the operator, the input and what its shape means). */
+inline void fit_shape(std::vector<unsigned int>& have, const std::vector<unsigned int>& want,
+                      const std::string& what) {
+  if (!shape_compatible(have, want)) throw AttrError(what + ", got " + shape_str(have));
+  have = want;
+}
+
+/*! \brief The [step, training] state input of every stateful quantizer. */
+inline void fit_qstate(std::vector<unsigned int>& have, const char* op) {
+  fit_shape(have, {2}, std::string(op) + ": 'qstate' must have shape (2,) ([step, training])");
+}
+
 inline const char* dtype_name(int t) {
   switch (t) {
     case mxnet::ext::kFloat32: return "float32";
