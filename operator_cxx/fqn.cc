@@ -79,14 +79,7 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     FqnParams p(attrs);
     const auto& data = (*in)[0];
     qo::require_known_shape(kOp, "data", data);
-    unsigned int channels = 1;
-    if (p.per_channel()) {
-      if (p.channel_axis >= static_cast<int>(data.size()))
-        throw qo::AttrError(std::string(kOp) + ": channel_axis=" +
-                            std::to_string(p.channel_axis) + " is outside data of shape " +
-                            qo::shape_str(data));
-      channels = data[p.channel_axis];
-    }
+    const unsigned int channels = qo::range_count(data, p.per_channel(), p.channel_axis, kOp);
     const std::vector<unsigned int> want{channels};
     for (int i : {1, 2}) {
       qo::fit_shape((*in)[i], want,

@@ -112,6 +112,16 @@ inline void fit_shape(std::vector<unsigned int>& have, const std::vector<unsigne
   have = want;
 }
 
+/*! \brief How many ranges a quantizer keeps: one per channel along `axis`, or one. */
+inline unsigned int range_count(const std::vector<unsigned int>& data, bool per_channel, int axis,
+                                const char* op) {
+  if (!per_channel) return 1;
+  if (axis >= static_cast<int>(data.size()))
+    throw AttrError(std::string(op) + ": channel_axis=" + std::to_string(axis) +
+                    " is outside data of shape " + shape_str(data));
+  return data[axis];
+}
+
 /*! \brief The [step, training] state input of every stateful quantizer. */
 inline void fit_qstate(std::vector<unsigned int>& have, const char* op) {
   fit_shape(have, {2}, std::string(op) + ": 'qstate' must have shape (2,) ([step, training])");

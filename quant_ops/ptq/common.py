@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -75,11 +75,7 @@ def runner(graph: Graph, params: dict, shape: tuple, data_name: str = "data",
         sym = mx.sym.Group([internals[o] for o in outputs])
     args = {k: mx.nd.array(params[k]) for k in sym.list_arguments() if k != data_name}
     aux = {k: mx.nd.array(params[k]) for k in sym.list_auxiliary_states()}
-    if outputs:
-        with no_fusion():
-            exe = sym.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
-                           grad_req="null")
-    else:
+    with no_fusion() if outputs else nullcontext():
         exe = sym.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
                        grad_req="null")
 
