@@ -21,11 +21,20 @@ By default the bench sets glibc's mmap and trim thresholds to 1 GiB and one aren
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_ARENA_MAX`` would) so freed
 blocks are reused by every column alike (``--no-malloc-tuning`` leaves the defaults).
 
+MXNet engines (``--engine``, default ``both``): numpy and torch run each call in the calling
+thread; MXNet's default threaded engine hands each operator to a worker thread, and a call
+timed with ``waitall()`` then also holds two thread wake-ups (tens of microseconds on a
+virtual machine, the same for every MXNet operator: ``qo/mx_copy`` is the operator against
+MXNet's own copy under that engine).  So the bench times everything under MXNet's synchronous
+``NaiveEngine`` (same execution model as the numpy and torch columns: kernel plus MXNet's
+dispatch), then reruns itself in a child process under the threaded engine, and prints a
+summary of both.
+
 Each timing is the median of ``--repeats`` calls, each timed with ``time.perf_counter`` around
 the call plus ``mx.nd.waitall()``, after ``--warmup`` untimed calls; the columns of a case are
 timed round-robin in five chunks, so a slow spell of a shared machine hits them alike.
 
-    PYTHONPATH=. python bench/bench_ops.py [--quick] [--repeats N] [--out PATH]
+    PYTHONPATH=. python bench/bench_ops.py [--quick] [--engine both|sync|threaded] [--out PATH]
 """
 from __future__ import annotations
 
@@ -47,11 +56,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _requested_threads(argv: list[str]) -> int:
-    """--threads, else $OMP_NUM_THREADS, else every CPU."""
+ENGINES = {"sync": "NaiveEngine", "threaded": "ThreadedEnginePerDevice"}
+
+
+def _pre_args(argv: list[str]) -> argparse.Namespace:
+    """The options that must act before mxnet loads (--threads, --engine)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--threads", type=int, default=None)
-    ns, _ = pre.parse_known_args(argv)
+    pre.add_argument("--engine", choices=("both", *ENGINES), default="both")
+    return pre.parse_known_args(argv)[0]
+
+
+def _requested_threads(argv: list[str]) -> int:
+    """--threads, else $OMP_NUM_THREADS, else every CPU."""
+    ns = _pre_args(argv)
     if ns.threads is not None:
         return max(1, ns.threads)
     env = os.environ.get("OMP_NUM_THREADS", "")
@@ -61,8 +79,12 @@ def _requested_threads(argv: list[str]) -> int:
 # MXNet 1.9 reads OMP_NUM_THREADS once, when it loads; without it, it uses half the CPUs on
 # x86 (it assumes hyper-threading), i.e. one thread on a 2-CPU machine.  Set it first so that
 # MXNet (and the operator, which runs on MXNet's worker thread) uses the thread count asked for.
+# The engine is read at load time too: --engine both (the default) times this process under
+# the synchronous engine and a child process under the threaded one.
 if __name__ == "__main__" and "mxnet" not in sys.modules:
     os.environ["OMP_NUM_THREADS"] = str(_requested_threads(sys.argv[1:]))
+    _engine = _pre_args(sys.argv[1:]).engine
+    os.environ["MXNET_ENGINE_TYPE"] = ENGINES["threaded" if _engine == "threaded" else "sync"]
 
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon  # noqa: E402
@@ -587,6 +609,86 @@ def write_json(path: Path, data) -> None:
         raise
 
 
+ENGINE_NOTES = {
+    "NaiveEngine": "synchronous: each MXNet operator runs in the calling thread, as numpy and "
+                   "torch do, so a timing is the operator's kernel plus MXNet's dispatch",
+    "ThreadedEnginePerDevice": "MXNet's default: a worker thread runs each operator and every "
+                               "timed call waits for it, so a timing also holds the hand-over "
+                               "between threads (MXNet's own copyto pays it too)",
+}
+# Issue 2's speed targets, for the summary: forward within 2x of the copy floor, >= 10x faster
+# than the composed nd ops, >= 5x faster than torch's fake-quant kernels.
+TARGET_CASES = ("act_infer_fwd", "w_pc_fwd")
+
+
+def engine_type() -> str:
+    return os.environ.get("MXNET_ENGINE_TYPE") or "ThreadedEnginePerDevice"
+
+
+def run_threaded_child(args) -> dict[str, Any] | None:
+    """The same bench under MXNet's threaded engine, in a child process (the engine is chosen
+    when mxnet loads); its table prints as it runs and its JSON is returned."""
+    import subprocess
+
+    fd, tmp = tempfile.mkstemp(prefix=".bench_ops_threaded.", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", "threaded",
+           "--out", tmp, "--seed", str(args.seed)]
+    for flag, on in (("--quick", args.quick), ("--no-torch", args.no_torch),
+                     ("--no-malloc-tuning", not args.malloc_tuned)):
+        if on:
+            cmd.append(flag)
+    for flag, value in (("--repeats", args.repeats), ("--weight-repeats", args.weight_repeats),
+                        ("--warmup", args.warmup), ("--threads", args.threads),
+                        ("--cases", args.cases)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    print("\n===== the same cases under MXNet's threaded engine (child process) =====",
+          flush=True)
+    try:
+        proc = subprocess.run(cmd, env=dict(os.environ, MXNET_ENGINE_TYPE=ENGINES["threaded"]))
+        if proc.returncode != 0:
+            print(f"note: the threaded-engine run failed (exit {proc.returncode})")
+            return None
+        with open(tmp) as f:
+            return json.load(f)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def print_summary(result: dict[str, Any], file=sys.stdout) -> None:
+    """Both engines' ratios side by side, the issue's target cases first."""
+    runs = [(result["machine"]["mxnet_engine"], result)]
+    if "threaded_engine" in result:
+        runs.append((result["threaded_engine"]["machine"]["mxnet_engine"],
+                     result["threaded_engine"]))
+    print("\n===== summary: ratios under each engine (targets for act_infer_fwd and w_pc_fwd: "
+          "qo/copy <= 2, nd/qo >= 10, torch/qo >= 5) =====", file=file)
+    head = ["case", "engine", "qo/copy", "qo/mx_copy", "nd/qo", "torch/qo", "in-graph qo/copy"]
+    lines = []
+    names = [r["case"] for r in result["rows"]]
+    names = [n for n in TARGET_CASES if n in names] + [n for n in names if n not in TARGET_CASES]
+    for name in names:
+        for engine, run in runs:
+            row = next((r for r in run["rows"] if r["case"] == name), None)
+            if row is None:
+                continue
+            rt = row["ratios"]
+            graph = next((g for g in run.get("in_graph_marginal", []) if g["case"] == name),
+                         None)
+            lines.append([name, engine, fmt(rt["quant_ops/copy"], ".2f"),
+                          fmt(rt["quant_ops/mx_copyto"], ".2f"),
+                          fmt(rt["composed/quant_ops"], ".1f"),
+                          fmt(rt["torch/quant_ops"], ".1f"),
+                          fmt(graph and graph["quant_ops/copy"], ".2f")])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    for cells in [head, ["-" * w for w in widths], *lines]:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths))), file=file)
+    for engine, _ in runs:
+        print(f"  {engine}: {ENGINE_NOTES.get(engine, '')}", file=file)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -610,6 +712,12 @@ def main(argv=None) -> int:
                         "CPUs)")
     p.add_argument("--cases", default=None,
                    help="comma-separated subset of: " + ", ".join(c["name"] for c in CASES))
+    p.add_argument("--engine", choices=("both", *ENGINES), default="both",
+                   help="MXNet engine to time under: 'sync' (NaiveEngine: each operator runs "
+                        "in the calling thread, as numpy and torch do), 'threaded' (MXNet's "
+                        "default: a worker thread runs it and each timed call waits for it), "
+                        "or 'both' (default: sync here, threaded in a child process, and a "
+                        "summary of the two)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "bench_ops.json",
                    help="JSON output path (default bench/results/bench_ops.json)")
@@ -665,6 +773,7 @@ def main(argv=None) -> int:
         "mxnet_omp_threads": mx_threads,
         "torch_threads": torch.get_num_threads() if torch is not None else None,
         "malloc_tuned": args.malloc_tuned,
+        "mxnet_engine": engine_type(),
     }
     print(f"machine: {cpus} CPUs ({machine['processor']}), python {machine['python']}, "
           f"mxnet {mx.__version__}, numpy {np.__version__}, torch {machine['torch']}")
@@ -673,6 +782,7 @@ def main(argv=None) -> int:
           f"{machine['torch_threads']}; numpy copies are single-threaded")
     print(f"tensors: activation {act_shape}, weight {w_shape}; median of {repeats} "
           f"(activation) / {w_repeats} (weight) calls after {warmup} warm-up calls")
+    print(f"engine: {machine['mxnet_engine']} ({ENGINE_NOTES.get(machine['mxnet_engine'], '')})")
     for n in notes:
         print("note:", n)
 
@@ -773,6 +883,11 @@ def main(argv=None) -> int:
         "in_graph_marginal": in_graph,
         "rows": rows,
     }
+    if args.engine == "both":
+        child = run_threaded_child(args)
+        if child is not None:
+            result["threaded_engine"] = child
+        print_summary(result)
     write_json(args.out, result)
     print(f"\nwrote {args.out}")
     return 0

@@ -66,8 +66,10 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     const char* meaning[] = {"the learned lower clip value l", "the learned upper clip value u",
                              "the learned softness alpha"};
     for (int i = 0; i < 3; ++i) {
-      qo::fit_shape((*in)[1 + i], one, std::string(kOp) + ": '" + what[i] + "' (" + meaning[i] +
-                                            ") must have shape (1,)");
+      qo::fit_shape((*in)[1 + i], one, [&] {
+        return std::string(kOp) + ": '" + what[i] + "' (" + meaning[i] +
+               ") must have shape (1,)";
+      });
     }
     qo::fit_qstate((*in)[4], kOp);
     (*out)[0] = data;

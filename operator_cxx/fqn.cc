@@ -82,11 +82,12 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     const unsigned int channels = qo::range_count(data, p.per_channel(), p.channel_axis, kOp);
     const std::vector<unsigned int> want{channels};
     for (int i : {1, 2}) {
-      qo::fit_shape((*in)[i], want,
-                    std::string(kOp) + ": '" + (i == 1 ? "fqn_min" : "fqn_max") +
-                        "' must have shape " + qo::shape_str(want) + " for data of shape " +
-                        qo::shape_str(data) +
-                        (p.per_channel() ? " (one range per channel)" : " (one range)"));
+      qo::fit_shape((*in)[i], want, [&] {
+        return std::string(kOp) + ": '" + (i == 1 ? "fqn_min" : "fqn_max") +
+               "' must have shape " + qo::shape_str(want) + " for data of shape " +
+               qo::shape_str(data) +
+               (p.per_channel() ? " (one range per channel)" : " (one range)");
+      });
     }
     qo::fit_qstate((*in)[3], kOp);
     (*out)[0] = data;

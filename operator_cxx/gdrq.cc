@@ -126,12 +126,13 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
       groups = static_cast<unsigned int>(c / p.group_size);
     }
     const std::vector<unsigned int> want_alpha{groups};
-    qo::fit_shape((*in)[1], want_alpha,
-                  std::string(kOp) + ": 'gdrq_alpha' must have shape " +
-                      qo::shape_str(want_alpha) + " for data of shape " + qo::shape_str(data) +
-                      (p.grouped() ? " (one clip value per group of " +
-                                         std::to_string(p.group_size) + " channels)"
-                                   : std::string(" (one clip value)")));
+    qo::fit_shape((*in)[1], want_alpha, [&] {
+      return std::string(kOp) + ": 'gdrq_alpha' must have shape " + qo::shape_str(want_alpha) +
+             " for data of shape " + qo::shape_str(data) +
+             (p.grouped() ? " (one clip value per group of " + std::to_string(p.group_size) +
+                                " channels)"
+                          : std::string(" (one clip value)"));
+    });
     qo::fit_qstate((*in)[2], kOp);
     (*out)[0] = data;
     return MX_SUCCESS;

@@ -96,10 +96,11 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     qo::require_known_shape(kOp, "data", data);
     const unsigned int channels = qo::range_count(data, p.per_channel(), p.channel_axis, kOp);
     const std::vector<unsigned int> want{channels};
-    qo::fit_shape((*in)[1], want,
-                  std::string(kOp) + ": 'step' must have shape " + qo::shape_str(want) +
-                      " for data of shape " + qo::shape_str(data) +
-                      (p.per_channel() ? " (one step per channel)" : " (one step)"));
+    qo::fit_shape((*in)[1], want, [&] {
+      return std::string(kOp) + ": 'step' must have shape " + qo::shape_str(want) +
+             " for data of shape " + qo::shape_str(data) +
+             (p.per_channel() ? " (one step per channel)" : " (one step)");
+    });
     (*out)[0] = data;
     return MX_SUCCESS;
   });

@@ -51,8 +51,9 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     const auto& data = (*in)[0];
     qo::require_known_shape(kOp, "data", data);
     const std::vector<unsigned int> want{1};
-    qo::fit_shape((*in)[1], want, std::string(kOp) + ": 'gamma' (the learned clip value "
-                                                     "alpha) must have shape (1,)");
+    qo::fit_shape((*in)[1], want, [&] {
+      return std::string(kOp) + ": 'gamma' (the learned clip value alpha) must have shape (1,)";
+    });
     (*out)[0] = data;
     return MX_SUCCESS;
   });

@@ -66,8 +66,9 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     qo::require_known_shape(kOp, "data", data);
     const std::vector<unsigned int> want{1};
     for (int i = 1; i < 4; ++i) {
-      qo::fit_shape((*in)[i], want,
-                    std::string(kOp) + ": '" + kInputs[i] + "' must have shape (1,)");
+      qo::fit_shape((*in)[i], want, [&] {
+        return std::string(kOp) + ": '" + kInputs[i] + "' must have shape (1,)";
+      });
     }
     (*out)[0] = data;
     return MX_SUCCESS;

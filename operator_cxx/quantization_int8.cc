@@ -77,10 +77,11 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
     qo::require_known_shape(kOp, "data", data);
     const unsigned int channels = qo::range_count(data, p.per_channel(), p.channel_axis, kOp);
     const std::vector<unsigned int> want_mm{channels};
-    qo::fit_shape((*in)[1], want_mm,
-                  std::string(kOp) + ": 'minmax' must have shape " + qo::shape_str(want_mm) +
-                      " for data of shape " + qo::shape_str(data) +
-                      (p.per_channel() ? " (one range per channel)" : " (one range)"));
+    qo::fit_shape((*in)[1], want_mm, [&] {
+      return std::string(kOp) + ": 'minmax' must have shape " + qo::shape_str(want_mm) +
+             " for data of shape " + qo::shape_str(data) +
+             (p.per_channel() ? " (one range per channel)" : " (one range)");
+    });
     qo::fit_qstate((*in)[2], kOp);
     (*out)[0] = data;
     return MX_SUCCESS;

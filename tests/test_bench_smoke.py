@@ -24,6 +24,7 @@ def test_bench_quick_run_writes_json(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "quant_ops" in proc.stdout and "copy floor" in proc.stdout
+    assert "summary: ratios under each engine" in proc.stdout
 
     data = json.loads(out.read_text())
     assert {"machine", "config", "notes", "verification", "rows"} <= set(data)
@@ -46,6 +47,14 @@ def test_bench_quick_run_writes_json(tmp_path):
         assert row["timings"]["quant_ops"]["samples_ms"]
     if not has_torch:
         assert any("torch" in n for n in data["notes"])
+
+    # --engine both (the default): this process ran the synchronous engine, a child process
+    # the threaded one, and the child's rows are kept beside
+    assert data["machine"]["mxnet_engine"] == "NaiveEngine"
+    threaded = data["threaded_engine"]
+    assert threaded["machine"]["mxnet_engine"] == "ThreadedEnginePerDevice"
+    assert {r["case"] for r in threaded["rows"]} == CASES
+    assert all(r["ratios"]["quant_ops/copy"] > 0 for r in threaded["rows"])
 
     # the fused operator and the composed nd version both equal the reference exactly
     assert set(data["verification"]) == {"act_infer_fwd", "act_train_fwd", "w_pt_fwd",

@@ -104,11 +104,13 @@ inline std::string shape_str(const std::vector<unsigned int>& s) {
   return r + (s.size() == 1 ? ",)" : ")");
 }
 
-/*! \brief Give an input the shape `want`, or refuse with `what` + ", got <its shape>"
- *  (`what` names the operator, the input and what its shape means). */
+/*! \brief Give an input the shape `want`, or refuse with `what()` + ", got <its shape>"
+ *  (`what()` names the operator, the input and what its shape means).  The message is a
+ *  callable because imperative calls infer shapes on every call and it is rarely needed. */
+template <typename What>
 inline void fit_shape(std::vector<unsigned int>& have, const std::vector<unsigned int>& want,
-                      const std::string& what) {
-  if (!shape_compatible(have, want)) throw AttrError(what + ", got " + shape_str(have));
+                      What&& what) {
+  if (!shape_compatible(have, want)) throw AttrError(what() + ", got " + shape_str(have));
   have = want;
 }
 
@@ -124,7 +126,9 @@ inline unsigned int range_count(const std::vector<unsigned int>& data, bool per_
 
 /*! \brief The [step, training] state input of every stateful quantizer. */
 inline void fit_qstate(std::vector<unsigned int>& have, const char* op) {
-  fit_shape(have, {2}, std::string(op) + ": 'qstate' must have shape (2,) ([step, training])");
+  fit_shape(have, {2}, [op] {
+    return std::string(op) + ": 'qstate' must have shape (2,) ([step, training])";
+  });
 }
 
 inline const char* dtype_name(int t) {
