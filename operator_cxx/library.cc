@@ -28,3 +28,6 @@ extern "C" void qo_kernel_activation(const float* x, float* y, int64_t n, float 
                                      int nbits) {
   qo::fake_quant_tensor(x, y, n, amax, qo::qrange(nbits, false));
 }
+
+// Output size from which fake_quant_tensor streams its stores (tests reach that path with it).
+extern "C" int64_t qo_stream_threshold_bytes() { return qo::stream_threshold_bytes(); }

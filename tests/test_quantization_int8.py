@@ -489,3 +489,47 @@ def test_values_a_few_ulps_from_code_boundaries(per_channel):
         y, _, _ = op(x, [amax[0]], INFER)
         want = ref.fake_quant(x, amax[0])
     assert np.array_equal(bits(y), bits(want))
+
+
+def _stream_threshold_bytes() -> int:
+    import ctypes
+
+    lib = ctypes.CDLL(str(quant_ops.LIBRARY_PATH))
+    lib.qo_stream_threshold_bytes.restype = ctypes.c_int64
+    return int(lib.qo_stream_threshold_bytes())
+
+
+def test_activation_larger_than_cache_bit_identical_to_onnxruntime():
+    """Outputs above the last-level cache size take the streaming-store path: still
+    bit-identical, in inference and in training (EMA range), with a ragged tail."""
+    limit = _stream_threshold_bytes()
+    if limit > 256 << 20:
+        pytest.skip(f"streaming threshold {limit} bytes: too large a tensor for the suite")
+    n = limit // 4 + 4099
+    amax = 3.7
+    x = activation_sample(amax, n, np.random.default_rng(5))
+    s = f32(amax) / f32(127)
+    y, _, _ = op(x, [amax], INFER)
+    assert np.array_equal(bits(y), bits(ort_qdq(x, s)))
+    y, mm, _ = op(x, [0.0], TRAIN)  # first batch: the range is the batch max |x| (finite)
+    want, want_mm, _ = ref.quantization_int8_forward(x, np.zeros(1, f32), TRAIN, Int8Attrs())
+    assert mm[0] == want_mm[0] and np.array_equal(bits(y), bits(want))
+
+
+def test_streaming_kernel_on_unaligned_output():
+    """The streaming path falls back to plain stores for an output that is not 16-byte aligned."""
+    import ctypes
+
+    limit = _stream_threshold_bytes()
+    if limit > 256 << 20:
+        pytest.skip(f"streaming threshold {limit} bytes: too large a tensor for the suite")
+    n = limit // 4 + 37
+    x = activation_sample(2.5, n, np.random.default_rng(6))
+    buf = np.zeros(n + 1, f32)
+    y = buf[1:]  # 4 bytes past an aligned start
+    assert y.ctypes.data % 16 != 0
+    lib = ctypes.CDLL(str(quant_ops.LIBRARY_PATH))
+    fp = ctypes.POINTER(ctypes.c_float)
+    lib.qo_kernel_activation(x.ctypes.data_as(fp), y.ctypes.data_as(fp), ctypes.c_int64(n),
+                             ctypes.c_float(2.5), 8)
+    assert np.array_equal(bits(y), bits(ref.fake_quant(x, 2.5)))
