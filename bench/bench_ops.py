@@ -685,8 +685,15 @@ def print_summary(result: dict[str, Any], file=sys.stdout) -> None:
     for cells in [head, ["-" * w for w in widths], *lines]:
         print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(cells, widths))), file=file)
-    for engine, _ in runs:
+    for engine, run in runs:
         print(f"  {engine}: {ENGINE_NOTES.get(engine, '')}", file=file)
+        handover = run.get("dispatch_overhead_ms", {}).get("mx_copyto")
+        floor = next((r["ms"]["copy_floor"] for r in run["rows"] if r["case"] == "w_pc_fwd"),
+                     None)
+        if handover is not None and floor:
+            print(f"    MXNet's own per-call cost here (copyto of a one-element array): "
+                  f"{handover:.4f} ms = {handover / floor:.2f}x the weight's copy floor",
+                  file=file)
 
 
 def main(argv=None) -> int:

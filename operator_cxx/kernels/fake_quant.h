@@ -29,7 +29,8 @@
 // at run time.  (Vectorized rounding needs SSE4.1 at least, which x86-64-v2 guarantees.)  The
 // AVX-512 clone halves the instructions per element, which matters for weights: they sit in
 // cache, so the kernel is compute-bound there (1.4x faster on this project's 2-core CI host).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#if defined(__x86_64__) && defined(__GNUC__) && __GNUC__ >= 11 && !defined(__clang__) && \
+    !defined(__CUDACC__)  // (the x86-64-vN names came with GCC 11)
 #define QO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define QO_CLONES
