@@ -108,8 +108,8 @@ QO_CLONES inline void fake_quant_span(const float* x, float* y, int64_t n, float
   }
 }
 
-/*! \brief Size of the largest cache the calling CPU sees (bytes), from Linux's sysfs; 32 MiB
- *  when unknown.  (sysconf's L3 size is the whole socket's on some virtual machines.) */
+/*! \brief Size of CPU 0's largest cache (bytes), from Linux's sysfs; 32 MiB when unknown.
+ *  (sysconf's L3 size is the whole socket's on some virtual machines.) */
 inline int64_t last_level_cache_bytes() {
   int64_t best = 0;
   for (int i = 0; i < 8; ++i) {
@@ -122,7 +122,8 @@ inline int64_t last_level_cache_bytes() {
     const int got = std::fscanf(f, "%lld%c", &v, &unit);
     std::fclose(f);
     if (got < 1 || v <= 0) continue;
-    const int64_t bytes = unit == 'K' ? v << 10 : unit == 'M' ? v << 20 : unit == 'G' ? v << 30 : v;
+    const int shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 0;
+    const int64_t bytes = static_cast<int64_t>(v) << shift;
     best = bytes > best ? bytes : best;
   }
   return best > 0 ? best : int64_t{32} << 20;
