@@ -584,16 +584,15 @@ def print_table(rows, file=sys.stdout):
                       fmt(rt["quant_ops/copy"], ".2f"), fmt(rt["quant_ops_prealloc/copy"], ".2f"),
                       fmt(rt["quant_ops/mx_copyto"], ".2f"),
                       fmt(rt["composed/quant_ops"], ".1f"), fmt(rt["torch/quant_ops"], ".1f")])
+    print_columns(head, lines, left=1, file=file)
+
+
+def print_columns(head: list[str], lines: list[list[str]], left: int, file=sys.stdout) -> None:
+    """A text table: the first `left` columns left-aligned, the others right-aligned."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-
-    def row(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(row(head), file=file)
-    print("  ".join("-" * w for w in widths), file=file)
-    for line in lines:
-        print(row(line), file=file)
+    for cells in [head, ["-" * w for w in widths], *lines]:
+        print("  ".join(c.ljust(w) if i < left else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths))), file=file)
 
 
 def write_json(path: Path, data) -> None:
@@ -681,10 +680,7 @@ def print_summary(result: dict[str, Any], file=sys.stdout) -> None:
                           fmt(rt["composed/quant_ops"], ".1f"),
                           fmt(rt["torch/quant_ops"], ".1f"),
                           fmt(graph and graph["quant_ops/copy"], ".2f")])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    for cells in [head, ["-" * w for w in widths], *lines]:
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                        for i, (c, w) in enumerate(zip(cells, widths))), file=file)
+    print_columns(head, lines, left=2, file=file)
     for engine, run in runs:
         print(f"  {engine}: {ENGINE_NOTES.get(engine, '')}", file=file)
         handover = run.get("dispatch_overhead_ms", {}).get("mx_copyto")
