@@ -20,6 +20,7 @@
 #include <cstring>
 #include <vector>
 
+#include "expm1_taylor.h"
 #include "fake_quant.h"  // QO_HD, QO_CLONES, qo::copy
 
 namespace qo {
@@ -68,20 +69,7 @@ QO_HD void tanh_sech2(float w, float* t_out, float* s_out) {
   const double k = std::nearbyint(y * kInvLn2);
   const double r = (y - k * kLn2Hi) - k * kLn2Lo;  // |r| <= ln2 / 2
   // expm1(r): Taylor to degree 13 (truncation < 2e-17 relative), Horner.
-  double p = 0x1.6124613a86d09p-33;  // 1/13!
-  p = p * r + 0x1.1eed8eff8d898p-29;  // 1/12!
-  p = p * r + 0x1.ae64567f544e4p-26;  // 1/11!
-  p = p * r + 0x1.27e4fb7789f5cp-22;  // 1/10!
-  p = p * r + 0x1.71de3a556c734p-19;  // 1/9!
-  p = p * r + 0x1.a01a01a01a01ap-16;  // 1/8!
-  p = p * r + 0x1.a01a01a01a01ap-13;  // 1/7!
-  p = p * r + 0x1.6c16c16c16c17p-10;  // 1/6!
-  p = p * r + 0x1.1111111111111p-7;   // 1/5!
-  p = p * r + 0x1.5555555555555p-5;   // 1/4!
-  p = p * r + 0x1.5555555555555p-3;   // 1/3!
-  p = p * r + 0x1.0000000000000p-1;   // 1/2!
-  p = p * r + 1.0;
-  p = p * r;
+  const double p = expm1_taylor_from_13(kInvFact13, r);
   const double two_k = pow2i(k);
   const double u = two_k * (1.0 + p);          // exp(-2a)
   const double em = two_k * p + (two_k - 1.0);  // expm1(-2a)

@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "expm1_taylor.h"
 #include "fake_quant.h"  // QO_HD, QO_CLONES
 
 namespace qo {
@@ -144,20 +145,8 @@ QO_HD void tanh_sech2(double w, double* th, double* se) {
   const double r = (-2.0 * std::fabs(w)) * 0.03125;
   double p = 0x1.ae7f3e733b81fp-41;  // 1/15!
   p = p * r + 0x1.93974a8c07c9dp-37;  // 1/14!
-  p = p * r + 0x1.6124613a86d09p-33;  // 1/13!
-  p = p * r + 0x1.1eed8eff8d898p-29;  // 1/12!
-  p = p * r + 0x1.ae64567f544e4p-26;  // 1/11!
-  p = p * r + 0x1.27e4fb7789f5cp-22;  // 1/10!
-  p = p * r + 0x1.71de3a556c734p-19;  // 1/9!
-  p = p * r + 0x1.a01a01a01a01ap-16;  // 1/8!
-  p = p * r + 0x1.a01a01a01a01ap-13;  // 1/7!
-  p = p * r + 0x1.6c16c16c16c17p-10;  // 1/6!
-  p = p * r + 0x1.1111111111111p-7;   // 1/5!
-  p = p * r + 0x1.5555555555555p-5;   // 1/4!
-  p = p * r + 0x1.5555555555555p-3;   // 1/3!
-  p = p * r + 0x1.0000000000000p-1;   // 1/2!
-  p = p * r + 1.0;
-  double em = p * r;  // expm1(r)
+  p = p * r + kInvFact13;
+  double em = expm1_taylor_from_13(p, r);  // expm1(r)
   double ex = 1.0 + em;
   // five doublings of the argument: expm1(2r) = expm1(r) (expm1(r) + 2), exp(2r) = exp(r)^2
   em = em * (em + 2.0);
