@@ -28,16 +28,6 @@ struct DoReFaParams {
   }
 };
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    DoReFaParams p(attrs);
-    (void)p;
-    *num_in = 1;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap& attrs, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data"}, in, out);
 }
@@ -86,7 +76,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(DoReFa)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<DoReFaParams, 1>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

@@ -40,16 +40,6 @@ struct DsqParams {
   }
 };
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    DsqParams p(attrs);
-    (void)p;
-    *num_in = 5;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"}, in, out);
 }
@@ -118,7 +108,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(DSQ)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<DsqParams, 5>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

@@ -59,16 +59,6 @@ qo::FqnView view_of(const FqnParams& p, const Shape& shape) {
   return v;
 }
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    FqnParams p(attrs);
-    (void)p;
-    *num_in = 4;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data", "fqn_min", "fqn_max", "qstate"}, in, out);
 }
@@ -167,7 +157,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(FQN)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<FqnParams, 4>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

@@ -89,16 +89,6 @@ qo::GdrqView view_of(const GdrqParams& p, const Shape& shape) {
   return v;
 }
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    GdrqParams p(attrs);
-    (void)p;
-    *num_in = 3;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data", "gdrq_alpha", "qstate"}, in, out);
 }
@@ -188,7 +178,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(GDRQ)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<GdrqParams, 3>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

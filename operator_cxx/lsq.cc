@@ -74,16 +74,6 @@ int64_t elements_per_step(const LsqParams& p, const Shape& shape) {
   return n;
 }
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    LsqParams p(attrs);
-    (void)p;
-    *num_in = 2;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data", "step"}, in, out);
 }
@@ -135,7 +125,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(LSQ)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<LsqParams, 2>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

@@ -29,16 +29,6 @@ struct PactParams {
   }
 };
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    PactParams p(attrs);
-    (void)p;
-    *num_in = 2;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data", "gamma"}, in, out);
 }
@@ -88,7 +78,7 @@ MXReturnValue backward(const qo::AttrMap&, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(PACT)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<PactParams, 2>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

@@ -43,16 +43,6 @@ struct QilParams {
   }
 };
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    QilParams p(attrs);
-    (void)p;
-    *num_in = 4;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {kInputs[0], kInputs[1], kInputs[2], kInputs[3]}, in, out);
 }
@@ -106,7 +96,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(QIL)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<QilParams, 4>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

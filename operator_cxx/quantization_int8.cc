@@ -55,16 +55,6 @@ qo::AxisView view_of(const Int8Params& p, const std::vector<int64_t>& shape) {
   return v;
 }
 
-MXReturnValue parse_attrs(const qo::AttrMap& attrs, int* num_in, int* num_out) {
-  return qo::guarded([&] {
-    Int8Params p(attrs);
-    (void)p;
-    *num_in = 3;
-    *num_out = 1;
-    return MX_SUCCESS;
-  });
-}
-
 MXReturnValue infer_type(const qo::AttrMap& attrs, std::vector<int>* in, std::vector<int>* out) {
   return qo::float32_types(kOp, {"data", "minmax", "qstate"}, in, out);
 }
@@ -161,7 +151,7 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }  // namespace
 
 REGISTER_OP(Quantization_int8)
-    .setParseAttrs(parse_attrs)
+    .setParseAttrs(qo::parse_attrs<Int8Params, 3>)
     .setInferType(infer_type)
     .setInferSType(qo::infer_dense_stype)
     .setInferShape(infer_shape)

@@ -48,6 +48,19 @@ inline mxnet::ext::MXReturnValue guarded(F&& body) {
   }
 }
 
+/*! \brief parse_attrs of an operator with `NumIn` inputs and one output whose attributes
+ *  parse into `Params` (whose constructor throws AttrError naming a bad one). */
+template <typename Params, int NumIn>
+inline mxnet::ext::MXReturnValue parse_attrs(const AttrMap& attrs, int* num_in, int* num_out) {
+  return guarded([&] {
+    const Params p(attrs);
+    (void)p;
+    *num_in = NumIn;
+    *num_out = 1;
+    return mxnet::ext::MX_SUCCESS;
+  });
+}
+
 /*! \brief View a shape as (outer, channels, inner) around `axis`. */
 struct AxisView {
   int64_t outer = 1, channels = 1, inner = 1;
