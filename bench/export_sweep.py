@@ -25,7 +25,8 @@ import quant_ops  # noqa: E402,F401
 from quant_ops.export import export_model  # noqa: E402
 from quant_ops.export.align import check_alignment  # noqa: E402
 from quant_ops.graph.ir import Graph  # noqa: E402
-from quant_ops.prepare import calibrate_ranges, quantize_graph  # noqa: E402
+from quant_ops.model import QuantizedModel  # noqa: E402
+from quant_ops.prepare import quantize_graph  # noqa: E402
 from quant_ops.zoo import get_model  # noqa: E402
 
 MODELS = [("resnet18_v1", 224), ("resnet50_v1", 224), ("mobilenetv2_1.0", 224),
@@ -50,7 +51,7 @@ def check(name: str, size: int, tmp: Path) -> dict:
     params = {p.name: p.data().asnumpy() for p in net.collect_params().values()}
     q = quantize_graph(Graph.from_symbol(sym), params, "trt_int8", fold_bn="qat")
     calib = [rng.uniform(0, 1, x.shape).astype(np.float32) for _ in range(2)]
-    qp = calibrate_ranges(q.graph, q.params, calib)
+    qp = QuantizedModel(q.graph, q.params).calibrate(calib, "ema", progress=False).params
     ex = export_model(q.graph, qp, tmp, name, {"data": x.shape})
     r = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
     o = r["outputs"][0]

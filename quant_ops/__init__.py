@@ -19,6 +19,11 @@ from .ops import FakeQuantInt8, OperatorError, set_training, track_training  # n
 
 ops.install_wrappers()
 
+from . import methods  # noqa: E402
+from .model import QuantizedModel, quantize  # noqa: E402
+from .policy import QuantPolicy, QuantSpec  # noqa: E402
+
 __version__ = "0.1.0"
 __all__ = ["BuildError", "QuantOpsError", "OperatorError", "FakeQuantInt8", "set_training", "track_training",
-           "ops", "reference", "LIBRARY_PATH"]
+           "QuantizedModel", "quantize", "QuantPolicy", "QuantSpec", "methods", "ops", "reference",
+           "LIBRARY_PATH"]

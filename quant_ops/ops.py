@@ -17,7 +17,11 @@ from typing import Any, Iterable, Mapping
 import mxnet as mx
 from mxnet import autograd, gluon
 
+from . import methods
 from .errors import QuantOpsError
+from .graph.ir import Graph
+from .graph.quantizers import GRAD_SUM_SUFFIX, Quantizer, quantizers
+from .methods.base import MODE_INPUT
 
 
 class OperatorError(QuantOpsError, mx.base.MXNetError):
@@ -32,24 +36,11 @@ def _operator_message(op: str, err: Exception) -> str | None:
             return line[line.index(f"{op}:"):].strip()
     return None
 
-# The library's quantizers: their inputs in order, and which of those are learned (a leaf
-# whose gradient must accumulate) or state (auxiliary, never differentiated).
-OP_INPUTS = {
-    "Quantization_int8": ("data", "minmax", "qstate"),
-    "PACT": ("data", "gamma"),
-    "LSQ": ("data", "step"),
-    "DoReFa": ("data",),
-    "FQN": ("data", "fqn_min", "fqn_max", "qstate"),
-    "GDRQ": ("data", "gdrq_alpha", "qstate"),
-    "QIL": ("data", "center", "distance", "gamma"),
-    "DSQ": ("data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"),
-}
-LEARNED_INPUTS = {"gamma", "step", "center", "distance", "dsq_lower", "dsq_upper", "dsq_alpha"}
+# The library's quantizers, from the method registry: their inputs in order, and which of
+# those are learned (a leaf whose gradient must accumulate) or state (auxiliary).
+OP_INPUTS = {m.op: m.input_names for m in methods.REGISTRY.values()}
+LEARNED_INPUTS = {i.name for m in methods.REGISTRY.values() for i in m.inputs if i.learned}
 QUANTIZERS = tuple(OP_INPUTS)
-# quantizers whose second input is a range (amax) that calibration sets and export reads
-RANGE_QUANTIZERS = ("Quantization_int8",)
-STATE_NAMES = ("minmax", "qstate", "fqn_min", "fqn_max", "gdrq_alpha")
-GRAD_SUM_SUFFIX = "_qo_gradsum"
 
 
 # -- gradient accumulation ---------------------------------------------------------------
@@ -71,21 +62,20 @@ def _is_nd_leaf(x: Any) -> bool:
 # shape inference and overflows it (or segfaults) when an input's rank is unknown.  State
 # and parameter variables therefore always carry a rank: (0,) is one dimension of a size
 # still unknown.
-_RANKED = {"minmax": "(0,)", "qstate": "(2,)", "gamma": "(1,)", "step": "(0,)",
-           "fqn_min": "(0,)", "fqn_max": "(0,)", "gdrq_alpha": "(0,)", "center": "(1,)",
-           "distance": "(1,)", "dsq_lower": "(1,)", "dsq_upper": "(1,)", "dsq_alpha": "(1,)"}
 
 
-def _wrap(raw, inputs: tuple):
-    through_identity = [i for i, n in enumerate(inputs) if n == "data" or n in LEARNED_INPUTS]
+def _wrap(raw, method: methods.Method):
+    inputs = method.input_names
+    ranks = {i.name: i.rank for i in method.inputs}
+    through_identity = [0] + [k + 1 for k, i in enumerate(method.inputs) if i.learned]
 
     @functools.wraps(raw)
     def quantizer(*args, **kwargs):
         args = list(args) + [kwargs.pop(k) for k in inputs[len(args):] if k in kwargs]
         for i, v in enumerate(args[:len(inputs)]):
             if isinstance(v, mx.sym.Symbol) and _is_symbol_leaf(v):
-                if inputs[i] in _RANKED and "__shape__" not in v.list_attr():
-                    v._set_attr(__shape__=_RANKED[inputs[i]])
+                if inputs[i] in ranks and "__shape__" not in v.list_attr():
+                    v._set_attr(__shape__=ranks[inputs[i]])
                 if i in through_identity:
                     args[i] = mx.sym.identity(v, name=v.name + GRAD_SUM_SUFFIX)
             elif i in through_identity and _is_nd_leaf(v):
@@ -104,13 +94,14 @@ def _wrap(raw, inputs: tuple):
 
 def install_wrappers() -> None:
     """Replace ``mx.nd.<Q>`` and ``mx.sym.<Q>`` with gradient-accumulation-safe wrappers."""
-    for name, inputs in OP_INPUTS.items():
+    for method in methods.REGISTRY.values():
+        name = method.op
         for mods in ((mx.nd, mx.nd.op, mx.ndarray), (mx.sym, mx.sym.op, mx.symbol)):
             raw = getattr(mods[0], name, None)
             if raw is None:  # an operator this build of the library does not have
                 continue
             raw = getattr(raw, "__qo_raw__", raw)
-            wrapped = _wrap(raw, inputs)
+            wrapped = _wrap(raw, method)
             for m in mods:
                 setattr(m, name, wrapped)
 
@@ -123,19 +114,46 @@ def raw_op(F, name: str):
 
 # -- state helpers ---------------------------------------------------------------------
 
-def is_state_name(name: str) -> bool:
-    return name.endswith(tuple("_" + n for n in STATE_NAMES))
+def block_quantizers(net: gluon.Block) -> list[Quantizer]:
+    """The quantizers of a Gluon net, read from its graph (a SymbolBlock's, or the one a
+    hybridized block has cached; a block never traced is traced on one input ``data``)."""
+    cached = getattr(net, "_cached_graph", ())
+    sym = cached[1] if cached else None
+    if sym is None and isinstance(net, gluon.HybridBlock):
+        try:
+            out = net(mx.sym.var("data"))
+            sym = mx.sym.Group(list(out)) if isinstance(out, (list, tuple)) else out
+        except Exception:  # a block that cannot be traced on one input has no graph view
+            return []
+    return quantizers(Graph.from_symbol(sym)) if sym is not None else []
+
+
+def _mode_params(net: gluon.Block) -> list[str]:
+    """Names of the net's mode-flag parameters (found once per net, from its graph; a net
+    with no graph view falls back to the ``<quantizer>_qstate`` naming of the rewrite)."""
+    names = getattr(net, "_qo_mode_names", None)
+    if names is None:
+        net._qo_mode_names = []   # tracing calls the net (and its hooks): no recursion
+        qs = block_quantizers(net)
+        if qs:
+            names = [q.inputs[MODE_INPUT] for q in qs if MODE_INPUT in q.inputs]
+        else:
+            names = [n for n in net.collect_params() if n.endswith("_" + MODE_INPUT)]
+        net._qo_mode_names = names
+    return names
 
 
 def set_training(arrays: Mapping[str, mx.nd.NDArray] | Iterable[mx.nd.NDArray] | gluon.Block,
                  training: bool) -> int:
-    """Set the mode flag of every ``*_qstate`` array (a dict such as ``exe.aux_dict``, an
-    iterable of qstate arrays, or a Gluon block).  Returns how many were set."""
+    """Set the mode flag (``qstate[1]``) of every quantizer: of a Gluon block, of a dict of
+    state arrays named as the rewrite names them (``<quantizer>_qstate``, e.g.
+    ``exe.aux_dict``), or of an iterable of qstate arrays.  Returns how many were set."""
     if isinstance(arrays, gluon.Block):
-        arrays = {p.name: p.data() for p in arrays.collect_params().values()
-                  if p.name.endswith("_qstate") and p._data is not None}
+        params = arrays.collect_params()
+        arrays = [params[n].data() for n in _mode_params(arrays)
+                  if n in params and params[n]._data is not None]
     if isinstance(arrays, Mapping):
-        arrays = [v for k, v in arrays.items() if k.endswith("_qstate")]
+        arrays = [v for k, v in arrays.items() if k.endswith("_" + MODE_INPUT)]
     n = 0
     with autograd.pause():  # an in-place write is refused while autograd records
         for a in arrays:

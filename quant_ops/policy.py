@@ -17,74 +17,15 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn
 
 import yaml
 
+from . import methods
 from .errors import QuantOpsError
+from .methods.base import is_int
 
-#: method name -> the operator that implements it
-METHODS: dict[str, str] = {"int8": "Quantization_int8", "pact": "PACT", "lsq": "LSQ",
-                           "dorefa": "DoReFa", "fqn": "FQN", "gdrq": "GDRQ", "qil": "QIL",
-                           "dsq": "DSQ"}
-#: methods whose operators have not landed yet: named so asking for one says so, not "unknown"
-PLANNED_METHODS: frozenset = frozenset()
-METHOD_BITS: dict[str, tuple[int, int]] = {"int8": (2, 16), "pact": (2, 16), "lsq": (2, 16),
-                                           "dorefa": (1, 16), "fqn": (2, 16), "gdrq": (1, 16),
-                                           "qil": (2, 16), "dsq": (1, 16)}
-#: which inputs a method can quantize, and whether it can have one scale per channel
-METHOD_ROLES: dict[str, tuple[tuple[str, ...], bool]] = {
-    "int8": (("weight", "activation"), True), "pact": (("activation",), False),
-    "lsq": (("weight", "activation"), True), "dorefa": (("weight", "activation"), False),
-    "fqn": (("weight", "activation"), True), "gdrq": (("weight", "activation"), False),
-    "qil": (("weight", "activation"), False), "dsq": (("weight", "activation"), False)}
 #: ops whose inputs may share one activation quantizer (TensorRT fuses them on one scale)
 SHAREABLE_OPS = ("elemwise_add", "_Plus", "broadcast_add", "Concat", "Pooling")
 DEFAULT_QUANTIZE_OPS = ("Convolution", "FullyConnected", "Deconvolution")
 
 Fail = Callable[[str], NoReturn]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-#: per method: parameter -> (check, what it must be); mirrors the operator's own attribute checks
-METHOD_PARAMS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {"int8": {
-    "ema_decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "delay_quant": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "grad_mode": (lambda v: isinstance(v, str) and v in ("ste", "clip"), "'ste' or 'clip'"),
-    "fix_act_scale": (lambda v: isinstance(v, bool), "true or false"),
-}, "pact": {
-    "alpha": (lambda v: _is_num(v) and v > 0, "a number > 0 (the initial clip)"),
-}, "lsq": {
-    "signed": (lambda v: isinstance(v, bool), "true or false"),
-    "init_range": (lambda v: _is_num(v) and v > 0,
-                   "a number > 0 (activations: initial step = init_range / Qp)"),
-}, "gdrq": {
-    "group_size": (lambda v: v == -1,
-                   "-1 (one group; grouped GDRQ is available on the operator, not yet in the "
-                   "graph rewrite)"),
-    "lamda": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "do_quant": (lambda v: isinstance(v, bool), "true or false"),
-    "fix_alpha": (lambda v: isinstance(v, bool), "true or false"),
-    "ktimes": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "grad_mode": (lambda v: isinstance(v, str) and v in ("ste", "clip"), "'ste' or 'clip'"),
-}, "qil": {
-    "fix_gamma": (lambda v: isinstance(v, bool), "true or false"),
-    "init_range": (lambda v: _is_num(v) and v > 0,
-                   "a number > 0 (activations: initial interval [0, init_range])"),
-}, "dsq": {
-    "soft": (lambda v: isinstance(v, bool), "true or false (false: the uniform baseline)"),
-    "alpha": (lambda v: _is_num(v) and 0 < v < 0.5, "a number in (0, 0.5) (initial softness)"),
-    "init_range": (lambda v: _is_num(v) and v > 0,
-                   "a number > 0 (activations: initial range [0, init_range])"),
-}, "dorefa": {}, "fqn": {
-    "ema_decay": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "grad_mode": (lambda v: isinstance(v, str) and v in ("ste", "clip"), "'ste' or 'clip'"),
-}}
-#: parameters that set a learned input's initial value rather than an operator attribute
-INIT_PARAMS = {"alpha", "init_range"}
 _SPEC_KEYS = ("method", "bits", "per_channel", "params")
 _TOP_KEYS = ("preset", "weight", "activation", "quantize_ops", "shared_inputs", "skip", "overrides")
 _SKIP_KEYS = ("names", "ops", "first_layer", "last_layer")
@@ -111,33 +52,25 @@ def _mapping(v: Any, path: str, fail: Fail) -> Mapping:
 
 
 def _check_spec(method: Any, bits: Any, per_channel: Any, params: Any, path: str, fail: Fail) -> None:
-    if isinstance(method, str) and method in PLANNED_METHODS:
-        fail(f"{path}.method: method '{method}' is not available yet (its operator has not landed)")
-    if not isinstance(method, str) or method not in METHODS:
-        fail(f"{path}.method = {method!r} is unknown (known: {', '.join(sorted(METHODS))})")
-    lo, hi = METHOD_BITS[method]
-    if not _is_int(bits):
+    if not isinstance(method, str) or method not in methods.REGISTRY:
+        fail(f"{path}.method = {method!r} is unknown (known: {', '.join(sorted(methods.REGISTRY))})")
+    m = methods.REGISTRY[method]
+    lo, hi = m.bits
+    if not is_int(bits):
         fail(f"{path}.bits must be an integer, got {bits!r}")
     if not lo <= bits <= hi:
         fail(f"{path}.bits = {bits} is out of range [{lo}, {hi}]")
     if not isinstance(per_channel, bool):
         fail(f"{path}.per_channel must be true or false, got {per_channel!r}")
-    roles, channels_ok = METHOD_ROLES[method]
     role = {"weight": "weight", "activation": "activation"}.get(path.rsplit(".", 1)[-1])
-    if role is not None and role not in roles:
-        fail(f"{path}.method: '{method}' quantizes {' and '.join(roles)}s only, not {role}s")
-    if per_channel and not channels_ok:
+    if role is not None and role not in m.roles:
+        fail(f"{path}.method: '{method}' quantizes {' and '.join(m.roles)}s only, not {role}s")
+    if per_channel and not m.per_channel:
         fail(f"{path}.per_channel: '{method}' has one scale per tensor")
-    known = METHOD_PARAMS[method]
-    _no_unknown(_mapping(params, f"{path}.params", fail), known, f"{path}.params", fail)
+    _no_unknown(_mapping(params, f"{path}.params", fail), m.params, f"{path}.params", fail)
     for k, v in params.items():
-        check, what = known[k]
-        if not check(v):
-            fail(f"{path}.params.{k} = {v!r} must be {what}")
-
-
-def _attr(v: Any) -> str:
-    return ("True" if v else "False") if isinstance(v, bool) else str(v)
+        if not m.params[k].check(v):
+            fail(f"{path}.params.{k} = {v!r} must be {m.params[k].what}")
 
 
 @dataclass(frozen=True)
@@ -153,8 +86,13 @@ class QuantSpec:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     @property
+    def descriptor(self) -> methods.Method:
+        """The method's descriptor (operator, inputs, export form)."""
+        return methods.REGISTRY[self.method]
+
+    @property
     def op_name(self) -> str:
-        return METHODS[self.method]
+        return self.descriptor.op
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "bits": self.bits, "per_channel": self.per_channel,
@@ -176,19 +114,16 @@ class QuantSpec:
         """Attributes for the operator (``Quantization_int8``), all strings as MXNet wants them."""
         if self.per_channel and not is_weight:
             raise QuantOpsError("QuantSpec: per_channel is for weights only (an activation has one scale)")
-        attrs = {"nbits": str(self.bits), "is_weight": _attr(is_weight)}
-        if self.method in ("int8", "lsq"):
-            attrs["is_weight_perchannel"] = _attr(self.per_channel)
-        elif self.method == "fqn":
-            attrs["is_perchannel"] = _attr(self.per_channel)
-        if self.method == "pact":
-            del attrs["is_weight"]
-        if self.per_channel:
-            if not _is_int(channel_axis) or channel_axis < 0:
-                raise QuantOpsError(f"QuantSpec: channel_axis must be an integer >= 0, got {channel_axis!r}")
-            attrs["channel_axis"] = str(channel_axis)
-        attrs.update((k, _attr(v)) for k, v in self.params.items() if k not in INIT_PARAMS)
-        return attrs
+        if self.per_channel and (not is_int(channel_axis) or channel_axis < 0):
+            raise QuantOpsError(f"QuantSpec: channel_axis must be an integer >= 0, got {channel_axis!r}")
+        return self.descriptor.op_attrs(self.bits, self.per_channel, self.params, is_weight,
+                                        channel_axis)
+
+    def initial(self, is_weight: bool, channels: int, weight=None,
+                channel_axis: int = 0) -> dict:
+        """Starting value of each operator input after ``data`` (see ``Method.initial``)."""
+        return self.descriptor.initial(self.bits, self.per_channel, self.params, is_weight,
+                                       channels, weight, channel_axis)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,14 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+from . import methods
 from .errors import QuantOpsError
 from .graph.fold_bn import fold_batchnorm
 from .graph.ir import Graph
 from .graph.quantize import insert_quantizers
+from .graph.quantizers import through_copies
 from .graph.relu6 import relu6_to_relu
+from .graph.runner import run_once
 from .graph.seed import convert_seed_graph, is_seed_graph
 from .ops import track_training
 from .policy import QuantPolicy
@@ -71,9 +74,9 @@ def _computed_weights(graph: Graph, params: dict, policy: QuantPolicy) -> dict:
     for _, n in graph.ops():
         if n.op not in policy.quantize_ops or len(n.inputs) < 2:
             continue
-        src = graph.nodes[n.inputs[1][0]]
-        if src.is_var or src.name in out:
-            continue
+        src = graph.nodes[through_copies(graph, n.inputs[1])[0]]
+        if src.is_var or src.name in out or methods.is_quantizer(src.op):
+            continue  # a parameter, or already quantized (rewriting is idempotent)
         if internals is None:
             internals = graph.to_symbol().get_internals()
         try:
@@ -83,8 +86,7 @@ def _computed_weights(graph: Graph, params: dict, policy: QuantPolicy) -> dict:
         args = sym.list_arguments() + sym.list_auxiliary_states()
         if not all(a in params for a in args):  # depends on data: not a weight
             continue
-        feed = {a: mx.nd.array(params[a]) for a in args}
-        out[src.name] = sym.eval(ctx=mx.cpu(), **feed)[0].asnumpy()
+        out[src.name] = run_once(sym, params)[0]
     return out
 
 
@@ -151,23 +153,3 @@ def prepare(net: gluon.HybridBlock, preset: str = "trt_int8", **kwargs) -> gluon
     """The friendly front: ``prepare(net, "trt_int8", sample=x)`` (MQBench's
     ``prepare_by_platform`` in spirit)."""
     return quantize_block(net, QuantPolicy.preset(preset), **kwargs)
-
-
-def calibrate_ranges(graph: Graph, params: dict, batches, data_name: str = "data") -> dict:
-    """Activation ranges by the quantizers' own observation (EMA of max|x|, the first batch
-    initializing it): run ``batches`` through the graph in training mode, without any
-    weight update.  Returns the params with the observed state."""
-    blk = gluon.SymbolBlock(graph.to_symbol(), [mx.sym.var(data_name)])
-    for k, p in blk.collect_params().items():
-        p._load_init(mx.nd.array(params[k]), mx.cpu())
-    track_training(blk)
-    from mxnet import autograd
-
-    with autograd.train_mode():
-        for x in batches:
-            blk(mx.nd.array(x))
-    mx.nd.waitall()
-    from .ops import set_training
-
-    set_training(blk, False)
-    return {**params, **{k: p.data().asnumpy() for k, p in blk.collect_params().items()}}

@@ -20,10 +20,11 @@ import graphviz
 
 from .errors import QuantOpsError
 from .graph.ir import Graph, Node
-from .ops import GRAD_SUM_SUFFIX, QUANTIZERS
+from . import methods
+from .graph.quantizers import is_grad_sum, state_variables
 
 PARAM_SUFFIXES = ("_weight", "_bias", "_gamma", "_beta", "_running_mean", "_running_var",
-                  "_moving_mean", "_moving_var", "_minmax", "_qstate")
+                  "_moving_mean", "_moving_var")
 # (legend text, fill colour, ops); anything else is drawn grey
 FAMILIES = (
     ("conv / FC / deconv", "#9ecae1", {"Convolution", "FullyConnected", "Deconvolution"}),
@@ -41,10 +42,6 @@ SHORT_OP = {"Convolution": "Conv", "FullyConnected": "FC", "Deconvolution": "Dec
             "BatchNorm": "BN", "elemwise_add": "add"}
 
 
-def _is_gradsum(n: Node) -> bool:
-    return n.op == "_copy" and n.name.endswith(GRAD_SUM_SUFFIX)
-
-
 def _hidden(g: Graph) -> set[int]:
     """Parameters, quantizer state and gradient-sum copies.  A variable is a parameter when
     every use is a non-first input, or feeds a weight quantizer (maybe through a copy)."""
@@ -52,14 +49,15 @@ def _hidden(g: Graph) -> set[int]:
     for i, n in g.ops():
         for pos, e in enumerate(n.inputs):
             uses[e[0]].append((i, pos))
-    hidden = {i for i, n in enumerate(g.nodes) if _is_gradsum(n)}
+    hidden = {i for i, n in enumerate(g.nodes) if is_grad_sum(n)}
+    state = state_variables(g)
     for i, n in enumerate(g.nodes):
         if not n.is_var:
             continue
         flat = [u for c, p in uses[i]
-                for u in (uses[c] if _is_gradsum(g.nodes[c]) else [(c, p)])]
-        if n.name.endswith(PARAM_SUFFIXES) or flat and all(
-                p > 0 or (g.nodes[c].op in QUANTIZERS
+                for u in (uses[c] if is_grad_sum(g.nodes[c]) else [(c, p)])]
+        if n.name.endswith(PARAM_SUFFIXES) or n.name in state or flat and all(
+                p > 0 or (methods.is_quantizer(g.nodes[c].op)
                           and _true(g.nodes[c].attrs.get("is_weight"))) for c, p in flat):
             hidden.add(i)
     return hidden
@@ -111,7 +109,7 @@ def to_dot(graph: Graph, title: str | None = None,
     shapes = shapes or {}
     g, hidden = graph, _hidden(graph)
     visible = [i for i in range(len(g.nodes)) if i not in hidden]
-    quants = [i for i in visible if g.nodes[i].op in QUANTIZERS]
+    quants = [i for i in visible if methods.is_quantizer(g.nodes[i].op)]
     ops = [g.nodes[i].name for i in visible if not g.nodes[i].is_var and i not in quants]
     prefix = os.path.commonprefix(ops) if len(ops) > 1 else ""
     prefix = prefix[:prefix.rfind("_") + 1]
@@ -126,7 +124,7 @@ def to_dot(graph: Graph, title: str | None = None,
     fills = {op: fill for _, fill, members in FAMILIES for op in members}
     for i in visible:
         n, nid = g.nodes[i], f"n{i}"
-        if n.op in QUANTIZERS:
+        if methods.is_quantizer(n.op):
             d.node(nid, _text(quantizer_label(n)), shape="ellipse", style="filled,bold",
                    fillcolor=QUANT_FILL, color=QUANT_EDGE, penwidth="2", margin="0.02,0",
                    tooltip=_text(n.name), **{"class": "quantizer"})
@@ -142,12 +140,12 @@ def to_dot(graph: Graph, title: str | None = None,
                    fillcolor=fills.get(n.op, OTHER_FILL), tooltip=_text(n.name),
                    **{"class": "op"})
         for e in ([] if n.is_var else n.inputs):
-            src = g.nodes[e[0]].inputs[0][0] if _is_gradsum(g.nodes[e[0]]) else e[0]
+            src = g.nodes[e[0]].inputs[0][0] if is_grad_sum(g.nodes[e[0]]) else e[0]
             if src not in hidden:
-                q = g.nodes[src].op in QUANTIZERS
+                q = methods.is_quantizer(g.nodes[src].op)
                 d.edge(f"n{src}", nid, **({"color": QUANT_EDGE, "penwidth": "1.2"} if q else {}))
     for k, h in enumerate(g.heads):
-        src = g.nodes[h[0]].inputs[0][0] if _is_gradsum(g.nodes[h[0]]) else h[0]
+        src = g.nodes[h[0]].inputs[0][0] if is_grad_sum(g.nodes[h[0]]) else h[0]
         d.node(f"out{k}", "output", shape="ellipse", style="solid")
         if src not in hidden:
             d.edge(f"n{src}", f"out{k}")

@@ -7,7 +7,9 @@ from mxnet.gluon import nn
 
 from quant_ops.prepare import quantize_block
 from quant_ops.train import FitConfig, fit
-from quant_ops.train.constraints import BOUNDS, MIN_WIDTH, Projector
+from quant_ops import methods
+from quant_ops.methods.dsq import MIN_WIDTH
+from quant_ops.train.constraints import Projector
 
 
 def _net(policy):
@@ -31,8 +33,8 @@ def test_projection_restores_every_domain():
     lower.set_data(mx.nd.array([2.0]))
     uppers[0].set_data(mx.nd.array([1.0]))
     project = Projector(q)
-    assert project() == 3 and project() == 0          # idempotent
-    lo, hi = BOUNDS["_dsq_alpha"]
+    assert project() == 4 and project() == 0          # 4 arrays; idempotent
+    lo, hi = methods.get("dsq").input("dsq_alpha").domain
     assert alphas[0].data().asscalar() == np.float32(hi)
     assert alphas[1].data().asscalar() == np.float32(lo)
     width = uppers[0].data().asscalar() - lower.data().asscalar()

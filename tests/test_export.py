@@ -15,7 +15,8 @@ from quant_ops.export import export_model
 from quant_ops.export.align import check_alignment
 from quant_ops.export.trt_cache import read_cache, read_ranges_json
 from quant_ops.graph.ir import Graph
-from quant_ops.prepare import calibrate_ranges, quantize_graph
+from quant_ops.model import QuantizedModel
+from quant_ops.prepare import quantize_graph
 from quant_ops.zoo import get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def calibrated(graph: Graph, params: dict, x: np.ndarray, policy="trt_int8", fold_bn=None):
     q = quantize_graph(graph, params, policy, fold_bn)
-    return q.graph, calibrate_ranges(q.graph, q.params, [x])
+    return q.graph, QuantizedModel(q.graph, q.params).calibrate([x], "ema").params
 
 
 def zoo(name, shape):

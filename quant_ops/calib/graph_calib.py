@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Iterator, Sequence
 
-import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
 from ..errors import QuantOpsError
-from ..graph.ir import Graph, Node
+from ..graph.ir import Graph
 from ..graph.quantize import strip_quantizers
-from ..ops import OP_INPUTS, RANGE_QUANTIZERS
+from ..graph.quantizers import activation_quantizers
+from ..graph.runner import Runner
 from .observers import make_observer
 
 log = logging.getLogger(__name__)
@@ -32,73 +32,20 @@ HISTOGRAM_METHODS = ("entropy", "percentile", "mse")
 BITS_AWARE = ("entropy", "mse")      # observers whose answer depends on the bit width
 
 
-def _leaf(graph: Graph, entry) -> Node:
-    node = graph.nodes[entry[0]]
-    while node.op == "_copy" and node.inputs:  # gradient-sum copy of a leaf
-        node = graph.nodes[node.inputs[0][0]]
-    return node
-
-
-def _is_weight(n: Node) -> bool:
-    return n.attrs.get("is_weight") in ("True", "1", "true")
-
-
 def activation_tensors(graph: Graph) -> dict:
-    """{INT8 activation quantizer name: (name of the tensor it reads, name of its minmax
-    var)}."""
-    return {q: (t, v["minmax"]) for q, (t, op, _, v) in activation_quantizers(graph).items()
-            if op in RANGE_QUANTIZERS}
+    """{activation quantizer name: (name of the tensor it reads, name of its range
+    variable)} for quantizers whose range is state calibration sets (INT8's ``minmax``)."""
+    return {q.name: (q.tensor, q.range_var) for q in activation_quantizers(graph)
+            if q.range_var is not None and not q.method.input(q.method.range_input).learned}
 
 
-def activation_quantizers(graph: Graph) -> dict:
-    """{activation quantizer name: (tensor it reads, op, attrs, {input role: var name})}
-    for every quantizer operator."""
-    res = {}
-    for n in graph.nodes:
-        if n.op in OP_INPUTS and not _is_weight(n):
-            src = _leaf(graph, n.inputs[0])
-            out = n.inputs[0][1]
-            tensor = src.name if src.is_var else f"{src.name}_output" + (str(out) if out else "")
-            roles = {role: _leaf(graph, e).name
-                     for role, e in zip(OP_INPUTS[n.op][1:], n.inputs[1:])}
-            res[n.name] = (tensor, n.op, n.attrs, roles)
-    return res
-
-
-def _unsigned(op: str, attrs: dict) -> bool:
-    """The activation quantizer represents [0, a] only (negative inputs are clipped to 0)."""
-    if op == "LSQ":
-        return attrs.get("signed", "False") not in ("True", "1", "true")
-    return op in ("PACT", "DoReFa", "QIL", "DSQ")
-
-
-def _warn_negative(quantizers: dict, negative: set) -> None:
-    for q, (t, op, attrs, _) in quantizers.items():
-        if t in negative and _unsigned(op, attrs):
+def _warn_negative(quantizers: list, negative: set) -> None:
+    for q in quantizers:
+        if q.tensor in negative and q.unsigned:
             log.warning("%s (%s) represents [0, a] only, but the tensor it reads (%s) has "
                         "negative values on the calibration set: they will be clipped to 0; "
                         "give that layer's input a signed quantizer (a policy override)",
-                        q, op, t)
-
-
-def _range_state(op: str, attrs: dict, amax: float) -> dict:
-    """{input role: value} that makes a quantizer start from the range [-amax, amax] (or
-    [0, amax] for unsigned ones); empty for quantizers that observe ranges themselves."""
-    f32 = np.float32
-    if op == "Quantization_int8":
-        return {"minmax": np.array([amax], f32)}
-    if op == "PACT":
-        return {"gamma": np.array([amax], f32)}
-    if op == "LSQ":
-        from ..refs.lsq import bounds
-
-        signed = attrs.get("signed", "False") in ("True", "1", "true")
-        return {"step": np.array([amax / bounds(int(attrs.get("nbits", 8)), signed)[1]], f32)}
-    if op == "QIL":
-        return {"center": np.array([amax / 2], f32), "distance": np.array([amax / 2], f32)}
-    if op == "DSQ":
-        return {"dsq_upper": np.array([amax], f32)}
-    return {}  # FQN, GDRQ: EMA state from the first training batch; DoReFa: fixed range
+                        q.name, q.node.op, q.tensor)
 
 
 def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
@@ -107,41 +54,20 @@ def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
 
     Two executors take turns, so MXNet computes batch i+1 on its own threads while the
     caller's numpy code (histograms) works on batch i."""
-    fsym = strip_quantizers(graph).to_symbol()
-    internals = fsym.get_internals()
-    names = set(internals.list_outputs())
+    fgraph = strip_quantizers(graph)
+    names = set(fgraph.to_symbol().get_internals().list_outputs())
     outs = []
     for t in tensors:
         key = t if t in names else f"{t}_output"
         if key not in names:
             raise QuantOpsError(f"{graph.source}: tensor '{t}' is not in the float graph")
-        outs.append(internals[key])
-    group = mx.sym.Group(outs)
-    args = {k: mx.nd.array(params[k]) for k in group.list_arguments() if k != data_name}
-    aux = {k: mx.nd.array(params[k]) for k in group.list_auxiliary_states()}
+        outs.append(key)
     try:
-        exes = [group.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(shape)}, aux_states=aux,
-                           grad_req="null") for _ in range(2)]
-    except mx.base.MXNetError as e:
+        run = Runner(fgraph, params, shape, data_name, outs, copies=2, fusion=True)
+    except QuantOpsError as e:
         raise QuantOpsError(f"calibration images of shape {shape} do not fit the model: "
-                            f"{' '.join(str(e).split())[:300]}") from None
-
-    def stream(xs: Iterable[np.ndarray]) -> Iterator[list]:
-        pending = None
-        for i, x in enumerate(xs):
-            if x.shape != shape:
-                raise QuantOpsError(f"calibration batch of shape {x.shape}, expected {shape} "
-                                    "(all batches must have the first batch's shape)")
-            exe = exes[i % 2]
-            exe.arg_dict[data_name][:] = x
-            exe.forward(is_train=False)          # queued: runs while batch i-1 is read
-            if pending is not None:
-                yield [o.asnumpy() for o in pending.outputs]
-            pending = exe
-        if pending is not None:
-            yield [o.asnumpy() for o in pending.outputs]
-
-    return stream
+                            f"{e}") from None
+    return run.stream
 
 
 def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
@@ -167,13 +93,13 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     quantizers = activation_quantizers(graph)
     if not quantizers:
         raise QuantOpsError(f"{graph.source}: the graph has no activation quantizer")
-    tensors = sorted({q[0] for q in quantizers.values()})
+    tensors = sorted({q.tensor for q in quantizers})
     variables = {n.name for n in graph.nodes if n.is_var}
-    inputs = {q[0] for q in quantizers.values() if q[0] in variables}
+    inputs = {q.tensor for q in quantizers if q.tensor in variables}
     methods = {t: (input_method or method) if t in inputs else method for t in tensors}
     bits = {}
-    for t, _, attrs, _ in quantizers.values():
-        bits[t] = min(bits.get(t, 16), int(attrs.get("nbits", 8)))
+    for q in quantizers:
+        bits[q.tensor] = min(bits.get(q.tensor, 16), q.bits)
     first = np.asarray(batches[0], np.float32)
     probe = _probe(graph, tensors, params, data_name, first.shape)
 
@@ -185,7 +111,9 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
 
     hints: dict = {}
     cache: list | None = None
-    watch = {t for t, op, attrs, _ in quantizers.values() if _unsigned(op, attrs)}
+    # tensors whose sign matters: an unsigned quantizer clips negatives (warned), a
+    # sign-aware one starts from [-a, a] or [0, a]
+    watch = {q.tensor for q in quantizers if q.unsigned or q.method.sign_aware}
     negative: set = set()
     if passes == 2 and any(m in HISTOGRAM_METHODS for m in methods.values()):
         hints = {t: 0.0 for t in tensors}   # pass 1: each tensor's max, for exact histograms
@@ -232,15 +160,15 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     params = dict(params)
     # quantizers sharing one range variable take the largest of their tensors' ranges
     shared: dict = {}
-    for t, op, attrs, roles in quantizers.values():
-        if "minmax" in roles:
-            shared[roles["minmax"]] = max(shared.get(roles["minmax"], 0.0), amax[t])
+    for q in quantizers:
+        if q.range_var is not None:
+            shared[q.range_var] = max(shared.get(q.range_var, 0.0), amax[q.tensor])
     ranges = {}
-    for q, (t, op, attrs, roles) in quantizers.items():
-        a = shared.get(roles.get("minmax"), amax[t])
-        for role, value in _range_state(op, attrs, a).items():
-            params[roles[role]] = value
-        ranges[q] = a
+    for q in quantizers:
+        a = shared.get(q.range_var, amax[q.tensor])
+        for role, value in q.method.from_range(q.attrs, a, q.tensor in negative).items():
+            params[q.inputs[role]] = value
+        ranges[q.name] = a
     log.info("calibrated %d activation tensors (%s) on %d batches", len(tensors), method,
              len(batches))
     return params, ranges

@@ -22,6 +22,7 @@ class Exported:
     graph: Graph        # the deployment graph MXNet runs to match the ONNX model
     params: dict
     ranges: dict
+    alignment: dict | None = None   # MXNet against onnxruntime, when checked
 
 
 def export_model(graph: Graph, params: dict, out_dir: str | Path, name: str,

@@ -9,15 +9,10 @@ import mxnet as mx
 import numpy as np
 
 from ..graph.ir import Graph, Node
-from .onnx_qdq import EXPORTABLE as QUANTIZERS, qdq_form
-from .onnx_qdq import dequantized_outputs, quantize_points
-
-
-def _bind(sym, params: dict, inputs: dict):
-    args = {k: mx.nd.array(v) for k, v in inputs.items()}
-    args.update({k: mx.nd.array(params[k]) for k in sym.list_arguments() if k not in args})
-    aux = {k: mx.nd.array(params[k]) for k in sym.list_auxiliary_states()}
-    return [o.asnumpy() for o in sym.bind(mx.cpu(), args, aux_states=aux).forward()]
+from ..graph.quantizers import quantizers
+from ..graph.runner import run_once
+from .onnx_qdq import qdq_form
+from .ort import dequantized_outputs, quantize_points, session
 
 
 def _codes(y: np.ndarray, node, value) -> np.ndarray:
@@ -31,52 +26,30 @@ def _codes(y: np.ndarray, node, value) -> np.ndarray:
         return np.where(s > 0, np.rint(y / np.where(s > 0, s, 1)), 0)
 
 
+def _exportable(graph: Graph) -> list:
+    return [q for q in quantizers(graph) if q.method.exportable]
+
+
 def mxnet_codes(graph: Graph, params: dict, inputs: dict) -> dict:
     """int8 codes of every quantizer as the MXNet graph computes them, end to end."""
-    qnodes = [n for n in graph.nodes if n.op in QUANTIZERS]
-    if not qnodes:
+    qs = _exportable(graph)
+    if not qs:
         return {}
     internals = graph.to_symbol().get_internals()
-    outs = _bind(mx.sym.Group([internals[n.name + "_output"] for n in qnodes]), params, inputs)
-    return {n.name: _codes(y, n, params[graph.nodes[n.inputs[1][0]].name])
-            for n, y in zip(qnodes, outs)}
+    outs = run_once(mx.sym.Group([internals[q.name + "_output"] for q in qs]), params, inputs)
+    return {q.name: _codes(y, q.node, params[q.range_var]) for q, y in zip(qs, outs)}
 
 
 def isolated_codes(graph: Graph, params: dict, points: dict) -> dict:
     """Each quantizer run by MXNet's operator on onnxruntime's own input to it: the
     quantizer's arithmetic alone, free of differences carried in from earlier layers."""
     res = {}
-    for n in graph.nodes:
-        if n.op in QUANTIZERS and n.name in points:
-            mm = params[graph.nodes[n.inputs[1][0]].name]
-            attrs = {k: v for k, v in n.attrs.items() if not k.startswith("__")}
-            if n.op != "Quantization_int8":  # its second input is used as it is
-                y = getattr(mx.nd, n.op)(mx.nd.array(points[n.name][0]), mx.nd.array(mm),
-                                         **attrs).asnumpy()
-            elif attrs.get("is_weight") in ("True", "1", "true"):
-                attrs["is_weight"] = "False"   # the range is given: use it as is
-                attrs.pop("is_weight_perchannel", None)
-                attrs.pop("channel_axis", None)
-                y = _per_channel(points[n.name][0], mm, n, attrs)
-            else:
-                y = mx.nd.Quantization_int8(mx.nd.array(points[n.name][0]), mx.nd.array(mm),
-                                            mx.nd.zeros(2), **attrs).asnumpy()
-            res[n.name] = _codes(y, n, mm)
+    for q in _exportable(graph):
+        if q.name in points:
+            state = {k: params[v] for k, v in q.inputs.items()}
+            y = q.method.fixed(points[q.name][0], q.attrs, state)
+            res[q.name] = _codes(y, q.node, params[q.range_var])
     return res
-
-
-def _per_channel(x: np.ndarray, mm: np.ndarray, node, attrs: dict) -> np.ndarray:
-    """A weight quantizer with its recorded per-channel ranges, one channel at a time."""
-    mm = np.asarray(mm, np.float32).reshape(-1)
-    if mm.size == 1:
-        return mx.nd.Quantization_int8(mx.nd.array(x), mx.nd.array(mm), mx.nd.zeros(2),
-                                       **attrs).asnumpy()
-    axis = int(node.attrs.get("channel_axis", 0))
-    xs = np.moveaxis(x, axis, 0)
-    out = np.stack([mx.nd.Quantization_int8(mx.nd.array(xs[c]), mx.nd.array(mm[c:c + 1]),
-                                            mx.nd.zeros(2), **attrs).asnumpy()
-                    for c in range(mm.size)])
-    return np.moveaxis(out, 0, axis)
 
 
 def layer_codes(graph: Graph, params: dict, inputs: dict, dequantized: dict) -> dict:
@@ -85,7 +58,8 @@ def layer_codes(graph: Graph, params: dict, inputs: dict, dequantized: dict) -> 
     the other side of a rounding tie), not those carried in from earlier layers."""
     nodes = [Node(n.op, n.name, dict(n.attrs), [list(e) for e in n.inputs])
              for n in graph.nodes]
-    qidx = [i for i, n in enumerate(nodes) if n.op in QUANTIZERS and n.name in dequantized]
+    ranges = {q.index: q.range_var for q in _exportable(graph)}
+    qidx = [i for i in ranges if nodes[i].name in dequantized]
     feeds_var = {}
     for i in qidx:  # a variable standing for onnxruntime's output of this quantizer
         nodes.append(Node("null", nodes[i].name + "_from_ort"))
@@ -95,9 +69,8 @@ def layer_codes(graph: Graph, params: dict, inputs: dict, dequantized: dict) -> 
             n.inputs = [[var, 0, 0] if e[0] == i else e for e in n.inputs]
     # the new variables must come before their users: order nodes topologically
     g = _toposort(Graph(nodes, [[i, 0, 0] for i in qidx], dict(graph.attrs), graph.source))
-    outs = _bind(g.to_symbol(), {**params, **feeds_var}, inputs)
-    return {graph.nodes[i].name: _codes(y, graph.nodes[i],
-                                        params[graph.nodes[graph.nodes[i].inputs[1][0]].name])
+    outs = run_once(g.to_symbol(), {**params, **feeds_var}, inputs)
+    return {graph.nodes[i].name: _codes(y, graph.nodes[i], params[ranges[i]])
             for i, y in zip(qidx, outs)}
 
 
@@ -132,18 +105,6 @@ def _agreement(ours: dict, theirs: dict) -> dict:
             for name in ours}
 
 
-def session(model, optimize: bool = False):
-    """onnxruntime session.  Unoptimized by default: its QDQ fusions (QLinearConv...) compute
-    in integers with requantization, a different arithmetic from the graph as written."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-
-
 def check_alignment(onnx_path: str | Path, graph: Graph, params: dict, inputs: dict,
                     optimize: bool = False) -> dict:
     """Compare MXNet (``graph``/``params``: the deployment form ``export_onnx`` returned) and
@@ -151,7 +112,7 @@ def check_alignment(onnx_path: str | Path, graph: Graph, params: dict, inputs: d
     sess = session(onnx_path, optimize)
     feeds = {k: np.ascontiguousarray(v, np.float32) for k, v in inputs.items()}
     ort_out = sess.run(None, feeds)
-    mx_out = _bind(graph.to_symbol(), params, feeds)
+    mx_out = run_once(graph.to_symbol(), params, feeds)
     outputs = []
     for a, b in zip(mx_out, ort_out):
         a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()

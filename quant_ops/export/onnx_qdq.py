@@ -21,9 +21,10 @@ from mxnet.onnx.mx2onnx._op_translations._op_translations_opset12 import get_inp
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import QuantOpsError
+from .. import methods
 from ..graph.ir import Graph
-from ..ops import QUANTIZERS, RANGE_QUANTIZERS
-from .deploy import deploy_graph
+from ..graph.quantizers import quantizers
+from ..graph.deploy import deploy_graph
 
 log = logging.getLogger(__name__)
 OPSETS = (13, 14, 15, 16, 17, 18, 19, 20, 21)
@@ -32,40 +33,26 @@ CODE_TYPES = {(8, True): (TensorProto.INT8, 10), (8, False): (TensorProto.UINT8,
               (4, True): (TensorProto.INT4, 21), (4, False): (TensorProto.UINT4, 21)}
 
 
-def _true(v) -> bool:
-    return str(v) in ("True", "true", "1")
-
-
-# operators with a QDQ form: ONNX QuantizeLinear/DequantizeLinear compute exactly what they do
-EXPORTABLE = ("Quantization_int8", "PACT", "LSQ")
-
-
 def qdq_form(op: str, attrs: dict, value) -> tuple[np.ndarray, bool, bool]:
-    """(scale, signed, per_axis) of an exportable quantizer, from its second input's value
-    (int8: the range amax; PACT: the clip alpha; LSQ: the step), in float32 as the kernels
-    compute it."""
-    bits = int(attrs.get("nbits", 8 if op == "Quantization_int8" else 4))
-    v = np.asarray(value, np.float32).reshape(-1)
-    if op == "Quantization_int8":
-        per_axis = _true(attrs.get("is_weight")) and _true(attrs.get("is_weight_perchannel"))
-        scale = v / np.float32(2 ** (bits - 1) - 1)
-        return (scale if per_axis else scale[:1].reshape(())), True, per_axis
-    if op == "PACT":
-        return (v[:1] / np.float32(2 ** bits - 1)).reshape(()), False, False
-    if op == "LSQ":
-        per_axis = _true(attrs.get("is_weight")) and _true(attrs.get("is_weight_perchannel"))
-        signed = _true(attrs.get("signed", attrs.get("is_weight", "False")))
-        return (v if per_axis else v[:1].reshape(())), signed, per_axis
-    raise QuantOpsError(f"{op} has no QDQ form")
+    """(scale, signed, per_axis) of an exportable quantizer, from its range input's value
+    (e.g. int8: the range amax; PACT: the clip alpha; LSQ: the step), in float32 as the
+    kernels compute it."""
+    m = methods.of_op(op)
+    if m is None or not m.exportable:
+        raise QuantOpsError(f"{op} has no QDQ form")
+    f = m.qdq(attrs, value)
+    return f.scale, f.signed, f.per_axis
 
 
 def _convert_quantizer(node, **kwargs):
     """A quantizer -> QuantizeLinear + DequantizeLinear (output keeps the node name)."""
     name, inputs, attrs = get_inputs(node, kwargs)
-    scale, signed, per_axis = qdq_form(node["op"], attrs, kwargs["weights"][inputs[1]])
+    m = methods.of_op(node["op"])
+    value = kwargs["weights"][inputs[m.input_names.index(m.range_input)]]
+    scale, signed, per_axis = qdq_form(node["op"], attrs, value)
     init = kwargs["initializer"]
     init.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
-    code_type = CODE_TYPES[(int(attrs.get("nbits", 8)), signed)][0]
+    code_type = CODE_TYPES[(m.nbits(attrs), signed)][0]
     init.append(helper.make_tensor(f"{name}_zero_point", code_type, list(scale.shape),
                                    [0] * max(scale.size, 1)))
     axis = {"axis": int(attrs.get("channel_axis", 0))} if per_axis else {}
@@ -78,39 +65,41 @@ def _convert_quantizer(node, **kwargs):
 
 
 for _opset in OPSETS:
-    for _op in EXPORTABLE:
-        MXNetGraph.register(_op, _opset)(_convert_quantizer)
+    for _m in methods.REGISTRY.values():
+        if _m.exportable:
+            MXNetGraph.register(_m.op, _opset)(_convert_quantizer)
 
 
 def check_exportable(graph: Graph, params: dict | None = None, opset: int = 13) -> None:
-    """Every quantizer has an ONNX QDQ format at this opset (int8; int4 from opset 21) and,
-    given params, a range; otherwise name the node."""
-    empty = [n.name for n in graph.nodes if params is not None and n.op in RANGE_QUANTIZERS
-             and not _true(n.attrs.get("is_weight"))
-             and not float(np.max(params[graph.nodes[n.inputs[1][0]].name])) > 0]
+    """Every quantizer has an ONNX QDQ format at this opset (8 bits; 4 bits from opset 21)
+    and, given params, a range; otherwise name the node."""
+    qs = quantizers(graph)
+    empty = [q.name for q in qs if params is not None and not q.is_weight
+             and q.range_var is not None and not q.method.input(q.method.range_input).learned
+             and not float(np.max(params[q.range_var])) > 0]
     if empty:
         more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
         raise QuantOpsError(f"{graph.source}: activation quantizer(s) {', '.join(empty[:3])}"
                             f"{more} have no range (amax = 0): calibrate or fine-tune the "
                             "model before export")
+    for q in qs:
+        if not q.method.exportable:
+            names = ", ".join(m.op for m in methods.REGISTRY.values() if m.exportable)
+            raise QuantOpsError(f"{graph.source}: quantizer '{q.name}' ({q.node.op}) has no "
+                                f"ONNX format: {q.method.qdq_reason} (QDQ export covers "
+                                f"{names})")
+        bits = q.bits
+        if (bits, True) not in CODE_TYPES:
+            raise QuantOpsError(
+                f"{graph.source}: quantizer '{q.name}' is {bits}-bit: ONNX QDQ has 8 bits, "
+                "and 4 bits from opset 21; no format holds this width")
+        first = CODE_TYPES[(bits, True)][1]
+        if opset < first:
+            raise QuantOpsError(
+                f"{graph.source}: quantizer '{q.name}' is {bits}-bit, which ONNX QDQ "
+                f"has from opset {first}: export with opset >= {first}")
     for n in graph.nodes:
-        if n.op in QUANTIZERS and n.op not in EXPORTABLE:
-            raise QuantOpsError(f"{graph.source}: quantizer '{n.name}' ({n.op}) has no ONNX "
-                                "format: its levels are not an integer grid with zero point 0 "
-                                "(QDQ export covers Quantization_int8, PACT and LSQ)")
-        if n.op in QUANTIZERS:
-            bits = int(n.attrs.get("nbits", 8 if n.op == "Quantization_int8" else 4))
-            if (bits, True) not in CODE_TYPES:
-                raise QuantOpsError(
-                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit: ONNX QDQ has 8 bits, "
-                    "and 4 bits from opset 21; no format holds this width")
-            first = CODE_TYPES[(bits, True)][1]
-            if opset < first:
-                raise QuantOpsError(
-                    f"{graph.source}: quantizer '{n.name}' is {bits}-bit, which ONNX QDQ "
-                    f"has from opset {first}: export with opset >= {first}")
-        elif n.op.startswith("_contrib_") and n.op[9:] in ("PACT", "DoReFa", "QIL", "GDRQ",
-                                                           "FQN"):
+        if n.op.startswith("_contrib_") and methods.of_op(n.op[len("_contrib_"):]):
             raise QuantOpsError(f"{graph.source}: node '{n.name}' ({n.op}) has no export path")
 
 
@@ -173,67 +162,15 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
 
 def activation_ranges(graph: Graph, params: dict) -> dict:
     """{tensor name in the exported ONNX graph: amax} for every 8-bit activation quantizer
-    (TensorRT's implicit INT8 has no other width): the tensor a quantizer reads keeps its
-    producer's name in the export."""
+    whose range is calibrated state (TensorRT's implicit INT8 has no other width): the
+    tensor a quantizer reads keeps its producer's name in the export."""
     ranges = {}
-    for n in graph.nodes:
-        if n.op in RANGE_QUANTIZERS and not _true(n.attrs.get("is_weight")) \
-                and int(n.attrs.get("nbits", 8)) == 8:
-            src = graph.nodes[n.inputs[0][0]]
-            tensor = src.name if src.is_var else src.name if n.inputs[0][1] == 0 \
-                else f"{src.name}{n.inputs[0][1]}"
-            ranges[tensor] = float(np.asarray(params[graph.nodes[n.inputs[1][0]].name])
-                                   .reshape(-1)[0])
+    for q in quantizers(graph):
+        if q.is_weight or q.bits != 8 or q.range_var is None \
+                or q.method.input(q.method.range_input).learned:
+            continue
+        src = graph.nodes[q.node.inputs[0][0]]
+        out = q.node.inputs[0][1]
+        tensor = src.name if src.is_var or out == 0 else f"{src.name}{out}"
+        ranges[tensor] = float(np.asarray(params[q.range_var]).reshape(-1)[0])
     return ranges
-
-
-def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
-    """onnxruntime's float input and integer codes at every QuantizeLinear, by quantizer
-    name: ``{name: (input, codes)}``.  The codes are read off the DequantizeLinear output
-    (``y / scale`` is exact), which works for every code width numpy can't hold (int4)."""
-    model = onnx.load(str(model_path))
-    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-             if t.data_type == TensorProto.FLOAT}
-    wanted = {n.input[0] for n in qs} - {i.name for i in model.graph.input}
-    vals = dict(feeds)
-    vals.update({k: v for k, v in inits.items() if k in wanted})
-    vals.update(_run_with_outputs(model, [w for w in wanted if w not in vals], feeds, optimize))
-    deq = dequantized_outputs(model_path, feeds, optimize)
-    res = {}
-    for n in qs:
-        name = n.name[: -len("_quantize")]
-        scale = inits[n.input[1]]
-        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-        y = deq[name]
-        if scale.ndim:
-            shape = [1] * y.ndim
-            shape[axis] = -1
-            scale = scale.reshape(shape)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            res[name] = (vals[n.input[0]], np.where(scale > 0, np.rint(y / np.where(
-                scale > 0, scale, 1)), 0))
-    return res
-
-
-def _run_with_outputs(model: onnx.ModelProto, names: list, feeds: dict,
-                      optimize: bool) -> dict:
-    """Values of intermediate float tensors, made graph outputs for one run."""
-    from .align import session
-
-    if not names:
-        return {}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for t in names:
-        if t not in have:
-            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
-    return dict(zip(names, session(m.SerializeToString(), optimize).run(names, feeds)))
-
-
-def dequantized_outputs(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
-    """onnxruntime's output of every DequantizeLinear (named like its quantizer)."""
-    model = onnx.load(str(model_path))
-    names = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    return _run_with_outputs(model, names, feeds, optimize)

@@ -11,8 +11,10 @@ import logging
 
 import numpy as np
 
+from .. import methods
 from ..errors import QuantOpsError
 from .ir import Graph, Node
+from .quantizers import is_grad_sum
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +98,8 @@ def fold_batchnorm(graph: Graph, params: dict, mode: str = "deploy") -> tuple[Gr
 def _weight_var(graph: Graph, idx: int) -> Node:
     """The weight variable behind a layer's weight input, through a quantizer (whose range
     follows the weight) and its gradient-sum copy."""
-    from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
-
     node = graph.nodes[idx]
-    while node.op in QUANTIZERS or (node.op == "_copy" and node.name.endswith(GRAD_SUM_SUFFIX)):
+    while methods.is_quantizer(node.op) or is_grad_sum(node):
         node = graph.nodes[node.inputs[0][0]]
     return node
 
@@ -128,7 +128,8 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     b_name = graph.nodes[layer.inputs[2][0]].name if has_bias else f"{layer.name}_bias"
     if mode == "deploy":
         q = graph.nodes[layer.inputs[1][0]]
-        if q.op not in ("null", "Quantization_int8", "_copy"):
+        m = methods.of_op(q.op)
+        if m is not None and not m.scale_follows_weight:
             raise QuantOpsError(f"{graph.source}: '{layer.name}' has a learned-scale weight "
                                 f"quantizer ({q.op}): folding BatchNorm now would change the "
                                 "weights under it; fold BatchNorm before QAT (fold_bn='qat')")

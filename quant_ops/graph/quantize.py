@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import QuantOpsError
-from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
-from ..policy import METHODS
+from .. import methods
 from .ir import Graph, Node
+from .quantizers import GRAD_SUM_SUFFIX, is_grad_sum
 
 # input position of the weight, and the weight's output-channel axis, per layer op
 WEIGHT_INPUT = {"Convolution": (1, 0), "FullyConnected": (1, 0), "Deconvolution": (1, 1)}
@@ -66,7 +66,7 @@ def _shared_groups(graph: Graph, policy) -> dict:
     for n in graph.nodes:
         if n.op in policy.shared_inputs and not policy.skipped(n.name):
             keys = [(n.inputs[p][0], n.inputs[p][1]) for p in _shared_positions(n)]
-            keys = [k for k in keys if graph.nodes[k[0]].op not in QUANTIZERS]
+            keys = [k for k in keys if not methods.is_quantizer(graph.nodes[k[0]].op)]
             for k in keys[1:]:
                 parent[find(k)] = find(keys[0])
     roots: dict = {}
@@ -97,61 +97,6 @@ def _inferred_shape(internals, node: Node, out_idx: int, shapes: dict):
     return tuple(out[0]) if out and out[0] and all(d > 0 for d in out[0]) else None
 
 
-def _method_inputs(spec, is_weight: bool, channels: int, qname: str, value, axis: int):
-    """The inputs a method's operator takes after ``data``: (name, shape, initial value,
-    learned?).  State is named ``<quantizer>_<state>``."""
-    f32 = np.float32
-    if spec.method == "int8":
-        return [(f"{qname}_minmax", (channels,), np.zeros(channels, f32), False),
-                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
-    if spec.method == "pact":
-        return [(f"{qname}_gamma", (1,), np.array([spec.params.get("alpha", 10.0)], f32), True)]
-    if spec.method == "lsq":
-        from ..refs.lsq import LSQAttrs, bounds, init_step
-
-        attrs = LSQAttrs(nbits=spec.bits, is_weight=is_weight,
-                         is_weight_perchannel=is_weight and spec.per_channel,
-                         channel_axis=axis, signed=spec.params.get("signed"))
-        if is_weight and value is not None:
-            step = init_step(np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value),
-                             attrs)
-        else:  # activations: from the expected range until calibration or training moves it
-            qp = bounds(spec.bits, attrs.is_signed)[1]
-            step = np.full(channels, spec.params.get("init_range", 4.0) / qp, f32)
-        return [(f"{qname}_step", (channels,), np.asarray(step, f32).reshape(channels), True)]
-    if spec.method == "fqn":
-        return [(f"{qname}_fqn_min", (channels,), np.zeros(channels, f32), False),
-                (f"{qname}_fqn_max", (channels,), np.zeros(channels, f32), False),
-                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
-    if spec.method == "qil":
-        from ..refs.qil import QILAttrs, init_interval
-
-        if is_weight and value is not None:
-            c, d = init_interval(np.asarray(value.asnumpy() if hasattr(value, "asnumpy")
-                                            else value), QILAttrs(spec.bits, True))
-        else:  # activations: [0, init_range] until training moves it
-            c = d = np.array([spec.params.get("init_range", 4.0) / 2], f32)
-        return [(f"{qname}_center", (1,), np.asarray(c, f32), True),
-                (f"{qname}_distance", (1,), np.asarray(d, f32), True),
-                (f"{qname}_gamma", (1,), np.ones(1, f32), True)]
-    if spec.method == "dsq":
-        from ..refs.dsq import init_range
-
-        if is_weight and value is not None:
-            lo, hi = init_range(value.asnumpy() if hasattr(value, "asnumpy") else value)
-        else:  # activations: [0, init_range] until training moves it
-            lo, hi = np.zeros(1, f32), np.array([spec.params.get("init_range", 4.0)], f32)
-        return [(f"{qname}_dsq_lower", (1,), np.asarray(lo, f32).reshape(1), True),
-                (f"{qname}_dsq_upper", (1,), np.asarray(hi, f32).reshape(1), True),
-                (f"{qname}_dsq_alpha", (1,), np.array([spec.params.get("alpha", 0.2)], f32),
-                 True),
-                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
-    if spec.method == "gdrq":  # one group (the policy allows group_size -1 only)
-        return [(f"{qname}_gdrq_alpha", (1,), np.zeros(1, f32), False),
-                (f"{qname}_qstate", (2,), np.zeros(2, f32), False)]
-    return []  # dorefa: no state, nothing learned
-
-
 def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
                       values: dict | None = None) -> Rewrite:
     """Quantize the inputs of every layer the policy selects.
@@ -172,7 +117,7 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
     quantized: dict = {}               # (old src, out) -> new entry of the quantizer output
     res = Rewrite(graph)
     group_of = _shared_groups(graph, policy)   # tensor -> name of its shared-scale group
-    group_minmax: dict = {}            # group name -> new index of its minmax variable
+    group_range: dict = {}             # group name -> new index of its range variable
 
     def emit(node: Node, old=None) -> int:
         out_nodes.append(node)
@@ -192,30 +137,37 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
                                     f"'{consumer.name}' has no known shape: give the params "
                                     "file (or input shapes) so it can be quantized per channel")
             channels = shape[axis]
-        # int8 activations at an add/concat share one range variable with their group
-        group = group_of.get((src_old, out_idx)) if spec.method == "int8" and not is_weight \
-            else None
+        # activations at an add/concat share one range variable with their group (where the
+        # range is state the operator keeps; a learned range stays per tensor)
+        m = spec.descriptor
+        shares = m.range_input is not None and not m.input(m.range_input).learned
+        group = group_of.get((src_old, out_idx)) if shares and not is_weight else None
         new_inputs = []
-        for name, shape, init, learned in _method_inputs(spec, is_weight, channels, qname,
-                                                        values.get(src.name), axis):
-            if name.endswith("_minmax") and group is not None:
+        weight = values.get(src.name) if is_weight else None
+        if weight is not None:
+            weight = np.asarray(weight.asnumpy() if hasattr(weight, "asnumpy") else weight)
+        init = spec.initial(is_weight, channels, weight, axis)
+        for inp in spec.descriptor.inputs:
+            name, learned = f"{qname}_{inp.name}", inp.learned
+            shape = (inp.size(channels),)
+            if inp.name == spec.descriptor.range_input and group is not None:
                 # one range for every tensor of the group, as the engine needs at an add/concat
-                if group not in group_minmax:
-                    group_minmax[group] = emit(Node("null", f"{group}_minmax",
-                                                    {"__shape__": "(1,)"}))
-                    res.new_params[f"{group}_minmax"] = np.zeros(1, np.float32)
-                new_inputs.append([group_minmax[group], 0, 0])
+                if group not in group_range:
+                    group_range[group] = emit(Node("null", f"{group}_{inp.name}",
+                                                   {"__shape__": "(1,)"}))
+                    res.new_params[f"{group}_{inp.name}"] = np.zeros(1, np.float32)
+                new_inputs.append([group_range[group], 0, 0])
                 continue
             var = [emit(Node("null", name, {"__shape__": _shape_str(shape)})), 0, 0]
             if learned:  # a leaf whose gradient must accumulate under grad_req='add'
                 var = [emit(Node("_copy", f"{name}{GRAD_SUM_SUFFIX}", {}, [var])), 0, 0]
             new_inputs.append(var)
-            res.new_params[name] = init
+            res.new_params[name] = np.asarray(init[inp.name], np.float32).reshape(shape)
         data = [new_index[src_old], out_idx, 0]
         if src.is_var:  # a leaf: route through identity so grad_req='add' accumulates
             data = [emit(Node("_copy", f"{tensor}{GRAD_SUM_SUFFIX}", {}, [data])), 0, 0]
         attrs = spec.op_attrs(is_weight=is_weight, channel_axis=axis)
-        q = emit(Node(METHODS[spec.method], qname, attrs, [data] + new_inputs))
+        q = emit(Node(spec.op_name, qname, attrs, [data] + new_inputs))
         res.table.append({"node": consumer.name, "op": consumer.op, "input": role,
                           "tensor": tensor, "quantizer": qname, "method": spec.method,
                           "bits": spec.bits, "shared_range": group,
@@ -241,7 +193,7 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
         if node.op in policy.shared_inputs and not policy.skipped(node.name):
             for pos in _shared_positions(node):
                 key = (node.inputs[pos][0], node.inputs[pos][1])
-                if graph.nodes[key[0]].op in QUANTIZERS:
+                if methods.is_quantizer(graph.nodes[key[0]].op):
                     continue
                 if key not in quantized:
                     quantized[key] = add_quantizer(key[0], key[1], policy.activation, False, 0,
@@ -254,7 +206,7 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
                 if spec is None or pos >= len(node.inputs):
                     continue
                 src_old, out_idx = node.inputs[pos][0], node.inputs[pos][1]
-                if graph.nodes[src_old].op in QUANTIZERS:
+                if methods.is_quantizer(graph.nodes[src_old].op):
                     continue  # already quantized: rewriting is idempotent
                 key = (src_old, out_idx)
                 if key not in quantized:
@@ -276,18 +228,18 @@ def strip_quantizers(graph: Graph) -> Graph:
     drop = set()
     redirect: dict = {}     # old index of a removed node -> entry it forwards to
     for i, n in enumerate(graph.nodes):
-        if n.op in QUANTIZERS:
+        if methods.is_quantizer(n.op):
             drop.add(i)
             data = n.inputs[0]
             src = graph.nodes[data[0]]
-            if src.op == "_copy" and src.name.endswith(GRAD_SUM_SUFFIX):
+            if is_grad_sum(src):
                 drop.add(data[0])
                 data = src.inputs[0]
             redirect[i] = data
             for e in n.inputs[1:]:  # state and learned parameters (maybe behind a copy)
                 drop.add(e[0])
                 p = graph.nodes[e[0]]
-                if p.op == "_copy" and p.name.endswith(GRAD_SUM_SUFFIX):
+                if is_grad_sum(p):
                     drop.add(p.inputs[0][0])
     g = graph.rewired(drop, redirect)
     for n in g.nodes:  # shapes the rewrite added to variables go with it

@@ -542,9 +542,10 @@ def correct_bias(graph: Graph, params: dict, *, mode: str = "data_free",
         rule = policy.rule_for(l.name, l.op, l.index == first, l.index == last)
         if rule is None or rule.weight is None:
             continue
-        if rule.weight.method != "int8":
+        if not rule.weight.descriptor.linear:
             raise QuantOpsError(f"{policy.source}: weight method '{rule.weight.method}' of "
-                                f"'{l.name}': bias correction models int8 weights only")
+                                f"'{l.name}': bias correction models int8 weights only "
+                                "(linear quantizers, y = rint(w / s) * s)")
         if l.weight not in ref:
             raise QuantOpsError(f"reference params lack weight '{l.weight}' of '{l.name}'")
         todo.append((l, rule.weight))

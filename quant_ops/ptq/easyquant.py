@@ -40,7 +40,8 @@ from ..calib.graph_calib import activation_tensors
 from ..errors import QuantOpsError
 from ..graph.ir import Graph
 from ..graph.quantize import strip_quantizers
-from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS
+from .. import methods
+from ..graph.quantizers import through_copies
 from ..reference import abs_max, fake_quant, qrange, scale_of
 from .common import runner
 
@@ -48,7 +49,8 @@ log = logging.getLogger(__name__)
 
 f32 = np.float32
 LAYER_OPS = ("Convolution", "FullyConnected", "Deconvolution")
-INT8_OP = "Quantization_int8"
+#: quantizers whose scale EasyQuant searches: y = clamp(rint(x / s)) * s, s = range / qmax
+LINEAR_OPS = frozenset(m.op for m in methods.REGISTRY.values() if m.linear)
 _TRUE = ("True", "true", "1")
 
 
@@ -132,18 +134,14 @@ def _geometry(node) -> _Geometry | str:
 
 def _source_var(graph: Graph, entry) -> int | None:
     """Index of the variable behind ``entry`` (through a gradient-sum copy), else None."""
-    node = graph.nodes[entry[0]]
-    if node.op == "_copy" and node.name.endswith(GRAD_SUM_SUFFIX) and node.inputs:
-        return _source_var(graph, node.inputs[0])
-    return entry[0] if node.is_var else None
+    entry = through_copies(graph, entry)
+    return entry[0] if graph.nodes[entry[0]].is_var else None
 
 
 def _tensor_name(graph: Graph, entry, names: set) -> str:
     """MXNet's internal name of the tensor at ``entry`` (a gradient-sum copy looked through)."""
+    entry = through_copies(graph, entry)
     node = graph.nodes[entry[0]]
-    while node.op == "_copy" and node.name.endswith(GRAD_SUM_SUFFIX) and node.inputs:
-        entry = node.inputs[0]
-        node = graph.nodes[entry[0]]
     if node.is_var:
         return node.name
     for key in (f"{node.name}_output", f"{node.name}_output{entry[1]}"):
@@ -166,15 +164,15 @@ def _find_layers(graph: Graph) -> tuple[list, list]:
             continue
         dq, wq = graph.nodes[n.inputs[0][0]], graph.nodes[n.inputs[1][0]]
         ops = (dq.op, wq.op)
-        if INT8_OP not in ops:
-            if any(op in QUANTIZERS for op in ops):
-                skipped.append((n.name, "its quantizers are not Quantization_int8"))
+        if not LINEAR_OPS.intersection(ops):
+            if any(methods.is_quantizer(op) for op in ops):
+                skipped.append((n.name, f"its quantizers are not linear ({', '.join(sorted(LINEAR_OPS))})"))
             continue
         geo = _geometry(n)
         if isinstance(geo, str):
             skipped.append((n.name, geo))
             continue
-        w_var = _source_var(graph, wq.inputs[0] if wq.op == INT8_OP else n.inputs[1])
+        w_var = _source_var(graph, wq.inputs[0] if wq.op in LINEAR_OPS else n.inputs[1])
         if w_var is None:
             skipped.append((n.name, "its weight is computed in the graph, not a parameter"))
             continue
@@ -189,13 +187,13 @@ def _find_layers(graph: Graph) -> tuple[list, list]:
             bias = graph.nodes[b_var].name
         layer = _Layer(i, n.name, n.op, geo, graph.nodes[w_var].name, bias)
         data_entry = n.inputs[0]
-        if dq.op == INT8_OP:
+        if dq.op in LINEAR_OPS:
             layer.act_q = dq.name
             layer.minmax = acts[dq.name][1]
             layer.act_bits = int(dq.attrs.get("nbits", "8"))
             data_entry = dq.inputs[0]
         layer.tensor = _tensor_name(graph, data_entry, names)
-        if wq.op == INT8_OP:
+        if wq.op in LINEAR_OPS:
             layer.w_q = wq.name
             layer.w_bits = int(wq.attrs.get("nbits", "8"))
             per_channel = wq.attrs.get("is_weight_perchannel", "False") in _TRUE
@@ -449,7 +447,7 @@ def _check_args(batches, rounds, points, search) -> tuple[list, float, float]:
 
 
 def _check_params(graph: Graph, params: dict, layers: list, nbits: int | None) -> list:
-    bits = sorted({int(n.attrs.get("nbits", "8")) for n in graph.nodes if n.op == INT8_OP})
+    bits = sorted({int(n.attrs.get("nbits", "8")) for n in graph.nodes if n.op in LINEAR_OPS})
     if nbits is not None and bits != [nbits]:
         raise QuantOpsError(f"{graph.source}: easyquant(nbits={nbits}) but the graph's "
                             f"quantizers have {bits} bits: build the graph with a {nbits}-bit "
@@ -473,7 +471,7 @@ def _inference_params(graph: Graph, params: dict) -> dict:
     training = 1 in its ``qstate``, which would move the ranges while we run)."""
     run = {k: _np(v) for k, v in params.items()}
     for n in graph.nodes:
-        if n.op == INT8_OP and len(n.inputs) > 2:
+        if n.op in LINEAR_OPS and len(n.inputs) > 2:
             key = graph.nodes[n.inputs[2][0]].name
             if key in run:
                 qs = np.array(run[key], f32).reshape(-1)

@@ -34,7 +34,7 @@ from ..errors import QuantOpsError
 from ..fileio import atomic_write_text, staged_dir
 from ..graph.ir import Graph, Node
 from ..graph.quantize import strip_quantizers
-from ..ops import QUANTIZERS
+from ..graph.quantizers import activation_quantizers
 from ..policy import QuantPolicy
 from ..prepare import QuantizedGraph, as_policy, quantize_graph
 from .common import predict, runner
@@ -214,8 +214,7 @@ def _quantized_layers(q: QuantizedGraph) -> list[tuple[str, str, int | None, int
 
 def _activation_quantizers(graph: Graph) -> dict:
     """{name: (op, attributes)} of every quantizer on an activation."""
-    return {n.name: (n.op, sorted(n.attrs.items())) for n in graph.nodes
-            if n.op in QUANTIZERS and n.attrs.get("is_weight") not in ("True", "1", "true")}
+    return {q.name: (q.node.op, sorted(q.attrs.items())) for q in activation_quantizers(graph)}
 
 
 def _with_ranges(qs: QuantizedGraph, known: dict, calibrated: dict, batches: list,

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..errors import QuantOpsError
 from ..graph.ir import Graph
+from ..graph.runner import bind
 
 log = logging.getLogger(__name__)
 
@@ -149,32 +150,12 @@ class StatisticLoss:
         total = mx.sym.sum(per_bn)
         loss = mx.sym.Group([mx.sym.MakeLoss(total), mx.sym.BlockGrad(per_bn)])
 
-        args = {}
-        for k in loss.list_arguments():
-            if k == data_name:
-                continue
-            if k in consts:
-                args[k] = mx.nd.array(consts[k])
-            elif k in params:
-                args[k] = mx.nd.array(params[k])
-            else:
-                raise QuantOpsError(f"{graph.source}: no value for parameter '{k}'")
-        aux = {}
-        for k in loss.list_auxiliary_states():
-            if k not in params:
-                raise QuantOpsError(f"{graph.source}: no value for auxiliary state '{k}'")
-            aux[k] = mx.nd.array(params[k])
         self.data_name = data_name
         self._grad = mx.nd.zeros(self.shape)
-        try:
-            self._exe = loss.bind(mx.cpu(), {**args, data_name: mx.nd.zeros(self.shape)},
-                                  args_grad={data_name: self._grad},
-                                  grad_req={k: ("write" if k == data_name else "null")
-                                            for k in loss.list_arguments()},
-                                  aux_states=aux)
-        except mx.base.MXNetError as e:
-            raise QuantOpsError(f"{graph.source}: input shape {self.shape} does not fit the "
-                                f"model's parameters: {' '.join(str(e).split())[:300]}") from None
+        self._exe = bind(loss, {**params, **consts}, {data_name: self.shape},
+                         grad_req={k: ("write" if k == data_name else "null")
+                                   for k in loss.list_arguments()},
+                         args_grad={data_name: self._grad}, source=graph.source)
 
     def loss(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         """(total loss, loss of each BN in graph order) for the batch ``x``."""

@@ -1,9 +1,11 @@
-"""Keep learned quantizer parameters in the domain their method is defined on.
+"""Learned quantizer parameters as their methods train them.
 
 SGD knows nothing of domains: DSQ's softness ``alpha`` must stay in (0, 0.5) (beyond it the
 soft staircase is undefined and training diverges; seen at 2-3 bits), a clip, step or
 interval must stay positive, and a DSQ range must keep ``upper > lower``.  ``fit`` projects
-the parameters back after every optimizer step (the DSQ paper clips alpha the same way).
+the parameters back after every optimizer step (the DSQ paper clips alpha the same way),
+and gives them their method's learning-rate and weight-decay multipliers.  Both come from
+each method's descriptor (``quant_ops.methods``), found through the net's graph.
 """
 from __future__ import annotations
 
@@ -11,11 +13,30 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-TINY = 1e-8
-#: parameter-name suffix (as the graph rewrite names them) -> (min, max)
-BOUNDS = {"_dsq_alpha": (1e-3, 0.5 - 1e-3), "_pact_gamma": (TINY, None),
-          "_lsq_step": (TINY, None), "_qil_distance": (TINY, None), "_qil_gamma": (TINY, None)}
-MIN_WIDTH = 1e-4   # smallest DSQ range kept
+from ..graph.quantizers import Quantizer
+from ..ops import block_quantizers
+
+
+def _learned(net: gluon.Block) -> list[tuple[Quantizer, dict]]:
+    """(quantizer, {input: Parameter}) for every quantizer with trained inputs in ``net``."""
+    params = {p.name: p for p in net.collect_params().values() if p.grad_req != "null"}
+    res = []
+    for q in block_quantizers(net):
+        mine = {k: params[v] for k, v in q.learned().items() if v in params}
+        if mine:
+            res.append((q, mine))
+    return res
+
+
+def apply_multipliers(net: gluon.Block) -> int:
+    """Give learned quantizer parameters their method's lr / wd multipliers; returns how
+    many parameters it set."""
+    n = 0
+    for q, mine in _learned(net):
+        for p in mine.values():
+            p.lr_mult, p.wd_mult = q.method.lr_mult, q.method.wd_mult
+            n += 1
+    return n
 
 
 class Projector:
@@ -23,31 +44,20 @@ class Projector:
     place and returns how many arrays it changed (0 on an ordinary step)."""
 
     def __init__(self, net: gluon.Block):
-        params = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
-        self.bounded = [(p, b) for n, p in params.items()
-                        for s, b in BOUNDS.items() if n.endswith(s)]
-        self.ranges = [(params[n[:-len("_upper")] + "_lower"], p) for n, p in params.items()
-                       if n.endswith("_dsq_upper") and n[:-len("_upper")] + "_lower" in params]
+        self.groups = _learned(net)
 
     def __bool__(self) -> bool:
-        return bool(self.bounded or self.ranges)
+        return bool(self.groups)
 
     def __call__(self) -> int:
         changed = 0
-        for p, (lo, hi) in self.bounded:
-            for d in p.list_data():
-                v = d.asnumpy()
-                c = v.clip(lo, hi)
-                if (c != v).any():
-                    d[:] = mx.nd.array(c, ctx=d.context)
-                    changed += 1
-        for lower, upper in self.ranges:
-            for dl, du in zip(lower.list_data(), upper.list_data()):
-                lo, hi = dl.asnumpy(), du.asnumpy()
-                bad = hi - lo < MIN_WIDTH / 2   # (set to MIN_WIDTH: float32 rounding safe)
-                if bad.any():
-                    mid = (lo + hi) / 2
-                    dl[:] = mx.nd.array(np.where(bad, mid - MIN_WIDTH / 2, lo), ctx=dl.context)
-                    du[:] = mx.nd.array(np.where(bad, mid + MIN_WIDTH / 2, hi), ctx=du.context)
-                    changed += 1
+        for q, mine in self.groups:
+            names = list(mine)
+            for datas in zip(*(mine[n].list_data() for n in names)):  # one set per device
+                values = {n: d.asnumpy() for n, d in zip(names, datas)}
+                new = q.method.project(values)
+                for n, d in zip(names, datas):
+                    if n in new:
+                        d[:] = mx.nd.array(np.asarray(new[n], np.float32), ctx=d.context)
+                        changed += 1
         return changed

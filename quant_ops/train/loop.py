@@ -29,7 +29,7 @@ from ..fileio import atomic_write_text
 from ..ops import track_training
 from .bn import count_bn, freeze_bn
 from .data import Source, eval_batches
-from .constraints import Projector
+from .constraints import Projector, apply_multipliers
 from .scheduler import SineScheduler
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
         opt_params["momentum"] = cfg.momentum
     if sched is not None:
         opt_params["lr_scheduler"] = sched
+    apply_multipliers(net)   # each method's lr / wd multipliers for its learned inputs
     trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params, kvstore=kv,
                             update_on_kvstore=False if dist else None)
     from .distributed import StateSync

@@ -10,10 +10,11 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as np
 
-from .. import reference as ref
-from ..graph.fold_bn import fold_batchnorm
-from ..graph.ir import Graph, Node
-from ..ops import GRAD_SUM_SUFFIX, QUANTIZERS, RANGE_QUANTIZERS
+from .. import methods
+from .fold_bn import fold_batchnorm
+from .ir import Graph, Node
+from .runner import run_once
+from .quantizers import is_grad_sum, qstate_variables, quantizers
 
 
 def _as_np(v) -> np.ndarray:
@@ -22,8 +23,7 @@ def _as_np(v) -> np.ndarray:
 
 def drop_grad_sums(graph: Graph) -> Graph:
     """Remove the identity copies that only serve gradient accumulation."""
-    redirect = {i: n.inputs[0] for i, n in enumerate(graph.nodes)
-                if n.op == "_copy" and n.name.endswith(GRAD_SUM_SUFFIX)}
+    redirect = {i: n.inputs[0] for i, n in enumerate(graph.nodes) if is_grad_sum(n)}
     return graph.rewired(set(redirect), redirect)
 
 
@@ -35,7 +35,7 @@ def fold_constants(graph: Graph, params: dict) -> tuple[Graph, dict]:
         if n.is_var:
             if n.name in params:
                 const.add(i)
-        elif n.op not in QUANTIZERS and n.inputs and all(e[0] in const for e in n.inputs):
+        elif not methods.is_quantizer(n.op) and n.inputs and all(e[0] in const for e in n.inputs):
             const.add(i)
     used_by_live = {e[0] for i, n in enumerate(graph.nodes) if i not in const for e in n.inputs}
     used_by_live |= {h[0] for h in graph.heads}
@@ -44,13 +44,11 @@ def fold_constants(graph: Graph, params: dict) -> tuple[Graph, dict]:
         return graph, params
     sym = graph.to_symbol().get_internals()
     outs = mx.sym.Group([sym[graph.nodes[i].name + "_output"] for i in targets])
-    args = {k: mx.nd.array(_as_np(params[k])) for k in outs.list_arguments()}
-    aux = {k: mx.nd.array(_as_np(params[k])) for k in outs.list_auxiliary_states()}
-    values = outs.bind(mx.cpu(), args, aux_states=aux).forward(is_train=False)
+    values = run_once(outs, params)
     params = dict(params)
     replace = {}
     for i, v in zip(targets, values):
-        params[graph.nodes[i].name] = v.asnumpy()
+        params[graph.nodes[i].name] = v
         shape = "(" + ", ".join(str(d) for d in v.shape) + ("," if v.ndim == 1 else "") + ")"
         replace[i] = Node("null", graph.nodes[i].name, {"__shape__": shape})
     # the replaced nodes keep their index; their former inputs drop out if nothing else uses them
@@ -70,16 +68,14 @@ def _prune(graph: Graph) -> Graph:
 
 
 def weight_ranges(graph: Graph, params: dict) -> dict:
-    """Recompute each weight quantizer's range from its weight, as the operator does."""
+    """Recompute the state an engine derives from each final weight (int8 ranges), as the
+    operator does."""
     params = dict(params)
-    for n in graph.nodes:
-        if n.op in RANGE_QUANTIZERS and n.attrs.get("is_weight") in ("True", "1", "true"):
-            w = graph.nodes[n.inputs[0][0]]
-            if w.is_var and w.name in params:
-                per_ch = n.attrs.get("is_weight_perchannel") in ("True", "1", "true")
-                axis = int(n.attrs.get("channel_axis", "0")) if per_ch else None
-                mm = graph.nodes[n.inputs[1][0]].name
-                params[mm] = ref.abs_max(_as_np(params[w.name]), axis)
+    for q in quantizers(graph):
+        w = graph.nodes[q.source[0]]
+        if q.is_weight and w.is_var and w.name in params:
+            for k, v in q.method.deploy_state(q.attrs, _as_np(params[w.name])).items():
+                params[q.inputs[k]] = v
     return params
 
 
@@ -102,7 +98,7 @@ def deploy_graph(graph: Graph, params: dict) -> tuple[Graph, dict]:
     g, params = fold_constants(g, params)
     g, params = fold_batchnorm(g, params, "deploy")
     g = _prune(g)
-    for k in params:  # an engine never updates ranges: every quantizer in inference mode
-        if k.endswith("_qstate"):
+    for k in qstate_variables(g):  # an engine never updates ranges: inference mode
+        if k in params:
             params[k] = np.array([params[k].reshape(-1)[0], 0.0], np.float32)
     return g, weight_ranges(g, params)

@@ -1,0 +1,71 @@
+"""onnxruntime as the reference engine: a session, and the values at every
+QuantizeLinear / DequantizeLinear of an exported model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def session(model, optimize: bool = False):
+    """onnxruntime session.  Unoptimized by default: its QDQ fusions (QLinearConv...) compute
+    in integers with requantization, a different arithmetic from the graph as written."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
+    """onnxruntime's float input and integer codes at every QuantizeLinear, by quantizer
+    name: ``{name: (input, codes)}``.  The codes are read off the DequantizeLinear output
+    (``y / scale`` is exact), which works for every code width numpy can't hold (int4)."""
+    model = onnx.load(str(model_path))
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+             if t.data_type == TensorProto.FLOAT}
+    wanted = {n.input[0] for n in qs} - {i.name for i in model.graph.input}
+    vals = dict(feeds)
+    vals.update({k: v for k, v in inits.items() if k in wanted})
+    vals.update(_run_with_outputs(model, [w for w in wanted if w not in vals], feeds, optimize))
+    deq = dequantized_outputs(model_path, feeds, optimize)
+    res = {}
+    for n in qs:
+        name = n.name[: -len("_quantize")]
+        scale = inits[n.input[1]]
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        y = deq[name]
+        if scale.ndim:
+            shape = [1] * y.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            res[name] = (vals[n.input[0]], np.where(scale > 0, np.rint(y / np.where(
+                scale > 0, scale, 1)), 0))
+    return res
+
+
+def _run_with_outputs(model: onnx.ModelProto, names: list, feeds: dict,
+                      optimize: bool) -> dict:
+    """Values of intermediate float tensors, made graph outputs for one run."""
+    if not names:
+        return {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+    return dict(zip(names, session(m.SerializeToString(), optimize).run(names, feeds)))
+
+
+def dequantized_outputs(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:
+    """onnxruntime's output of every DequantizeLinear (named like its quantizer)."""
+    model = onnx.load(str(model_path))
+    names = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    return _run_with_outputs(model, names, feeds, optimize)

@@ -1,0 +1,163 @@
+"""One way to run a graph: bind its symbol to numpy params and feed it batches.
+
+Calibration, the PTQ passes, the alignment check, constant folding and the model object
+all run graphs through :func:`bind` / :class:`Runner`, so shape errors read the same
+everywhere and MXNet's fusion quirk is handled in one place.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from typing import Iterable, Iterator, Mapping
+
+import mxnet as mx
+import numpy as np
+
+from ..errors import QuantOpsError
+from .ir import Graph
+
+
+@contextmanager
+def no_fusion() -> Iterator[None]:
+    """Bind without MXNet's MKL-DNN subgraph fusion.  With an inner tensor among the
+    requested outputs, mxnet 1.9.1 still fuses its producer with what follows (conv + BN,
+    conv + ReLU): the bind fails ("arg_names.size() == in_args_map.size()") or the tensors
+    downstream come out wrong."""
+    key = "MXNET_SUBGRAPH_BACKEND"
+    old = os.environ.get(key)
+    os.environ[key] = "NONE"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
+
+
+def _as_np(v) -> np.ndarray:
+    return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def select(graph: Graph | mx.sym.Symbol, outputs: list[str] | None = None) -> mx.sym.Symbol:
+    """The graph's symbol, or the group of the named internal tensors (``conv0_output``;
+    a variable by its name)."""
+    sym = graph.to_symbol() if isinstance(graph, Graph) else graph
+    if not outputs:
+        return sym
+    internals = sym.get_internals()
+    names = set(internals.list_outputs())
+    missing = [o for o in outputs if o not in names]
+    if missing:
+        source = graph.source if isinstance(graph, Graph) else "<symbol>"
+        raise QuantOpsError(f"{source}: no tensor named {missing[0]!r}")
+    return mx.sym.Group([internals[o] for o in outputs])
+
+
+def bind(sym: mx.sym.Symbol, params: Mapping, feeds: Mapping[str, tuple | np.ndarray],
+         grad_req: str | Mapping[str, str] = "null", args_grad: Mapping | None = None,
+         fusion: bool = True, source: str = "<graph>") -> mx.executor.Executor:
+    """An executor of ``sym``: ``feeds`` gives each input a shape (zeros) or a value, the
+    rest of its arguments and auxiliary states come from ``params`` (numpy or NDArray)."""
+    args = {}
+    for k in sym.list_arguments():
+        if k in feeds:
+            f = feeds[k]
+            args[k] = mx.nd.zeros(f) if isinstance(f, tuple) else mx.nd.array(_as_np(f))
+        elif k in params:
+            args[k] = mx.nd.array(_as_np(params[k]))
+        else:
+            raise QuantOpsError(f"{source}: no value for parameter '{k}'")
+    aux = {}
+    for k in sym.list_auxiliary_states():
+        if k not in params:
+            raise QuantOpsError(f"{source}: no value for auxiliary state '{k}'")
+        aux[k] = mx.nd.array(_as_np(params[k]))
+    try:
+        with nullcontext() if fusion else no_fusion():
+            return sym.bind(mx.cpu(), args, args_grad=args_grad, grad_req=grad_req,
+                            aux_states=aux)
+    except mx.base.MXNetError as e:
+        shapes = {k: (f if isinstance(f, tuple) else np.shape(f)) for k, f in feeds.items()}
+        raise QuantOpsError(f"{source}: input shape {shapes} does not fit the model: "
+                            f"{_one_line(e)}") from None
+
+
+class Runner:
+    """Batches of one shape in, the graph's outputs (or named internal tensors) out, as
+    numpy arrays, in inference mode.  ``copies=2`` keeps two executors that take turns in
+    :meth:`stream`, so MXNet computes batch i+1 while the caller reads batch i."""
+
+    def __init__(self, graph: Graph | mx.sym.Symbol, params: Mapping, shape: tuple,
+                 data_name: str = "data", outputs: list[str] | None = None, copies: int = 1,
+                 fusion: bool | None = None):
+        source = graph.source if isinstance(graph, Graph) else "<symbol>"
+        sym = select(graph, outputs)
+        self.shape, self.data_name, self.source = tuple(shape), data_name, source
+        fusion = not outputs if fusion is None else fusion   # see no_fusion
+        self._exes = [bind(sym, params, {data_name: self.shape}, fusion=fusion, source=source)
+                      for _ in range(copies)]
+
+    def _check(self, x) -> None:
+        if tuple(np.shape(x)) != self.shape:
+            raise QuantOpsError(f"{self.source}: batch of shape {tuple(np.shape(x))}, "
+                                f"expected {self.shape} (all batches must have one shape)")
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self._check(x)
+        exe = self._exes[0]
+        exe.arg_dict[self.data_name][:] = x
+        return [o.asnumpy() for o in exe.forward(is_train=False)]
+
+    def stream(self, xs: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """The outputs of each batch of ``xs`` in turn (executors alternate)."""
+        pending = None
+        for i, x in enumerate(xs):
+            self._check(x)
+            exe = self._exes[i % len(self._exes)]
+            exe.arg_dict[self.data_name][:] = x
+            exe.forward(is_train=False)          # queued: runs while batch i-1 is read
+            if pending is not None:
+                yield [o.asnumpy() for o in pending.outputs]
+            pending = exe
+        if pending is not None:
+            yield [o.asnumpy() for o in pending.outputs]
+
+
+def run_once(graph: Graph | mx.sym.Symbol, params: Mapping,
+             feeds: Mapping[str, np.ndarray] | None = None,
+             outputs: list[str] | None = None) -> list[np.ndarray]:
+    """One inference forward with the given input values (none: a parameter-only graph)."""
+    source = graph.source if isinstance(graph, Graph) else "<symbol>"
+    sym = select(graph, outputs)
+    exe = bind(sym, params, dict(feeds or {}), fusion=not outputs, source=source)
+    return [o.asnumpy() for o in exe.forward(is_train=False)]
+
+
+def predict(graph: Graph, params: Mapping, x: np.ndarray, batch_size: int = 500,
+            data_name: str = "data") -> np.ndarray:
+    """The first output of the graph over ``x`` (batches of ``batch_size``; the last,
+    shorter batch is padded)."""
+    if len(x) == 0:
+        raise QuantOpsError(f"{graph.source}: nothing to predict (no images)")
+    batch_size = min(batch_size, len(x))
+    run = Runner(graph, params, (batch_size,) + tuple(x.shape[1:]), data_name)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        n = len(xb)
+        if n < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
+        out.append(run(xb)[0][:n])
+    return np.concatenate(out)
+
+
+def accuracy(graph: Graph, params: Mapping, x: np.ndarray, y: np.ndarray,
+             batch_size: int = 500, data_name: str = "data") -> float:
+    """Top-1 accuracy in percent."""
+    pred = predict(graph, params, x, batch_size, data_name).argmax(1)
+    return float((pred == np.asarray(y).reshape(-1)).mean() * 100)

@@ -1,0 +1,398 @@
+"""The model object: one network carried from load to export without files in between.
+
+``QuantizedModel`` holds a graph (the IR of ``quant_ops.graph``) and its params as numpy
+arrays, and runs every stage of the pipeline on them in memory::
+
+    m = QuantizedModel.from_symbol("net-symbol.json", "net-0000.params")
+    m.quantize("trt_int8", fold_bn="deploy")
+    m.calibrate(images, "entropy")
+    m.evaluate(x_test, y_test)
+    m.save("out/net-int8")             # symbol + params that SymbolBlock.imports reads
+    m.export("out/deploy")             # ONNX QDQ, TensorRT cache, ranges, alignment
+
+``QuantizedModel.from_gluon(net)`` starts from a Gluon block and ``from_zoo(name)`` from a
+gluoncv architecture.  ``to_block()`` gives a trainable Gluon block for QAT and
+``from_block(block)`` takes the trained values back (``fit`` does both).  Like torch.ao's prepare/convert, each stage returns the
+model, so they chain.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+from tqdm import tqdm
+
+from .errors import QuantOpsError
+from .fileio import atomic_write_text, staged_dir
+from .graph.ir import Graph, load_graph
+from .graph.params import load_params, save_params
+from .graph.quantize import strip_quantizers
+from .graph.quantizers import Quantizer, quantizers
+from .graph.runner import Runner, predict
+from .policy import QuantPolicy
+
+log = logging.getLogger(__name__)
+ArrayLike = Any   # numpy array or NDArray
+
+
+def _np(v: ArrayLike) -> np.ndarray:
+    return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
+
+
+def as_params(params: str | Path | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+    """Params as plain names -> numpy arrays: from a ``.params`` file or a dict (e.g.
+    ``mx.nd.load``'s, whose ``arg:``/``aux:`` prefixes are dropped)."""
+    if isinstance(params, (str, Path)):
+        return load_params(params)
+    if not isinstance(params, Mapping):
+        raise QuantOpsError(f"params must be a file name or a dict of arrays, not "
+                            f"{type(params).__name__}")
+    out = {}
+    for k, v in params.items():
+        if not isinstance(k, str):
+            raise QuantOpsError(f"params: key {k!r} is not a name")
+        out[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = _np(v)
+    return out
+
+
+def _batches(data, batch_size: int) -> list[np.ndarray]:
+    """Input batches from an (N, ...) array, a list of batches, or (x, y) batches."""
+    if isinstance(data, (np.ndarray, mx.nd.NDArray)):
+        x = _np(data).astype(np.float32, copy=False)
+        return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+    out = []
+    for b in data:
+        if isinstance(b, (tuple, list)):   # (x, y) from a DataLoader
+            b = b[0]
+        out.append(_np(b).astype(np.float32, copy=False))
+    return out
+
+
+class QuantizedModel:
+    """A network and its params, quantized or not yet (see the module docstring)."""
+
+    def __init__(self, graph: Graph, params: Mapping[str, ArrayLike],
+                 data_names: Sequence[str] = ("data",), name: str = "model"):
+        self.graph = graph
+        self.params = as_params(params)
+        self.data_names = tuple(data_names)
+        self.name = name
+        self.policy: QuantPolicy | None = None
+        self.table: list[dict] = []      # what was quantized: one row per quantizer
+        self.notes: list[str] = []       # what the passes did
+        self.ranges: dict[str, float] = {}
+        self.input_shape: tuple | None = None
+        self._check_params()
+
+    # -- making one ---------------------------------------------------------------------
+    @classmethod
+    def from_symbol(cls, symbol: str | Path | mx.sym.Symbol | Graph,
+                    params: str | Path | Mapping[str, ArrayLike],
+                    data_names: Sequence[str] = ("data",)) -> QuantizedModel:
+        """From a symbol (JSON file, ``mx.sym.Symbol`` or ``Graph``) and its params (a
+        ``.params`` file or a dict of arrays, prefixed or not)."""
+        if isinstance(symbol, Graph):
+            graph, name = symbol, Path(symbol.source).name
+        elif isinstance(symbol, mx.sym.Symbol):
+            graph, name = Graph.from_symbol(symbol), "model"
+        else:
+            graph, name = load_graph(symbol), Path(symbol).name
+        name = name.split("-symbol")[0].removesuffix(".json") or "model"
+        return cls(graph, as_params(params), data_names, name)
+
+    @classmethod
+    def load(cls, prefix: str | Path, epoch: int = 0,
+             data_names: Sequence[str] = ("data",)) -> QuantizedModel:
+        """What ``save(prefix)`` wrote: ``<prefix>-symbol.json`` + ``<prefix>-NNNN.params``."""
+        m = cls.from_symbol(f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params",
+                            data_names)
+        m.name = Path(prefix).name
+        return m
+
+    @classmethod
+    def from_gluon(cls, block: gluon.HybridBlock, sample: ArrayLike | None = None,
+                   data_names: Sequence[str] = ("data",), name: str | None = None) -> QuantizedModel:
+        """From a Gluon block (``sample``, an input batch, completes deferred
+        initialization)."""
+        if sample is not None:
+            block(*(sample if isinstance(sample, (list, tuple)) else [sample]))
+        try:
+            params = {p.name: p.data().asnumpy() for p in block.collect_params().values()}
+        except gluon.parameter.DeferredInitializationError:
+            raise QuantOpsError("the block's parameters are not initialized yet: pass "
+                                "`sample` (an input batch) or run the block once") from None
+        out = block(*[mx.sym.var(n) for n in data_names])
+        if isinstance(out, (list, tuple)):
+            out = mx.sym.Group(list(_flatten(out)))
+        m = cls(Graph.from_symbol(out), params, data_names, name or block.name)
+        if sample is not None and not isinstance(sample, (list, tuple)):
+            m.input_shape = tuple(sample.shape)
+        return m
+
+    @classmethod
+    def from_zoo(cls, name: str, input_shape: Sequence[int] = (1, 3, 224, 224),
+                 seed: int = 0, **kwargs: Any) -> QuantizedModel:
+        """A gluoncv model-zoo architecture with random weights (none can be downloaded
+        here): for graph work and speed, not accuracy."""
+        from .zoo import get_model
+
+        mx.random.seed(seed)
+        net = get_model(name, **kwargs)
+        net.initialize(mx.init.Xavier())
+        net.hybridize()
+        return cls.from_gluon(net, mx.nd.zeros(tuple(input_shape)), name=name)
+
+    def _check_params(self) -> None:
+        try:
+            sym = self.graph.to_symbol()
+        except mx.base.MXNetError as e:
+            raise QuantOpsError(f"{self.graph.source}: MXNet cannot load it: "
+                                f"{str(e).strip().splitlines()[-1]}") from None
+        missing = [n for n in sym.list_arguments() + sym.list_auxiliary_states()
+                   if n not in self.params and n not in self.data_names]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise QuantOpsError(f"{self.graph.source}: the params do not match the symbol: "
+                                f"missing {', '.join(missing[:5])}{more}")
+
+    # -- what it is -----------------------------------------------------------------------
+    @property
+    def quantizers(self) -> list[Quantizer]:
+        """The typed view of every quantizer in the graph."""
+        return quantizers(self.graph)
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.quantizers)
+
+    def copy(self) -> QuantizedModel:
+        """An independent copy (params copied): to try two recipes from one start."""
+        m = QuantizedModel(self.graph, {k: v.copy() for k, v in self.params.items()},
+                           self.data_names, self.name)
+        m.policy, m.table, m.notes = self.policy, list(self.table), list(self.notes)
+        m.ranges, m.input_shape = dict(self.ranges), self.input_shape
+        return m
+
+    def float_model(self) -> QuantizedModel:
+        """The float network underneath (quantizers stripped), a new model."""
+        g = strip_quantizers(self.graph)
+        used = set(g.to_symbol().list_arguments()) | set(g.to_symbol().list_auxiliary_states())
+        m = QuantizedModel(g, {k: v for k, v in self.params.items() if k in used},
+                           self.data_names, self.name)
+        m.input_shape = self.input_shape
+        return m
+
+    def summary(self, title: str | None = None) -> str:
+        """Markdown: what the passes did and one row per quantizer (layer, input, method,
+        bits, granularity)."""
+        lines = [f"# {title or self.name}", ""] + [f"- {n}" for n in self.notes]
+        layers = {r["node"] for r in self.table}
+        lines += [f"- {len(self.table)} quantizers on {len(layers)} layers", "",
+                  "| layer | op | input | quantizer | method | bits | granularity |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['node']} | {r['op']} | {r['input']} | {r['quantizer']} | "
+                  f"{r['method']} | {r['bits']} | {r['granularity']} |" for r in self.table]
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return (f"QuantizedModel({self.name!r}, {sum(not n.is_var for n in self.graph.nodes)} "
+                f"ops, {len(self.quantizers)} quantizers)")
+
+    # -- stages ---------------------------------------------------------------------------
+    def quantize(self, policy: QuantPolicy | str | Mapping | Path = "trt_int8",
+                 fold_bn: str | None = None, relu6: bool = False) -> QuantizedModel:
+        """Insert quantizers as ``policy`` says (a preset name, a dict, a JSON/YAML file or
+        a ``QuantPolicy``); optionally fold BatchNorm (``deploy`` or ``qat``) and turn ReLU6
+        into ReLU first.  Running it again does not double the quantizers."""
+        from .prepare import as_policy, quantize_graph
+
+        pol = QuantPolicy.load(policy) if isinstance(policy, Path) else as_policy(policy)
+        q = quantize_graph(self.graph, self.params, pol, fold_bn, relu6)
+        self.graph, self.params, self.policy = q.graph, q.params, pol
+        self.table, self.notes = q.table, self.notes + q.notes
+        return self
+
+    def calibrate(self, data, method: str = "entropy", batch_size: int = 64,
+                  input_method: str | None = "minmax", progress: bool = True,
+                  **observer_params: Any) -> QuantizedModel:
+        """Set every activation quantizer's range from ``data`` (an (N, ...) array, a list of
+        batches, or a DataLoader of (x, y)): ``minmax``, ``percentile``, ``mse``,
+        ``entropy`` (TensorRT's), observed on the float network; or ``ema``, the quantizers'
+        own running observation in training mode.  Learned ranges (PACT clip, LSQ step, ...)
+        start from the calibrated range."""
+        from .calib.graph_calib import calibrate_graph
+
+        batches = _batches(data, batch_size)
+        if not batches:
+            raise QuantOpsError("the calibration set is empty")
+        if not self.is_quantized:
+            raise QuantOpsError(f"{self.name}: nothing to calibrate: quantize() first")
+        self.input_shape = self.input_shape or (1,) + tuple(batches[0].shape[1:])
+        if method == "ema":
+            self.params = self._observe(batches, progress)
+            return self
+        self.params, self.ranges = calibrate_graph(
+            self.graph, self.params, batches, method, data_name=self.data_names[0],
+            progress=progress, input_method=input_method, **observer_params)
+        return self
+
+    def _observe(self, batches: list[np.ndarray], progress: bool) -> dict:
+        from mxnet import autograd
+
+        from .ops import set_training
+
+        blk = self.to_block()
+        with autograd.train_mode():
+            for x in tqdm(batches, desc="calibration: ema", leave=False, disable=not progress):
+                blk(mx.nd.array(x))
+        mx.nd.waitall()
+        set_training(blk, False)
+        return {**self.params, **{k: p.data().asnumpy()
+                                  for k, p in blk.collect_params().items()}}
+
+    def predict(self, x: ArrayLike, batch_size: int = 500) -> np.ndarray:
+        """The first output over ``x`` in inference mode."""
+        x = _np(x).astype(np.float32, copy=False)
+        return predict(self.graph, self.params, x, batch_size, self.data_names[0])
+
+    def evaluate(self, x, y: ArrayLike | None = None, batch_size: int = 500,
+                 progress: bool = False) -> float:
+        """Top-1 accuracy in percent on ``(x, y)`` arrays or an iterable of (x, y) batches."""
+        if y is not None:
+            x, y = _np(x).astype(np.float32, copy=False), _np(y).reshape(-1)
+            if len(x) != len(y):
+                raise QuantOpsError(f"evaluation set: {len(x)} inputs but {len(y)} labels")
+            return float((self.predict(x, batch_size).argmax(1) == y).mean() * 100)
+        correct = seen = 0
+        runners: dict = {}
+        for xb, yb in tqdm(x, desc="eval", leave=False, disable=not progress):
+            xb, yb = _np(xb).astype(np.float32, copy=False), _np(yb).reshape(-1)
+            if xb.shape not in runners:
+                runners[xb.shape] = Runner(self.graph, self.params, xb.shape,
+                                           self.data_names[0])
+            correct += int((runners[xb.shape](xb)[0].argmax(1) == yb).sum())
+            seen += len(yb)
+        if seen == 0:
+            raise QuantOpsError("the evaluation set is empty")
+        return 100.0 * correct / seen
+
+    # -- training (Gluon) ---------------------------------------------------------------
+    def to_block(self) -> gluon.SymbolBlock:
+        """A trainable Gluon block of the graph, its parameters loaded from this model and
+        its quantizers following ``autograd.is_training()``."""
+        from .ops import track_training
+
+        sym = self.graph.to_symbol()
+        blk = gluon.SymbolBlock(sym, [mx.sym.var(n) for n in self.data_names])
+        for k, p in blk.collect_params().items():
+            if k not in self.params:
+                raise QuantOpsError(f"{self.name}: no value for parameter '{k}'")
+            p._load_init(mx.nd.array(self.params[k]), mx.cpu())
+        blk.quant_table = self.table
+        return track_training(blk)
+
+    def from_block(self, block: gluon.Block) -> QuantizedModel:
+        """Take the values of a block made by ``to_block`` (after training) back."""
+        values = {k: p.data().asnumpy() for k, p in block.collect_params().items()
+                  if p._data is not None}
+        unknown = [k for k in values if k not in self.params]
+        if unknown:
+            raise QuantOpsError(f"{self.name}: the block has parameters this model does not: "
+                                f"{', '.join(unknown[:5])}")
+        self.params.update(values)
+        return self
+
+    def fit(self, train, val=None, cfg=None) -> dict:
+        """Fine-tune (QAT) with ``quant_ops.train.fit``; the trained values come back into
+        this model.  Returns the progress record."""
+        from .ops import set_training
+        from .train.loop import fit
+
+        blk = self.to_block()
+        progress = fit(blk, train, val, cfg)
+        set_training(blk, False)
+        self.from_block(blk)
+        return progress
+
+    # -- PTQ beyond calibration -----------------------------------------------------------
+    def easyquant(self, data, batch_size: int = 64, **kwargs: Any) -> QuantizedModel:
+        """EasyQuant's weight and activation scale search (``quant_ops.ptq.easyquant``)."""
+        from .ptq.easyquant import easyquant
+
+        self.params, _ = easyquant(self.graph, self.params, _batches(data, batch_size),
+                                   data_name=self.data_names[0], **kwargs)
+        return self
+
+    def dfq(self, **kwargs: Any) -> QuantizedModel:
+        """Data-free quantization passes on the float network (``quant_ops.ptq.dfq``); run
+        it before ``quantize``."""
+        from .ptq.dfq import apply_dfq
+
+        if self.is_quantized:
+            raise QuantOpsError(f"{self.name}: DFQ rewrites the float network: run it before "
+                                "quantize()")
+        self.graph, self.params = apply_dfq(self.graph, self.params,
+                                            data_name=self.data_names[0], **kwargs)
+        return self
+
+    # -- writing ----------------------------------------------------------------------------
+    def save(self, prefix: str | Path, epoch: int = 0) -> tuple[Path, Path]:
+        """``<prefix>-symbol.json`` and ``<prefix>-NNNN.params`` (``arg:``/``aux:``
+        prefixes), both or neither; ``SymbolBlock.imports``, ``utils/graph_optimize.py``
+        and ``utils/export_onnx.py`` read them."""
+        prefix = Path(prefix)
+        sym_name, par_name = f"{prefix.name}-symbol.json", f"{prefix.name}-{epoch:04d}.params"
+        with staged_dir(prefix.parent) as tmp:
+            (tmp / sym_name).write_text(self.graph.to_json())
+            save_params(tmp / par_name, self.graph.to_symbol(), self.params)
+        return prefix.parent / sym_name, prefix.parent / par_name
+
+    def export(self, out_dir: str | Path, name: str | None = None,
+               input_shape: Sequence[int] | None = None, opset: int = 13,
+               trt_version: int = 8601, check_input: ArrayLike | None = None):
+        """ONNX QDQ, TensorRT calibration cache, ranges JSON and the alignment report
+        (MXNet against onnxruntime on ``check_input``, default uniform noise), all or none.
+        Returns the ``Exported`` record with ``alignment`` (the report) set."""
+        from .export import export_model
+        from .export.align import check_alignment
+
+        shape = tuple(input_shape or (np.shape(check_input) if check_input is not None
+                                      else self.input_shape or ()))
+        if not shape:
+            raise QuantOpsError(f"{self.name}: give input_shape (or calibrate first, which "
+                                "records it)")
+        x = (_np(check_input).astype(np.float32) if check_input is not None else
+             np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
+        name = name or self.name
+        out = Path(out_dir)
+        with staged_dir(out) as tmp:
+            ex = export_model(self.graph, self.params, tmp, name, {self.data_names[0]: shape},
+                              opset, trt_version)
+            report = check_alignment(ex.onnx, ex.graph, ex.params, {self.data_names[0]: x})
+            atomic_write_text(tmp / f"{name}.alignment.json", json.dumps(report, indent=1))
+        ex.onnx, ex.cache, ex.ranges_json = (out / ex.onnx.name, out / ex.cache.name,
+                                             out / ex.ranges_json.name)
+        ex.alignment = report
+        return ex
+
+
+def _flatten(xs):
+    for x in xs:
+        if isinstance(x, (list, tuple)):
+            yield from _flatten(x)
+        else:
+            yield x
+
+
+def quantize(model: QuantizedModel | gluon.HybridBlock, preset: str = "trt_int8",
+             sample: ArrayLike | None = None, **kwargs: Any) -> QuantizedModel:
+    """One call from a float network to a quantized model (MQBench's
+    ``prepare_by_platform``): ``quant_ops.quantize(net, "trt_int8", sample=x)``."""
+    if not isinstance(model, QuantizedModel):
+        model = QuantizedModel.from_gluon(model, sample)
+    return model.quantize(preset, **kwargs)

@@ -1,0 +1,196 @@
+"""QuantizedModel carries a network from load to export in memory, and what it writes is
+what the other tools read."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import gluon
+
+import quant_ops
+from quant_ops import QuantizedModel, QuantOpsError
+from quant_ops.graph.ir import Graph
+from quant_ops.prepare import quantize_graph
+from quant_ops.train import FitConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _net():
+    data = mx.sym.var("data")
+    c1 = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="c1")
+    b1 = mx.sym.BatchNorm(c1, fix_gamma=False, name="bn1")
+    r1 = mx.sym.Activation(b1, act_type="relu", name="r1")
+    c2 = mx.sym.Convolution(r1, num_filter=4, kernel=(3, 3), pad=(1, 1), name="c2")
+    r2 = mx.sym.Activation(c2, act_type="relu", name="r2")
+    p = mx.sym.Pooling(r2, kernel=(2, 2), stride=(2, 2), pool_type="max", name="p")
+    fc = mx.sym.FullyConnected(p, num_hidden=3, name="fc")
+    rng = np.random.default_rng(0)
+    shapes, _, aux_shapes = fc.infer_shape(data=(2, 1, 8, 8))
+    params = {n: rng.normal(0, 0.3, s).astype(np.float32)
+              for n, s in zip(fc.list_arguments(), shapes) if n != "data"}
+    params.update({n: (np.abs(rng.normal(1, 0.2, s)) if "var" in n else rng.normal(0, 0.1, s))
+                   .astype(np.float32) for n, s in zip(fc.list_auxiliary_states(), aux_shapes)})
+    return fc, params
+
+
+def _data(n=32, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 1, (n, 1, 8, 8)).astype(np.float32), rng.integers(0, 3, n)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    sym, params = _net()
+    sym.save(str(tmp_path / "net-symbol.json"))
+    mx.nd.save(str(tmp_path / "net-0000.params"),
+               {f"{'aux' if k in sym.list_auxiliary_states() else 'arg'}:{k}": mx.nd.array(v)
+                for k, v in params.items()})
+    return tmp_path / "net", sym, params
+
+
+def test_loads_from_files_and_from_a_prefixed_nd_load_dict(saved):
+    prefix, sym, params = saved
+    a = QuantizedModel.from_symbol(f"{prefix}-symbol.json", f"{prefix}-0000.params")
+    b = QuantizedModel.from_symbol(sym, mx.nd.load(f"{prefix}-0000.params"))
+    c = QuantizedModel.load(prefix)
+    x, _ = _data()
+    ref = a.predict(x)
+    for m in (b, c):
+        np.testing.assert_array_equal(m.predict(x), ref)
+    assert a.name == "net" and set(a.params) == set(params)
+
+
+def test_missing_params_name_the_culprit(saved):
+    prefix, sym, params = saved
+    del params["c2_weight"]
+    with pytest.raises(QuantOpsError, match="missing c2_weight"):
+        QuantizedModel.from_symbol(sym, params)
+    with pytest.raises(QuantOpsError, match="file name or a dict"):
+        QuantizedModel.from_symbol(sym, [1, 2])
+
+
+def test_whole_flow_matches_the_pipeline_functions(saved, tmp_path):
+    """quantize -> calibrate -> evaluate on the object equals the same stages called as
+    functions, bit for bit."""
+    prefix, sym, params = saved
+    x, y = _data()
+    m = QuantizedModel.load(prefix).quantize("trt_int8", fold_bn="deploy")
+    m.calibrate(x, "entropy", batch_size=16, progress=False)
+    from quant_ops.calib.graph_calib import calibrate_graph
+
+    q = quantize_graph(Graph.from_symbol(sym), params, "trt_int8", fold_bn="deploy")
+    p2, _ = calibrate_graph(q.graph, q.params, [x[:16], x[16:]], "entropy", progress=False)
+    assert m.graph.to_json() == q.graph.to_json()
+    for k in p2:
+        np.testing.assert_array_equal(m.params[k], p2[k], err_msg=k)
+    acc = m.evaluate(x, y)
+    assert acc == pytest.approx(100 * float((m.predict(x).argmax(1) == y).mean()))
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    assert m.evaluate(batches) == pytest.approx(acc)
+    # quantizing again changes nothing; the float model underneath is the original graph
+    before = m.graph.to_json()
+    assert m.quantize("trt_int8").graph.to_json() == before
+    assert len(m.quantizers) == 6 and all(q.method.name == "int8" for q in m.quantizers)
+
+
+def test_save_is_read_by_symbolblock_and_export_cli(saved, tmp_path):
+    prefix, _, _ = saved
+    x, _ = _data(4)
+    m = QuantizedModel.load(prefix).quantize("trt_int8").calibrate(x, "minmax",
+                                                                   progress=False)
+    sym_path, par_path = m.save(tmp_path / "out" / "net-int8")
+    assert sym_path.name == "net-int8-symbol.json" and par_path.name == "net-int8-0000.params"
+    blk = gluon.SymbolBlock.imports(str(sym_path), ["data"], str(par_path))
+    quant_ops.set_training(blk, False)
+    np.testing.assert_array_equal(blk(mx.nd.array(x)).asnumpy(), m.predict(x))
+    r = subprocess.run([sys.executable, str(ROOT / "utils" / "export_onnx.py"), "--symbol",
+                        str(sym_path), "--params", str(par_path), "--input-shape", "1,1,8,8",
+                        "--out", str(tmp_path / "cli")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cli" / "net-int8.onnx").is_file()
+
+
+def test_export_writes_everything_and_is_bit_exact(saved, tmp_path):
+    prefix, _, _ = saved
+    x, _ = _data(8)
+    m = QuantizedModel.load(prefix).quantize("trt_int8", fold_bn="deploy")
+    with pytest.raises(QuantOpsError, match="input_shape"):
+        m.export(tmp_path / "none")
+    m.calibrate(x, "minmax", progress=False)
+    ex = m.export(tmp_path / "deploy", name="net")
+    names = sorted(p.name for p in (tmp_path / "deploy").iterdir())
+    assert names == ["net.alignment.json", "net.calib.cache", "net.onnx", "net.ranges.json"]
+    assert ex.onnx == tmp_path / "deploy" / "net.onnx"
+    assert ex.alignment["identical_min"] == 1.0
+    assert json.loads((tmp_path / "deploy" / "net.alignment.json").read_text()) \
+        == ex.alignment
+
+
+def test_uncalibrated_export_fails_and_writes_nothing(saved, tmp_path):
+    prefix, _, _ = saved
+    m = QuantizedModel.load(prefix).quantize("trt_int8")
+    with pytest.raises(QuantOpsError, match="no range"):
+        m.export(tmp_path / "deploy", input_shape=(1, 1, 8, 8))
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_to_block_fit_from_block_round_trip(saved):
+    prefix, _, _ = saved
+    x, y = _data(64)
+    m = QuantizedModel.load(prefix).quantize(
+        {"weight": {"method": "lsq", "bits": 4, "per_channel": True},
+         "activation": {"method": "pact", "bits": 4}}, fold_bn="qat")
+    m.calibrate(x, "mse", progress=False)
+    before = {k: v.copy() for k, v in m.params.items()}
+    progress = m.fit((x, y), None, FitConfig(epochs=1, lr=0.01, batch_size=16,
+                                             progress=False))
+    assert progress["step"] == 4
+    changed = [k for k in before if not np.array_equal(before[k], m.params[k])]
+    assert any(k.endswith("_gamma") for k in changed) and any("step" in k for k in changed)
+    # the block made from the trained model predicts what the model predicts
+    blk = m.to_block()
+    np.testing.assert_allclose(blk(mx.nd.array(x[:8])).asnumpy(), m.predict(x[:8]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_from_gluon_and_one_call_quantize():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3), gluon.nn.Activation("relu"), gluon.nn.Dense(3))
+    net.initialize(mx.init.Xavier())
+    x, _ = _data(4)
+    m = quant_ops.quantize(net, "trt_int8", sample=mx.nd.array(x))
+    assert isinstance(m, QuantizedModel) and len(m.quantizers) == 4
+    m.calibrate(x, "minmax", progress=False)
+    np.testing.assert_allclose(m.float_model().predict(x), net(mx.nd.array(x)).asnumpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_from_zoo_builds_offline():
+    m = QuantizedModel.from_zoo("resnet18_v1", input_shape=(1, 3, 32, 32))
+    m.quantize("trt_int8", fold_bn="deploy")
+    assert len([q for q in m.quantizers if q.is_weight]) == 21
+    assert np.isfinite(m.predict(np.zeros((1, 3, 32, 32), np.float32))).all()
+
+
+def test_readme_api_section_runs(tmp_path):
+    """README's 'Python API' block, run as written (outputs under a temporary folder)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    lines = [ln for ln in code.strip().splitlines() if ln.strip()]
+    assert len(lines) < 15, "the README promises the whole flow in under 15 lines"
+    code = code.replace('"out/', f'"{tmp_path}/out/')
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**__import__("os").environ, "MXNET_SUBGRAPH_VERBOSE": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "INT8 top-1" in r.stdout
+    acc = float(r.stdout.split("INT8 top-1:")[1].split("%")[0])
+    assert acc > 93.0                                   # float: 93.50
+    assert (tmp_path / "out" / "api" / "deploy" / "resnet20-int8.onnx").is_file()
+    assert (tmp_path / "out" / "api" / "resnet20-int8-symbol.json").is_file()
