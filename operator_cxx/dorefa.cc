@@ -15,6 +15,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "DoReFa";
+const std::vector<const char*> kInputs{"data"};
 
 struct DoReFaParams {
   int nbits;
@@ -29,7 +30,7 @@ struct DoReFaParams {
 };
 
 MXReturnValue infer_type(const qo::AttrMap& attrs, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -46,6 +47,7 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const DoReFaParams p(attrs);
     MXTensor& data = (*inputs)[0];
     const float* x = data.data<float>();
@@ -61,6 +63,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const DoReFaParams p(attrs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];

@@ -25,6 +25,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "DSQ";
+const std::vector<const char*> kInputs{"data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"};
 
 struct DsqParams {
   int nbits;
@@ -41,7 +42,7 @@ struct DsqParams {
 };
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data", "dsq_lower", "dsq_upper", "dsq_alpha", "qstate"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -75,6 +76,7 @@ MXReturnValue mutate_inputs(const qo::AttrMap&, std::vector<int>* idx) {
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const DsqParams p(attrs);
     MXTensor& data = (*inputs)[0];
     const float l = (*inputs)[1].data<float>()[0];
@@ -92,6 +94,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const DsqParams p(attrs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];

@@ -17,6 +17,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "FQN";
+const std::vector<const char*> kInputs{"data", "fqn_min", "fqn_max", "qstate"};
 
 struct FqnParams {
   int nbits;
@@ -60,7 +61,7 @@ qo::FqnView view_of(const FqnParams& p, const Shape& shape) {
 }
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data", "fqn_min", "fqn_max", "qstate"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -95,6 +96,7 @@ MXReturnValue mutate_inputs(const qo::AttrMap&, std::vector<int>* idx) {
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const FqnParams p(attrs);
     MXTensor& data = (*inputs)[0];
     float* mn = (*inputs)[1].data<float>();
@@ -140,6 +142,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const FqnParams p(attrs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];

@@ -28,6 +28,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "GDRQ";
+const std::vector<const char*> kInputs{"data", "gdrq_alpha", "qstate"};
 
 /*! \brief A finite number > 0 (attr_float's message would print FLT_MAX in full). */
 float positive_float(const qo::AttrMap& a, const char* key, float dflt) {
@@ -90,7 +91,7 @@ qo::GdrqView view_of(const GdrqParams& p, const Shape& shape) {
 }
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data", "gdrq_alpha", "qstate"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -138,6 +139,7 @@ MXReturnValue mutate_inputs(const qo::AttrMap&, std::vector<int>* idx) {
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const GdrqParams p(attrs);
     MXTensor& data = (*inputs)[0];
     float* alpha = (*inputs)[1].data<float>();
@@ -164,6 +166,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const GdrqParams p(attrs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];

@@ -16,6 +16,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "LSQ";
+const std::vector<const char*> kInputs{"data", "step"};
 
 struct LsqParams {
   int nbits;
@@ -75,7 +76,7 @@ int64_t elements_per_step(const LsqParams& p, const Shape& shape) {
 }
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data", "step"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -99,6 +100,7 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const LsqParams p(attrs);
     MXTensor& data = (*inputs)[0];
     qo::lsq_forward(data.data<float>(), (*outputs)[0].data<float>(), view_of(p, data.shape),
@@ -111,6 +113,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const LsqParams p(attrs);
     MXTensor& data = (*inputs)[1];
     const qo::LsqRange r = p.range();

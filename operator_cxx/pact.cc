@@ -19,6 +19,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "PACT";
+const std::vector<const char*> kInputs{"data", "gamma"};
 
 struct PactParams {
   int nbits;
@@ -30,7 +31,7 @@ struct PactParams {
 };
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data", "gamma"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -52,6 +53,7 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const PactParams p(attrs);
     MXTensor& data = (*inputs)[0];
     const float alpha = (*inputs)[1].data<float>()[0];
@@ -62,9 +64,10 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 }
 
 // Backward inputs: [out_grad, data, gamma, output]; outputs: [d data, d gamma].
-MXReturnValue backward(const qo::AttrMap&, std::vector<MXTensor>* inputs,
+MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];
     const float alpha = (*inputs)[2].data<float>()[0];

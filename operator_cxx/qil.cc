@@ -23,7 +23,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "QIL";
-const char* kInputs[] = {"data", "center", "distance", "gamma"};
+const std::vector<const char*> kInputs{"data", "center", "distance", "gamma"};
 
 struct QilParams {
   int nbits;
@@ -44,7 +44,7 @@ struct QilParams {
 };
 
 MXReturnValue infer_type(const qo::AttrMap&, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {kInputs[0], kInputs[1], kInputs[2], kInputs[3]}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -68,6 +68,7 @@ MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsi
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const QilParams p(attrs);
     MXTensor& data = (*inputs)[0];
     qo::qil_forward(data.data<float>(), (*outputs)[0].data<float>(), data.size(),
@@ -81,6 +82,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const QilParams p(attrs);
     MXTensor& data = (*inputs)[1];
     const qo::QilGrads r = qo::qil_backward((*inputs)[0].data<float>(), data.data<float>(),

@@ -15,6 +15,7 @@ using namespace mxnet::ext;
 namespace {
 
 const char* kOp = "Quantization_int8";
+const std::vector<const char*> kInputs{"data", "minmax", "qstate"};
 
 struct Int8Params {
   int nbits;
@@ -56,7 +57,7 @@ qo::AxisView view_of(const Int8Params& p, const std::vector<int64_t>& shape) {
 }
 
 MXReturnValue infer_type(const qo::AttrMap& attrs, std::vector<int>* in, std::vector<int>* out) {
-  return qo::float32_types(kOp, {"data", "minmax", "qstate"}, in, out);
+  return qo::float32_types(kOp, kInputs, in, out);
 }
 
 MXReturnValue infer_shape(const qo::AttrMap& attrs, std::vector<std::vector<unsigned int>>* in,
@@ -87,6 +88,7 @@ MXReturnValue mutate_inputs(const qo::AttrMap&, std::vector<int>* idx) {
 MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                       std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_inputs(kOp, infer_shape, attrs, *inputs, 0, kInputs);
     const Int8Params p(attrs);
     MXTensor& data = (*inputs)[0];
     float* mm = (*inputs)[1].data<float>();
@@ -125,6 +127,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
 MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
+    qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
     const Int8Params p(attrs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];

@@ -73,6 +73,10 @@ def _wrap(raw, method: methods.Method):
     def quantizer(*args, **kwargs):
         args = list(args) + [kwargs.pop(k) for k in inputs[len(args):] if k in kwargs]
         for i, v in enumerate(args[:len(inputs)]):
+            if i and isinstance(v, mx.nd.NDArray) and v.size == 0:
+                # MXNet takes a 0 in a shape for "unknown": say so here, not at the next sync
+                raise OperatorError(f"{method.op}: input '{inputs[i]}' is empty (shape "
+                                    f"{v.shape})")
             if isinstance(v, mx.sym.Symbol) and _is_symbol_leaf(v):
                 if inputs[i] in ranks and "__shape__" not in v.list_attr():
                     v._set_attr(__shape__=ranks[inputs[i]])

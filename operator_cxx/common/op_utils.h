@@ -2,6 +2,7 @@
 // and the (outer, channels, inner) view of a tensor around one axis.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 #include <sstream>
@@ -37,11 +38,16 @@ inline void report_error(const char* what) {
 }
 }  // namespace detail
 
+/*! \brief An error whose message is already in MXNet's error channel. */
+struct Reported : std::exception {};
+
 /*! \brief Run `body`; turn an AttrError (or any std::exception) into MXNet's error channel. */
 template <typename F>
 inline mxnet::ext::MXReturnValue guarded(F&& body) {
   try {
     return body();
+  } catch (const Reported&) {
+    return mxnet::ext::MX_FAIL;
   } catch (const std::exception& e) {
     detail::report_error(e.what());
     return mxnet::ext::MX_FAIL;
@@ -189,6 +195,54 @@ inline void require_float32(const std::string& op, const std::vector<const char*
       throw AttrError(op + ": input '" + names[i] + "' must be float32, got " +
                       dtype_name(types[i]));
   }
+}
+
+inline std::vector<unsigned int> shape_of(const mxnet::ext::MXTensor& t) {
+  std::vector<unsigned int> s;
+  for (auto d : t.shape) s.push_back(static_cast<unsigned int>(d));
+  return s;
+}
+
+/*! \brief Check the tensors a forward or backward is about to read, before touching memory:
+ *  float32 each, and the shapes the operator's own shape inference gives for this data.
+ *  Needed because MXNet 1.9 takes a 0 in a shape for "unknown" when it infers shapes, so
+ *  an input of size 0 (or a state array swapped after binding) reaches the kernel
+ *  unchecked.  `ts[first ..]` are the operator's inputs in order (`names`). */
+template <typename InferShape>
+inline void check_inputs(const std::string& op, InferShape infer, const AttrMap& attrs,
+                         const std::vector<mxnet::ext::MXTensor>& ts, size_t first,
+                         const std::vector<const char*>& names) {
+  if (ts.size() < first + names.size())
+    throw AttrError(op + ": expected " + std::to_string(names.size()) + " inputs, got " +
+                    std::to_string(ts.size() - std::min(first, ts.size())));
+  std::vector<std::vector<unsigned int>> in, out(1);
+  for (size_t i = 0; i < names.size(); ++i) {
+    const auto& t = ts[first + i];
+    if (t.dtype != mxnet::ext::kFloat32)
+      throw AttrError(op + ": input '" + names[i] + "' must be float32, got " +
+                      dtype_name(t.dtype));
+    in.push_back(shape_of(t));
+  }
+  const auto given = in;
+  if (infer(attrs, &in, &out) != mxnet::ext::MX_SUCCESS) throw Reported();
+  for (size_t i = 1; i < names.size(); ++i)
+    if (in[i] != given[i])
+      throw AttrError(op + ": input '" + names[i] + "' has shape " + shape_str(given[i]) +
+                      ", expected " + shape_str(in[i]) + " for data of shape " +
+                      shape_str(given[0]));
+}
+
+/*! \brief The same check in a backward, whose inputs are [out_grad, inputs..., output]:
+ *  the gradient must also have the data's shape. */
+template <typename InferShape>
+inline void check_backward_inputs(const std::string& op, InferShape infer,
+                                  const AttrMap& attrs,
+                                  const std::vector<mxnet::ext::MXTensor>& ts,
+                                  const std::vector<const char*>& names) {
+  check_inputs(op, infer, attrs, ts, 1, names);
+  if (ts[0].dtype != mxnet::ext::kFloat32 || ts[0].shape != ts[1].shape)
+    throw AttrError(op + ": the output gradient must be float32 of the data's shape " +
+                    shape_str(shape_of(ts[1])));
 }
 
 }  // namespace qo
