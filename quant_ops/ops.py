@@ -38,7 +38,8 @@ def _operator_message(op: str, err: Exception) -> str | None:
 
 # The library's quantizers, from the method registry: their inputs in order, and which of
 # those are learned (a leaf whose gradient must accumulate) or state (auxiliary).
-OP_INPUTS = {m.op: m.input_names for m in methods.REGISTRY.values()}
+# (kept up to date by ``install_wrappers`` as methods are registered)
+OP_INPUTS: dict[str, tuple[str, ...]] = {m.op: m.input_names for m in methods.REGISTRY.values()}
 LEARNED_INPUTS = {i.name for m in methods.REGISTRY.values() for i in m.inputs if i.learned}
 QUANTIZERS = tuple(OP_INPUTS)
 
@@ -96,18 +97,25 @@ def _wrap(raw, method: methods.Method):
     return quantizer
 
 
+def _install(method: methods.Method) -> None:
+    global QUANTIZERS
+    OP_INPUTS[method.op] = method.input_names
+    LEARNED_INPUTS.update(i.name for i in method.inputs if i.learned)
+    QUANTIZERS = tuple(OP_INPUTS)
+    for mods in ((mx.nd, mx.nd.op, mx.ndarray), (mx.sym, mx.sym.op, mx.symbol)):
+        raw = getattr(mods[0], method.op, None)
+        if raw is None:  # an operator this build of the library does not have
+            continue
+        raw = getattr(raw, "__qo_raw__", raw)
+        wrapped = _wrap(raw, method)
+        for m in mods:
+            setattr(m, method.op, wrapped)
+
+
 def install_wrappers() -> None:
-    """Replace ``mx.nd.<Q>`` and ``mx.sym.<Q>`` with gradient-accumulation-safe wrappers."""
-    for method in methods.REGISTRY.values():
-        name = method.op
-        for mods in ((mx.nd, mx.nd.op, mx.ndarray), (mx.sym, mx.sym.op, mx.symbol)):
-            raw = getattr(mods[0], name, None)
-            if raw is None:  # an operator this build of the library does not have
-                continue
-            raw = getattr(raw, "__qo_raw__", raw)
-            wrapped = _wrap(raw, method)
-            for m in mods:
-                setattr(m, name, wrapped)
+    """Replace ``mx.nd.<Q>`` and ``mx.sym.<Q>`` of every registered method (and of any
+    registered later) with gradient-accumulation-safe wrappers."""
+    methods.on_register(_install)
 
 
 def raw_op(F, name: str):

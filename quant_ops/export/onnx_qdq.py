@@ -64,10 +64,13 @@ def _convert_quantizer(node, **kwargs):
     return [q, dq]
 
 
-for _opset in OPSETS:
-    for _m in methods.REGISTRY.values():
-        if _m.exportable:
-            MXNetGraph.register(_m.op, _opset)(_convert_quantizer)
+def _register_converter(m: methods.Method) -> None:
+    if m.exportable:
+        for opset in OPSETS:
+            MXNetGraph.register(m.op, opset)(_convert_quantizer)
+
+
+methods.on_register(_register_converter)
 
 
 def check_exportable(graph: Graph, params: dict | None = None, opset: int = 13) -> None:

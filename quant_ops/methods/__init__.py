@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pkgutil
 from importlib import import_module
+from typing import Callable
 
 from ..errors import QuantOpsError
 from .base import QDQ, Input, Method, Param, flag
@@ -22,14 +23,28 @@ REGISTRY: dict[str, Method] = {}
 BY_OP: dict[str, Method] = {}
 
 
+_LISTENERS: list[Callable[[Method], None]] = []
+
+
 def register(method: Method) -> Method:
-    """Add a method (a plugin may call this for its own operator)."""
+    """Add a method (a plugin may call this for its own operator, after loading its
+    library); the stages that wire operators up (the nd/sym front, the ONNX converters)
+    are told, whenever it happens."""
     if method.name in REGISTRY or method.op in BY_OP:
         raise QuantOpsError(f"method {method.name!r} (operator {method.op}) is already "
                             "registered")
     REGISTRY[method.name] = method
     BY_OP[method.op] = method
+    for fn in _LISTENERS:
+        fn(method)
     return method
+
+
+def on_register(fn: Callable[[Method], None]) -> None:
+    """Call ``fn`` for every registered method, now and whenever one is added."""
+    _LISTENERS.append(fn)
+    for m in list(REGISTRY.values()):
+        fn(m)
 
 
 _found = {m.name for m in pkgutil.iter_modules(__path__)} - {"base"}
@@ -59,5 +74,5 @@ def quantizer_ops() -> tuple[str, ...]:
     return tuple(BY_OP)
 
 
-__all__ = ["Method", "Input", "Param", "QDQ", "REGISTRY", "register", "get", "of_op",
+__all__ = ["Method", "Input", "Param", "QDQ", "REGISTRY", "register", "on_register", "get", "of_op",
            "is_quantizer", "quantizer_ops", "flag"]
