@@ -28,13 +28,12 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 import quant_ops  # noqa: E402,F401
-from quant_ops.calib.graph_calib import calibrate_graph  # noqa: E402
 from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.export.onnx_qdq import export_onnx  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.graph.fold_bn import fold_batchnorm  # noqa: E402
 from quant_ops.ptq.common import FloatModel, accuracy, load_fmnist_model  # noqa: E402
-from quant_ops.prepare import quantize_graph  # noqa: E402
+from quant_ops.model import QuantizedModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
@@ -50,25 +49,20 @@ def timed(fn: Callable):
 # -- quant_ops -------------------------------------------------------------------------------
 def ours(m: FloatModel, calib: list, test: tuple, method: str, policy="trt_int8",
          graph_params=None, input_method="minmax") -> tuple[float, float]:
-    g, p = graph_params or (m.graph, m.params)
-    q = quantize_graph(g, p, policy, fold_bn="deploy")
-    (params, _), sec = timed(lambda: calibrate_graph(q.graph, q.params, calib, method,
-                                                     progress=False, input_method=input_method))
-    return accuracy(q.graph, params, *test), sec
+    qm = QuantizedModel(*(graph_params or (m.graph, m.params))).quantize(policy, "deploy")
+    _, sec = timed(lambda: qm.calibrate(calib, method, progress=False,
+                                        input_method=input_method))
+    return qm.evaluate(*test), sec
 
 
 def ours_easyquant(m: FloatModel, calib: list, test: tuple, bits: int) -> list:
-    from quant_ops.ptq.easyquant import easyquant
-
     pol = {"preset": "trt_int8", "weight": {"bits": bits}, "activation": {"bits": bits}}
-    q = quantize_graph(m.graph, m.params, pol, fold_bn="deploy")
-    (params, _), t_cal = timed(lambda: calibrate_graph(q.graph, q.params, calib, "minmax",
-                                                       progress=False))
-    start = accuracy(q.graph, params, *test)
-    (eq, _), t_eq = timed(lambda: easyquant(q.graph, params, calib, progress=False))
+    qm = QuantizedModel(m.graph, m.params).quantize(pol, fold_bn="deploy")
+    _, t_cal = timed(lambda: qm.calibrate(calib, "minmax", progress=False))
+    start = qm.evaluate(*test)
+    _, t_eq = timed(lambda: qm.easyquant(calib, progress=False))
     return [(f"minmax, W{bits}A{bits}", start, t_cal),
-            (f"EasyQuant from minmax, W{bits}A{bits}", accuracy(q.graph, eq, *test),
-             t_cal + t_eq)]
+            (f"EasyQuant from minmax, W{bits}A{bits}", qm.evaluate(*test), t_cal + t_eq)]
 
 
 def ours_zeroq(m: FloatModel, calib: list, test: tuple) -> list:
