@@ -56,19 +56,53 @@ class Graph:
                 raise QuantOpsError(f"{source}: node '{n['name']}' has attributes that are "
                                     "not a mapping")
             inputs = []
-            for e in n.get("inputs", []):
-                if not (isinstance(e, list) and len(e) in (2, 3)
-                        and all(isinstance(v, int) for v in e) and 0 <= e[0] < i):
+            raw_inputs = n.get("inputs", [])
+            if not isinstance(raw_inputs, list):
+                raise QuantOpsError(f"{source}: node '{n['name']}' has inputs that are not a "
+                                    "list")
+            for e in raw_inputs:
+                if not (_entry_ok(e) and e[0] < i):
                     raise QuantOpsError(f"{source}: node '{n['name']}' has a bad input {e!r} "
-                                        "(inputs must point at earlier nodes)")
+                                        "(inputs are [node, output, version] of earlier "
+                                        "nodes, with output and version >= 0)")
                 inputs.append([e[0], e[1], e[2] if len(e) == 3 else 0])
             nodes.append(Node(n["op"], n["name"], {str(k): str(v) for k, v in attrs.items()},
                               inputs))
+        if not d["heads"]:
+            raise QuantOpsError(f"{source}: the graph has no output (empty 'heads')")
         for h in d["heads"]:
-            if not (isinstance(h, list) and len(h) in (2, 3) and 0 <= h[0] < len(nodes)):
-                raise QuantOpsError(f"{source}: bad head {h!r}")
+            if not (_entry_ok(h) and h[0] < len(nodes)):
+                raise QuantOpsError(f"{source}: bad head {h!r} (heads are [node, output, "
+                                    "version] of existing nodes)")
         heads = [[h[0], h[1], h[2] if len(h) == 3 else 0] for h in d["heads"]]
-        return cls(nodes, heads, dict(d.get("attrs", {})), source)
+        attrs = d.get("attrs", {})
+        if not isinstance(attrs, dict):
+            raise QuantOpsError(f"{source}: graph 'attrs' is not a mapping")
+        graph = cls(nodes, heads, dict(attrs), source)
+        graph.check_outputs()
+        return graph
+
+    def check_outputs(self) -> None:
+        """Every input and head names an output its node has (MXNet 1.9.1 crashes on a
+        symbol that does not): a variable has one output; an operator's count is asked of
+        MXNet for one node alone, only where an entry reads past output 0."""
+        counts: dict = {}
+        uses = [(e, f"input of node '{n.name}'") for n in self.nodes for e in n.inputs]
+        uses += [(h, "graph output") for h in self.heads]
+        for e, where in uses:
+            if e[1] == 0:
+                continue
+            node = self.nodes[e[0]]
+            if node.is_var:
+                have = 1
+            else:
+                key = (node.op, tuple(sorted(node.attrs.items())), len(node.inputs))
+                if key not in counts:
+                    counts[key] = _num_outputs(node)
+                have = counts[key]
+            if have is not None and e[1] >= have:
+                raise QuantOpsError(f"{self.source}: {where} reads output {e[1]} of "
+                                    f"'{node.name}' ({node.op}), which has {have}")
 
     @classmethod
     def from_symbol(cls, sym) -> "Graph":
@@ -140,6 +174,29 @@ class Graph:
         old_to_new = {old: k for k, old in enumerate(order) if old is not None}
         heads = [[old_to_new[h[0]], h[1], h[2]] for h in self.heads]
         return Graph(new_nodes, heads, dict(self.attrs), self.source)
+
+
+def _entry_ok(e) -> bool:
+    return (isinstance(e, list) and len(e) in (2, 3)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in e))
+
+
+def _num_outputs(node: Node) -> int | None:
+    """How many outputs MXNet gives ``node`` (its visible outputs), from a graph of the node
+    alone on variables; None when MXNet cannot tell (an unknown op: reported later)."""
+    import mxnet as mx
+
+    nin = len(node.inputs)
+    nodes = [{"op": "null", "name": f"in{i}", "inputs": []} for i in range(nin)]
+    nodes.append({"op": node.op, "name": node.name, "attrs": dict(node.attrs),
+                  "inputs": [[i, 0, 0] for i in range(nin)]})
+    text = json.dumps({"nodes": nodes, "arg_nodes": list(range(nin)), "heads": [[nin, 0, 0]],
+                       "attrs": {"mxnet_version": ["int", 10901]}})
+    try:
+        internals = mx.sym.load_json(text).get_internals().list_outputs()
+    except mx.base.MXNetError:
+        return None
+    return len(internals) - nin
 
 
 def load_graph(path: str | Path) -> Graph:

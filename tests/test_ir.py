@@ -1,0 +1,52 @@
+"""The symbol-JSON reader refuses every entry MXNet would crash on, naming it."""
+from __future__ import annotations
+
+import json
+
+import mxnet as mx
+import pytest
+
+from quant_ops import QuantOpsError
+from quant_ops.graph.ir import Graph
+
+
+def _json(**change):
+    d = mx.sym.FullyConnected(mx.sym.var("data"), num_hidden=3, name="fc")
+    s = mx.sym.SliceChannel(d, num_outputs=3, name="sl")
+    j = json.loads(mx.sym.Group([s[2], d]).tojson())
+    j.update(change)
+    return json.dumps(j)
+
+
+def test_a_real_graph_reads_back():
+    g = Graph.from_json(_json())
+    assert g.heads == [[4, 2, 0], [3, 0, 0]]
+    assert g.to_symbol().list_outputs() == ["sl_output2", "fc_output"]
+
+
+@pytest.mark.parametrize("heads,needle", [
+    ([[3, 3, 0]], "output 3 of 'fc' \\(FullyConnected\\), which has 1"),
+    ([[4, 3, 0]], "output 3 of 'sl' \\(SliceChannel\\), which has 3"),
+    ([[0, 1, 0]], "output 1 of 'data'"),
+    ([[3, -5, 0]], "bad head \\[3, -5, 0\\]"),
+    ([[3, 0, -1]], "bad head"),
+    ([[9, 0, 0]], "bad head"),
+    ([[3, True, 0]], "bad head"),
+    ([], "no output"),
+])
+def test_bad_heads_are_refused(heads, needle):
+    with pytest.raises(QuantOpsError, match=needle):
+        Graph.from_json(_json(heads=heads), "net.json")
+
+
+def test_bad_node_inputs_are_refused():
+    j = json.loads(_json())
+    j["nodes"][3]["inputs"][0] = [0, 2, 0]
+    with pytest.raises(QuantOpsError, match="input of node 'fc' reads output 2 of 'data'"):
+        Graph.from_json(json.dumps(j), "net.json")
+    j["nodes"][3]["inputs"][0] = [0, -5]
+    with pytest.raises(QuantOpsError, match="node 'fc' has a bad input \\[0, -5\\]"):
+        Graph.from_json(json.dumps(j), "net.json")
+    j["nodes"][3]["inputs"] = "x"
+    with pytest.raises(QuantOpsError, match="inputs that are not a list"):
+        Graph.from_json(json.dumps(j), "net.json")
