@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .errors import QuantOpsError
 from .fileio import atomic_write_text, staged_dir
 from .graph.ir import Graph, load_graph
-from .graph.params import load_params, save_params
+from .graph.params import check_arrays, load_params, save_params
 from .graph.quantize import strip_quantizers
 from .graph.quantizers import Quantizer, quantizers
 from .graph.runner import Runner, predict
@@ -44,11 +44,13 @@ def _np(v: ArrayLike) -> np.ndarray:
     return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
 
 
-def as_params(params: str | Path | Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
-    """Params as plain names -> numpy arrays: from a ``.params`` file or a dict (e.g.
+def as_params(params: str | Path | Mapping[str, ArrayLike],
+              cast: bool = False) -> dict[str, np.ndarray]:
+    """Params as plain names -> float32 numpy arrays, checked (``graph.params.check_arrays``;
+    ``cast`` converts other float types): from a ``.params`` file or a dict (e.g.
     ``mx.nd.load``'s, whose ``arg:``/``aux:`` prefixes are dropped)."""
     if isinstance(params, (str, Path)):
-        return load_params(params)
+        return load_params(params, cast)
     if not isinstance(params, Mapping):
         raise QuantOpsError(f"params must be a file name or a dict of arrays, not "
                             f"{type(params).__name__}")
@@ -57,7 +59,7 @@ def as_params(params: str | Path | Mapping[str, ArrayLike]) -> dict[str, np.ndar
         if not isinstance(k, str):
             raise QuantOpsError(f"params: key {k!r} is not a name")
         out[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = _np(v)
-    return out
+    return check_arrays(out, "params", cast)
 
 
 def _batches(data, batch_size: int) -> list[np.ndarray]:
@@ -93,9 +95,10 @@ class QuantizedModel:
     @classmethod
     def from_symbol(cls, symbol: str | Path | mx.sym.Symbol | Graph,
                     params: str | Path | Mapping[str, ArrayLike],
-                    data_names: Sequence[str] = ("data",)) -> QuantizedModel:
+                    data_names: Sequence[str] = ("data",), cast: bool = False) -> QuantizedModel:
         """From a symbol (JSON file, ``mx.sym.Symbol`` or ``Graph``) and its params (a
-        ``.params`` file or a dict of arrays, prefixed or not)."""
+        ``.params`` file or a dict of arrays, prefixed or not; float32 and finite, or
+        ``cast=True`` to convert other float types)."""
         if isinstance(symbol, Graph):
             graph, name = symbol, Path(symbol.source).name
         elif isinstance(symbol, mx.sym.Symbol):
@@ -103,7 +106,7 @@ class QuantizedModel:
         else:
             graph, name = load_graph(symbol), Path(symbol).name
         name = name.split("-symbol")[0].removesuffix(".json") or "model"
-        return cls(graph, as_params(params), data_names, name)
+        return cls(graph, as_params(params, cast), data_names, name)
 
     @classmethod
     def load(cls, prefix: str | Path, epoch: int = 0,

@@ -194,3 +194,32 @@ def test_readme_api_section_runs(tmp_path):
     assert acc > 93.0                                   # float: 93.50
     assert (tmp_path / "out" / "api" / "deploy" / "resnet20-int8.onnx").is_file()
     assert (tmp_path / "out" / "api" / "resnet20-int8-symbol.json").is_file()
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda p: p.update(c1_weight=p["c1_weight"].astype(np.float64)), "'c1_weight' is float64"),
+    (lambda p: p.update(c1_bias=p["c1_bias"].astype(np.float16)), "'c1_bias' is float16"),
+    (lambda p: p["c2_weight"].__setitem__((0, 0, 0, 0), np.nan), "'c2_weight' has NaN"),
+    (lambda p: p["fc_bias"].__setitem__(0, np.inf), "'fc_bias' has NaN or infinite"),
+])
+def test_bad_params_are_refused_where_they_enter(saved, change, needle):
+    _, sym, params = saved
+    change(params)
+    with pytest.raises(QuantOpsError, match=needle):
+        QuantizedModel.from_symbol(sym, params)
+
+
+def test_cast_converts_float_params_on_request(saved):
+    _, sym, params = saved
+    m = QuantizedModel.from_symbol(sym, {k: v.astype(np.float64) for k, v in params.items()},
+                                   cast=True)
+    assert all(v.dtype == np.float32 for v in m.params.values())
+
+
+def test_negative_batchnorm_variance_is_refused_when_folded(saved):
+    _, sym, params = saved
+    params["bn1_moving_var"][0] = -1.0
+    m = QuantizedModel.from_symbol(sym, params)
+    with pytest.raises(QuantOpsError, match="BatchNorm 'bn1': running variance "
+                                            "'bn1_moving_var' is negative"):
+        m.quantize("trt_int8", fold_bn="deploy")

@@ -111,9 +111,17 @@ def _bn_arrays(graph: Graph, bn: Node, params: dict):
         raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}' needs params "
                             f"{', '.join(missing)} to be folded")
     gamma, beta, mean, var = (_f64(params[n]) for n in names)
+    for name, v in zip(names, (gamma, beta, mean, var)):
+        if not np.isfinite(v).all():
+            raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}': '{name}' has NaN or "
+                                "infinite values")
     if _flag(bn.attrs, "fix_gamma", True):  # MXNet's symbol default: gamma is fixed at 1
         gamma = np.ones_like(gamma)
     eps = float(bn.attrs.get("eps", "0.001"))
+    # (a variance a rounding error below 0 is kept: var + eps is what the fold divides by)
+    if (var + eps <= 0).any():
+        raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}': running variance "
+                            f"'{names[3]}' is negative ({float(var.min()):.3g})")
     return names, gamma, beta, mean, var, eps
 
 

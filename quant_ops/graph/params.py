@@ -12,8 +12,27 @@ import numpy as np
 from ..errors import QuantOpsError
 
 
-def load_params(path: str | Path) -> dict:
-    """name -> numpy array; accepts Module (``arg:``/``aux:``) and Gluon (plain) files."""
+def check_arrays(params: dict, source: str, cast: bool = False) -> dict:
+    """Params as they enter the toolkit: float32 (other float types are refused, or cast
+    when ``cast``: the kernels compute in float32 and a silent cast hides a wrong file) and
+    finite.  Returns the (cast) dict; errors name the array."""
+    out = {}
+    for k, v in params.items():
+        a = np.asarray(v)
+        if a.dtype != np.float32:
+            if not (cast and np.issubdtype(a.dtype, np.floating)):
+                raise QuantOpsError(f"{source}: parameter '{k}' is {a.dtype}, not float32"
+                                    + ("" if cast else " (cast=True converts float types)"))
+            a = a.astype(np.float32)
+        if a.size and not np.isfinite(a).all():
+            raise QuantOpsError(f"{source}: parameter '{k}' has NaN or infinite values")
+        out[k] = a
+    return out
+
+
+def load_params(path: str | Path, cast: bool = False) -> dict:
+    """name -> numpy array (float32, finite: see ``check_arrays``); accepts Module
+    (``arg:``/``aux:``) and Gluon (plain) files."""
     p = Path(path)
     if not p.is_file():
         raise QuantOpsError(f"{p}: params file not found")
@@ -24,8 +43,8 @@ def load_params(path: str | Path) -> dict:
             from None
     if not isinstance(raw, dict):
         raise QuantOpsError(f"{p}: holds unnamed arrays, not parameters")
-    return {k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k: v.asnumpy()
-            for k, v in raw.items()}
+    return check_arrays({k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k:
+                         v.asnumpy() for k, v in raw.items()}, str(p), cast)
 
 
 def check_params(sym, params: dict, source: str, data_names=("data",)) -> None:
