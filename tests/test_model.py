@@ -223,3 +223,21 @@ def test_negative_batchnorm_variance_is_refused_when_folded(saved):
     with pytest.raises(QuantOpsError, match="BatchNorm 'bn1': running variance "
                                             "'bn1_moving_var' is negative"):
         m.quantize("trt_int8", fold_bn="deploy")
+
+
+def test_outputs_get_the_umask_mode(saved, tmp_path):
+    import os
+
+    prefix, _, _ = saved
+    x, _ = _data(4)
+    m = QuantizedModel.load(prefix).quantize("trt_int8").calibrate(x, "minmax", progress=False)
+    old = os.umask(0o022)
+    try:
+        m.save(tmp_path / "s" / "net")
+        m.export(tmp_path / "e", name="net")
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "s").iterdir()) + list((tmp_path / "e").iterdir())
+    assert len(files) == 6
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} \
+        == {f.name: "0o644" for f in files}

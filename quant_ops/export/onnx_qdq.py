@@ -9,8 +9,6 @@ ONNX format are refused with the node named.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import mxnet as mx
@@ -21,6 +19,7 @@ from mxnet.onnx.mx2onnx._op_translations._op_translations_opset12 import get_inp
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import QuantOpsError
+from ..fileio import atomic_write_bytes
 from .. import methods
 from ..graph.ir import Graph
 from ..graph.quantizers import quantizers
@@ -151,15 +150,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     model.ir_version = 8  # what onnxruntime and TensorRT 8.x read
     _prune_initializers(model)
     onnx.checker.check_model(model)
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    p = atomic_write_bytes(path, model.SerializeToString())
     return p, graph, params
 
 

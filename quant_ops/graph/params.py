@@ -2,14 +2,13 @@
 ``arg:``/``aux:`` prefixes on disk, written atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 
 from ..errors import QuantOpsError
+from ..fileio import atomic_write
 
 
 def check_arrays(params: dict, source: str, cast: bool = False) -> dict:
@@ -64,11 +63,4 @@ def save_params(path: str | Path, sym, params: dict) -> None:
     used = set(sym.list_arguments()) | aux
     arrays = {f"{'aux' if k in aux else 'arg'}:{k}": mx.nd.array(v, dtype=np.asarray(v).dtype)
               for k, v in params.items() if k in used}
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        mx.nd.save(tmp, arrays)
-        os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(p, lambda tmp: mx.nd.save(str(tmp), arrays))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from ..errors import QuantOpsError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from ..ops import track_training
 from .bn import count_bn, freeze_bn
 from .data import Source, eval_batches
@@ -92,10 +90,7 @@ def _save(ckpt: Path, net, trainer, progress: dict) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     for name, save in (("net.params", net.save_parameters),
                        ("trainer.states", trainer.save_states)):
-        fd, tmp = tempfile.mkstemp(dir=ckpt, prefix=f".{name}.")
-        os.close(fd)
-        save(tmp)
-        os.replace(tmp, ckpt / name)
+        atomic_write(ckpt / name, lambda tmp: save(str(tmp)))
     atomic_write_text(ckpt / "progress.json", json.dumps(progress, indent=1))
 
 
@@ -256,10 +251,7 @@ def plot_history(history: list, path: str | Path) -> Path:
                  label="val accuracy")
         ax2.set_ylabel("accuracy (%)")
     fig.tight_layout()
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, p)
-    return p
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
