@@ -42,8 +42,8 @@ setup(
     python_requires=">=3.8",
     install_requires=["mxnet==1.9.1", "numpy==1.23.5", "tqdm"],
     cmdclass={"build_py": BuildWithLibrary},
-    entry_points={"console_scripts": ["qo-graph-optimize=quant_ops.cli:graph_optimize_main",
-                                      "qo-export-onnx=quant_ops.cli:export_main",
-                                      "qo-sensitivity=quant_ops.ptq.sensitivity:sensitivity_main"]},
+    entry_points={"console_scripts": ["qo-graph-optimize=quant_ops.cli.graph_optimize:main",
+                                      "qo-export-onnx=quant_ops.cli.export_onnx:main",
+                                      "qo-sensitivity=quant_ops.cli.sensitivity:main"]},
     zip_safe=False,
 )

@@ -30,6 +30,7 @@ from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.graph.fold_bn import fold_batchnorm  # noqa: E402
 from quant_ops.prepare import quantize_graph  # noqa: E402
+from quant_ops.cli.common import bundled_model  # noqa: E402
 from quant_ops.ptq.common import accuracy, load_fmnist_model  # noqa: E402
 from quant_ops.ptq.dfq import apply_dfq  # noqa: E402
 
@@ -57,7 +58,7 @@ def quantized_accuracy(graph, params, policy: dict, calib: list, x, y) -> float:
 def measure_dfq(model_name: str = "mobilenetv2", calib_images: int = 512,
                 test_images: int | None = None, batch: int = 64, seed: int = 0) -> dict:
     """Float, naive and DFQ accuracies of one Fashion-MNIST model, as a JSON-ready dict."""
-    model = load_fmnist_model(model_name)
+    model = load_fmnist_model(bundled_model(f"fmnist_{model_name}"))
     xtr, _ = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
     if test_images:

@@ -25,6 +25,7 @@ from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.errors import QuantOpsError  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.prepare import quantize_graph  # noqa: E402
+from quant_ops.cli.common import bundled_model  # noqa: E402
 from quant_ops.ptq.common import load_fmnist_model, predict  # noqa: E402
 from quant_ops.ptq.easyquant import easyquant  # noqa: E402
 
@@ -61,7 +62,7 @@ def compact(report: dict) -> dict:
 
 
 def run_model(name: str, args, train, test) -> list:
-    model = load_fmnist_model(name)
+    model = load_fmnist_model(bundled_model(f"fmnist_{name}"))
     xt, yt = model.normalize(test[0]), test[1]
     ref = predict(model.graph, model.params, xt)
     float_acc = float((ref.argmax(1) == yt).mean() * 100)

@@ -32,6 +32,7 @@ from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.export.onnx_qdq import export_onnx  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.graph.fold_bn import fold_batchnorm  # noqa: E402
+from quant_ops.cli.common import bundled_model  # noqa: E402
 from quant_ops.ptq.common import FloatModel, accuracy, load_fmnist_model  # noqa: E402
 from quant_ops.model import QuantizedModel  # noqa: E402
 
@@ -152,8 +153,8 @@ def ort_static(m: FloatModel, calib: list, test: tuple, method: str, tmp: Path):
 
 
 def run_model(name: str, args) -> dict:
-    m = load_fmnist_model(name)
-    prefix = ROOT / "examples" / "models" / f"fmnist_{name}"
+    prefix = bundled_model(f"fmnist_{name}")
+    m = load_fmnist_model(prefix)
     xtr, _ = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
     pick = np.random.RandomState(0).permutation(len(xtr))[:args.calib_images]

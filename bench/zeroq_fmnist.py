@@ -34,6 +34,7 @@ from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.errors import QuantOpsError  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.prepare import quantize_graph  # noqa: E402
+from quant_ops.cli.common import bundled_model  # noqa: E402
 from quant_ops.ptq.common import accuracy, load_fmnist_model  # noqa: E402
 from quant_ops.ptq.zeroq import StatisticLoss, distill_batches  # noqa: E402
 
@@ -46,7 +47,7 @@ def mean_statistic_loss(model, batches) -> float:
 
 
 def bench_model(name: str, args, x_train, x_test, y_test) -> dict:
-    model = load_fmnist_model(name)
+    model = load_fmnist_model(bundled_model(f"fmnist_{name}"))
     shape = (args.batch,) + x_train.shape[1:]
     n_batches = args.images // args.batch
     idx = np.random.default_rng(args.seed).choice(len(x_train), n_batches * args.batch,

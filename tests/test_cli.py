@@ -104,3 +104,35 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, float_model, tmp_path)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("module", ["quant_ops.cli.launch", "quant_ops.train.launch"])
+def test_launcher_without_worker_command_exits_2(module):
+    r = subprocess.run([sys.executable, "-m", module, "-n", "2", "--"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: give the worker command after --"
+
+
+def test_library_leaves_command_lines_and_checkout_paths_to_cli():
+    """Only quant_ops/cli/ parses arguments and knows examples/models; test hooks stay in
+    tests/ (a regular pip install of the library works without the checkout)."""
+    pkg = ROOT / "quant_ops"
+    for path in pkg.rglob("*.py"):
+        if path.parent.name == "cli" and path.parent.parent == pkg:
+            continue
+        text = path.read_text()
+        for word in ("argparse", "examples", "fail_at_step", '"tiny"'):
+            assert word not in text, f"{path.relative_to(ROOT)} mentions {word}"
+
+
+def test_missing_bundled_model_names_its_path(monkeypatch, tmp_path):
+    from quant_ops.cli import common
+    from quant_ops.errors import QuantOpsError
+
+    assert common.model_prefix("fmnist_resnet20") == common.EXAMPLE_MODELS / "fmnist_resnet20"
+    assert common.model_prefix("some/prefix") == Path("some/prefix")
+    monkeypatch.setattr(common, "EXAMPLE_MODELS", tmp_path)
+    with pytest.raises(QuantOpsError, match=f"{tmp_path}/fmnist_resnet20.json: no such model"):
+        common.bundled_model("fmnist_resnet20")
+    with pytest.raises(QuantOpsError, match="unknown model 'resnet20'"):
+        common.bundled_model("resnet20")

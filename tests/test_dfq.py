@@ -295,13 +295,14 @@ def test_bad_input_raises():
 
 
 def test_real_mobilenet_cle_keeps_float_and_shrinks_per_tensor_error():
-    from quant_ops.ptq.common import MODELS, load_fmnist_model
+    from quant_ops.cli.common import EXAMPLE_MODELS as MODELS
+    from quant_ops.ptq.common import load_fmnist_model
 
     if not (MODELS / "fmnist_mobilenetv2.json").is_file():
         pytest.skip("examples/models/fmnist_mobilenetv2 not trained yet")
     from quant_ops.datasets import fashion_mnist
 
-    model = load_fmnist_model("mobilenetv2")
+    model = load_fmnist_model(MODELS / "fmnist_mobilenetv2")
     x = model.normalize(fashion_mnist("test")[0][:16])
     g0, p0 = _plain(model.graph, model.params)
     g1, p1 = dfq.apply_dfq(model.graph, model.params)

@@ -12,6 +12,8 @@ import pytest
 from quant_ops.errors import QuantOpsError
 from quant_ops.train.distributed import launch_local
 
+from qat_worker import tiny
+
 WORKER = """
 import sys, mxnet as mx
 from mxnet import gluon, autograd
@@ -68,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _entry(out, *extra):
-    return [sys.executable, str(ROOT / "utils" / "qat_train.py"), "--model", "tiny",
+    return [sys.executable, str(ROOT / "tests" / "qat_worker.py"), "--model", "tiny",
             "--epochs", "1", "--train-limit", "1024", "--test-limit", "1000", "--lr", "0.05",
             "--out", str(out), *extra]
 
@@ -114,7 +116,7 @@ def test_killed_worker_ends_the_job_and_keeps_the_checkpoint(tmp_path):
         ck = tmp_path / "checkpoint" / f"rank{rank}"
         progress = json.loads((ck / "progress.json").read_text())
         assert progress["step"] == 8
-        net = __import__("quant_ops.train.entry", fromlist=["load_model"]).load_model("tiny")[0]
+        net = tiny()[0]
         from quant_ops.prepare import quantize_block
 
         quantize_block(net, "trt_int8").load_parameters(str(ck / "net.params"))

@@ -51,7 +51,7 @@ def test_smoke_run_trains_checkpoints_and_exports(recipe, tmp_path):
                       "--out", str(out)])
     assert rc == 0
     ck = out / "checkpoint"
-    assert (ck / "net.params").is_file() and (ck / "trainer.states").is_file()
+    assert (ck / "net.params").is_file() and (ck / "optimizer.npz").is_file()
     progress = json.loads((ck / "progress.json").read_text())
     assert progress["step"] == 2 and progress["epoch"] == 1
     s = json.loads((out / "summary.json").read_text())

@@ -13,7 +13,7 @@ from mxnet import autograd, gluon
 import quant_ops
 from quant_ops import reference as ref
 from quant_ops.reference import Int8Attrs
-from quant_ops.export.ort_qdq import ort_qdq
+from ort_qdq import ort_qdq
 
 f32 = np.float32
 INFER = np.array([0, 0], f32)

@@ -20,7 +20,8 @@ from quant_ops.graph.ir import Graph
 from quant_ops.policy import QuantPolicy
 from quant_ops.prepare import quantize_graph
 from quant_ops.ptq.common import runner
-from quant_ops.ptq.sensitivity import layer_sensitivity, sensitivity_main
+from quant_ops.cli.sensitivity import main as sensitivity_main
+from quant_ops.ptq.sensitivity import layer_sensitivity
 
 LAYERS = ["conv0", "conv1", "conv2", "fc"]
 

@@ -87,7 +87,7 @@ def test_qat_train_entry_single_process(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(root / "utils" / "qat_train.py"), "--model", "tiny",
+    r = subprocess.run([sys.executable, str(root / "tests" / "qat_worker.py"), "--model", "tiny",
                         "--kvstore", "device", "--epochs", "1", "--train-limit", "512",
                         "--test-limit", "200", "--lr", "0.05", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_ops.cli import export_main  # noqa: E402
+from quant_ops.cli.export_onnx import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(export_main())
+    sys.exit(main())

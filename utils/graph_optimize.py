@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_ops.cli import graph_optimize_main  # noqa: E402
+from quant_ops.cli.graph_optimize import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(graph_optimize_main())
+    sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")  # one executor per layer: keep quiet
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_ops.ptq.sensitivity import sensitivity_main  # noqa: E402
+from quant_ops.cli.sensitivity import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(sensitivity_main())
+    sys.exit(main())

@@ -14,7 +14,6 @@ change when another layer stays float, and every configuration reuses them.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -499,133 +498,23 @@ def render_html(rep: SensitivityReport, keep: list[str] | None = None) -> str:
         "</body>", "</html>", ""])
 
 
-# -- command line ----------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sensitivity",
-        description="Per-layer quantization sensitivity of a float Fashion-MNIST checkpoint: "
-                    "writes report.html, report.json and policy_skip.yaml (the policy with "
-                    "the most sensitive layers kept in float).")
-    p.add_argument("--model", default="examples/models/fmnist_resnet20",
-                   help="checkpoint prefix: PREFIX-symbol.json, PREFIX-EPOCH.params and "
-                        "PREFIX.json (its input normalization)")
-    p.add_argument("--epoch", type=int, default=0, help="params epoch (default 0)")
-    p.add_argument("--policy", default="trt_int8",
-                   help="a preset name or a policy file (.json/.yaml) (default trt_int8)")
-    p.add_argument("--method", default="minmax",
-                   help="calibration method: minmax, entropy, percentile, mse")
-    p.add_argument("--calib-images", type=int, default=512,
-                   help="training images to calibrate on (default 512)")
-    p.add_argument("--calib-batch", type=int, default=64)
-    p.add_argument("--eval-images", type=int, default=10000,
-                   help="test images for top-1 (default 10000; 0: no accuracy)")
-    p.add_argument("--fold-bn", choices=("deploy", "qat", "none"), default="deploy")
-    p.add_argument("--max-layers", type=int, default=None,
-                   help="at most this many layers in policy_skip.yaml")
-    p.add_argument("--min-gain", type=float, default=None,
-                   help="least gain for a layer to be kept in float (default: 0.1 top-1 "
-                        "points; with --eval-images 0, 1 dB of network output SQNR)")
-    p.add_argument("--out", type=Path, default=Path("out/sensitivity"), help="output folder")
-    return p
-
-
-def _load_policy(text: str) -> QuantPolicy:
-    if Path(text).suffix.lower() in (".json", ".yaml", ".yml") or Path(text).is_file():
-        return QuantPolicy.load(text)
-    return QuantPolicy.preset(text)
-
-
-def run_sensitivity(args) -> SensitivityReport:
-    """The command behind ``utils/sensitivity.py``: load, analyse, write the three files."""
+# -- the three files -------------------------------------------------------------------------
+def write_reports(rep: SensitivityReport, out_dir: str | Path, keep: list[str] | None = None,
+                  policy: QuantPolicy | str | dict | None = None, comment: str = "") -> Path:
+    """``report.html``, ``report.json`` and ``policy_skip.yaml`` (``policy`` keeping ``keep``
+    in float; defaults: the analysed policy, ``keep_float()``) into ``out_dir``, all or
+    none; ``comment`` heads the YAML file."""
     import yaml
 
-    from ..datasets import fashion_mnist
-    from ..graph.ir import load_graph
-    from ..graph.params import check_params, load_params
-
-    for flag, v, least in (("--calib-images", args.calib_images, 1),
-                           ("--calib-batch", args.calib_batch, 1),
-                           ("--eval-images", args.eval_images, 0), ("--epoch", args.epoch, 0),
-                           ("--max-layers", args.max_layers, 0)):
-        if v is not None and v < least:
-            raise QuantOpsError(f"{flag} must be >= {least}, got {v}")
-    if args.min_gain is not None and not math.isfinite(args.min_gain):
-        raise QuantOpsError(f"--min-gain must be a finite number, got {args.min_gain}")
-    policy = _load_policy(args.policy)
-    prefix = str(args.model)
-    info_path = Path(f"{prefix}.json")
-    try:
-        info = json.loads(info_path.read_text())
-        mean, std = float(info["normalize"]["mean"]), float(info["normalize"]["std"])
-    except OSError as e:
-        raise QuantOpsError(f"{info_path}: cannot read the model's normalization "
-                            f"({e.strerror})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise QuantOpsError(f"{info_path}: needs \"normalize\": {{\"mean\": .., \"std\": ..}}"
-                            f" ({type(e).__name__}: {e})") from None
-    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
-        raise QuantOpsError(f"{info_path}: normalize std must be > 0 and both finite")
-    graph = load_graph(f"{prefix}-symbol.json")
-    params_path = f"{prefix}-{args.epoch:04d}.params"
-    params = load_params(params_path)
-    try:
-        sym = graph.to_symbol()
-    except Exception as e:  # MXNet refuses the JSON
-        raise QuantOpsError(f"{prefix}-symbol.json: MXNet cannot load it: "
-                            f"{str(e).strip().splitlines()[-1]}") from None
-    check_params(sym, params, params_path)
-
-    def norm(x: np.ndarray) -> np.ndarray:
-        return ((x - mean) / std).astype(np.float32)
-
-    xt, _ = fashion_mnist("train")
-    if args.calib_images > len(xt):
-        raise QuantOpsError(f"--calib-images {args.calib_images}: the training set has "
-                            f"{len(xt)} images")
-    xc = norm(xt[:args.calib_images])
-    del xt
-    bs = args.calib_batch
-    n_full = len(xc) // bs * bs  # calibration batches must share one shape
-    batches = [xc[i:i + bs] for i in range(0, n_full, bs)] or [xc]
-    eval_data = None
-    if args.eval_images:
-        xe, ye = fashion_mnist("test")
-        eval_data = (norm(xe[:args.eval_images]), ye[:args.eval_images])
-    rep = layer_sensitivity(graph, params, policy, batches, eval_data, method=args.method,
-                            fold_bn=None if args.fold_bn == "none" else args.fold_bn,
-                            model=Path(prefix).name)
-    keep = rep.keep_float(args.max_layers, args.min_gain)
+    keep = rep.keep_float() if keep is None else list(keep)
     skip_policy = rep.policy_with_skips(policy, keep)
-    with staged_dir(args.out) as tmp:
+    out = Path(out_dir)
+    with staged_dir(out) as tmp:
         rep.write_html(tmp / "report.html", keep)
         d = rep.to_dict()
         d.update(keep_float=keep, policy_skip=skip_policy)
         (tmp / "report.json").write_text(json.dumps(_finite(d), indent=1))
-        (tmp / "policy_skip.yaml").write_text(
-            f"# {rep.model}: {args.policy} keeping {len(keep)} layer(s) in float "
-            "(from utils/sensitivity.py)\n" + yaml.safe_dump(skip_policy, sort_keys=False))
-    _print_summary(rep, keep)
-    print(f"wrote {args.out}/report.html, report.json, policy_skip.yaml")
-    return rep
-
-
-def _print_summary(rep: SensitivityReport, keep: list[str]) -> None:
-    acc = (f"top-1 float {rep.acc_float:.2f}%, quantized {rep.acc_quant:.2f}% "
-           f"({rep.eval_images} images); " if rep.has_accuracy else "")
-    print(f"{rep.model}: {acc}network output SQNR {rep.out_sqnr_quant_db:.1f} dB; "
-          f"{len(rep.rows)} layers in {rep.seconds:.1f} s")
-    print(f"{'layer':<40} {'SQNR dB':>8} {'cosine':>8} {'gain dB':>8} {'top-1 flt':>9} "
-          f"{'gain':>6}")
-    for r in rep.rows:
-        a = "-" if r.acc_layer_float is None else f"{r.acc_layer_float:.2f}"
-        g = "-" if r.gain is None else f"{r.gain:+.2f}"
-        print(f"{r.name:<40} {r.sqnr_db:>8.2f} {r.cosine:>8.5f} {r.out_gain_db:>8.2f} "
-              f"{a:>9} {g:>6}")
-    print("keep in float: " + (", ".join(keep) if keep else "(none)"))
-
-
-def sensitivity_main(argv: list[str] | None = None) -> int:
-    """Entry of ``utils/sensitivity.py``: bad input ends with one 'error:' line, exit 2."""
-    from ..cli import _main
-
-    return _main(_parser(), run_sensitivity, argv)
+        head = "".join(f"# {line}\n" for line in comment.splitlines())
+        (tmp / "policy_skip.yaml").write_text(head + yaml.safe_dump(skip_policy,
+                                                                    sort_keys=False))
+    return out

@@ -1,8 +1,9 @@
 """A resumable training loop for (quantized) Gluon nets.
 
-A checkpoint is the net's ``.params`` (quantizer state included: it is ordinary params),
-the trainer's ``.states`` and a small JSON of where the run stands (epoch, batch, step,
-metrics), written atomically every ``checkpoint_every`` steps and at each epoch's end.  The
+A checkpoint (``quant_ops.train.checkpoint``) is one directory, whole or absent: the net's
+``.params`` (quantizer state included: it is ordinary params), the optimizer's state as
+named arrays (no pickle) and a small JSON of where the run stands (epoch, batch, step,
+metrics), written every ``checkpoint_every`` steps and at each epoch's end.  The
 training data are ``(x, y)`` arrays, a Gluon ``Dataset`` or a ``DataLoader``; what a resumed
 run sees for each of them is in ``quant_ops.train.data`` (arrays: exactly the batches of an
 uninterrupted run).
@@ -12,7 +13,6 @@ they are is a function of the global step, so a run resumed past that step resum
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +23,9 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 from ..errors import QuantOpsError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write
 from ..ops import track_training
+from . import checkpoint
 from .bn import count_bn, freeze_bn
 from .data import Source, eval_batches
 from .constraints import Projector, apply_multipliers
@@ -86,14 +87,6 @@ def evaluate(net, x, y=None, batch_size: int = 500, progress: bool = False,
     return 100.0 * correct / seen
 
 
-def _save(ckpt: Path, net, trainer, progress: dict) -> None:
-    ckpt.mkdir(parents=True, exist_ok=True)
-    for name, save in (("net.params", net.save_parameters),
-                       ("trainer.states", trainer.save_states)):
-        atomic_write(ckpt / name, lambda tmp: save(str(tmp)))
-    atomic_write_text(ckpt / "progress.json", json.dumps(progress, indent=1))
-
-
 def _freeze_bn_now(net, progress: dict, after: int, resumed: bool) -> None:
     n = freeze_bn(net)
     total = count_bn(net)
@@ -150,11 +143,9 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
     if ckpt is not None and dist:
         ckpt = ckpt / f"rank{rank}"
     resumed = False
-    if ckpt is not None and (ckpt / "progress.json").is_file():
-        progress = json.loads((ckpt / "progress.json").read_text())
-        net.load_parameters(str(ckpt / "net.params"))
-        trainer.load_states(str(ckpt / "trainer.states"))
-        # the states file holds no update counts: restore them so the schedule continues
+    if ckpt is not None and checkpoint.find(ckpt) is not None:
+        progress = checkpoint.load(ckpt, net, trainer)
+        # the optimizer state holds no update counts: restore them so the schedule continues
         opt = trainer._optimizer
         opt.begin_num_update = opt.num_update = progress["step"]
         opt._index_update_count = {}
@@ -211,10 +202,10 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
                 hook(progress["step"], rank)
             steps_run += 1
             if ckpt is not None and progress["step"] % cfg.checkpoint_every == 0:
-                _save(ckpt, net, trainer, progress)
+                checkpoint.save(ckpt, net, trainer, progress)
             if cfg.stop_after_steps is not None and steps_run >= cfg.stop_after_steps:
                 if ckpt is not None:
-                    _save(ckpt, net, trainer, progress)
+                    checkpoint.save(ckpt, net, trainer, progress)
                 return progress
         if b < steps_per_epoch:
             raise QuantOpsError(f"the training data ran out after {b} of {steps_per_epoch} "
@@ -229,7 +220,7 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
         progress.update(epoch=ep + 1, batch=0, run_loss=0.0, run_n=0)
         log.info("epoch %d: %s", ep + 1, row)
         if ckpt is not None:
-            _save(ckpt, net, trainer, progress)
+            checkpoint.save(ckpt, net, trainer, progress)
     return progress
 
 

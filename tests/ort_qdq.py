@@ -1,5 +1,5 @@
-"""ONNX QuantizeLinear -> DequantizeLinear run by onnxruntime: the reference that simulated
-quantization must equal bit for bit."""
+"""Test oracle: ONNX QuantizeLinear -> DequantizeLinear run by onnxruntime, the reference
+that simulated quantization must equal bit for bit."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,8 +1,10 @@
-"""QAT fine-tuning entry (``utils/qat_train.py``): float model -> policy -> fit -> params.
+"""``utils/qat_train.py``: QAT fine-tuning, float model -> policy -> fit -> params.
 
 Runs alone (``--kvstore local|device``) or as one worker of a ``dist_sync`` /
-``dist_device_sync`` job started by ``quant_ops.train.launch`` (or MXNet's ssh/mpi launch
-modes on several machines, which set the same ``DMLC_*`` variables).
+``dist_device_sync`` job started by ``python -m quant_ops.cli.launch`` (or MXNet's ssh/mpi
+launch modes on several machines, which set the same ``DMLC_*`` variables).
+
+``run(args, models=..., on_step=...)`` takes more models and a per-step hook, for tests.
 """
 from __future__ import annotations
 
@@ -10,55 +12,34 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
+from typing import Callable, Mapping
 
-import mxnet as mx
-import numpy as np
-from mxnet import gluon
-from mxnet.gluon import nn
-
-from ..datasets import fashion_mnist
 from ..errors import QuantOpsError
-from ..fileio import atomic_write_text
-from ..prepare import quantize_block
-from .loop import FitConfig, evaluate, fit
+from .common import BUNDLED_MODELS, bundled_model, error
 
-ROOT = Path(__file__).resolve().parents[2]
-FLOAT_MODEL = ROOT / "examples" / "models" / "fmnist_resnet20"
+#: a model loader: () -> (float Gluon block, (input mean, std), the float training lr)
+ModelLoader = Callable[[], tuple]
 
 
-def _tiny() -> gluon.HybridBlock:
-    mx.random.seed(0)
-    net = nn.HybridSequential(prefix="tiny_")
-    with net.name_scope():
-        net.add(nn.Conv2D(8, 3, padding=1, activation="relu"), nn.MaxPool2D(2),
-                nn.Flatten(), nn.Dense(10))
-    net.initialize(mx.init.Xavier())
-    net(mx.nd.zeros((1, 1, 28, 28)))
-    return net
+def load_bundled(name: str) -> tuple:
+    """A bundled float checkpoint as (SymbolBlock, (mean, std), float lr)."""
+    from mxnet import gluon
+
+    from ..ptq.common import read_model_info
+
+    prefix = bundled_model(name)
+    info = read_model_info(prefix)
+    if "lr" not in info:
+        raise QuantOpsError(f"{prefix}.json: has no \"lr\" (the float training lr)")
+    net = gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"], f"{prefix}-0000.params")
+    return net, (info["normalize"]["mean"], info["normalize"]["std"]), info["lr"]
 
 
-MODELS = ("fmnist_resnet20", "fmnist_mobilenetv2", "tiny")
-TINY_LR = 0.1   # what the tiny test model would have been trained with
-
-
-def load_model(name: str):
-    """(float block, input normalization, float training lr) for a model name."""
-    if name == "tiny":  # for tests: a small CNN from a fixed seed
-        return _tiny(), (0.0, 1.0), TINY_LR
-    if name in MODELS:
-        prefix = FLOAT_MODEL.parent / name
-        info = json.loads(prefix.with_suffix(".json").read_text())
-        net = gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"],
-                                        f"{prefix}-0000.params")
-        return net, (info["normalize"]["mean"], info["normalize"]["std"]), info["lr"]
-    raise QuantOpsError(f"unknown model {name!r}: use one of {', '.join(MODELS)}")
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="QAT fine-tuning: float model -> policy -> fit "
+                                             "-> params.")
     ap.add_argument("--kvstore", default="device",
                     choices=("local", "device", "dist_sync", "dist_device_sync"))
     ap.add_argument("--model", default="fmnist_resnet20")
@@ -77,17 +58,33 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--fail-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--fail-rank", type=int, default=1, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
+        on_step: Callable[[int, int], None] | None = None) -> int:
+    """Fine-tune ``args.model`` (a bundled model, or one of ``models``); ``on_step(step,
+    rank)`` is called after every optimizer step.  Writes ``rank<r>/final.params`` and
+    ``rank<r>/result.json`` under ``args.out``; exit code 2 when the model or the data
+    cannot be loaded."""
+    import mxnet as mx
+
+    from ..datasets import fashion_mnist
+    from ..fileio import atomic_write_text
+    from ..prepare import quantize_block
+    from ..train.loop import FitConfig, evaluate, fit
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    loaders = {**{n: (lambda n=n: load_bundled(n)) for n in BUNDLED_MODELS}, **(models or {})}
     try:
-        net, (mean, std), float_lr = load_model(args.model)
+        if args.model not in loaders:
+            raise QuantOpsError(f"unknown model {args.model!r}: use one of "
+                                f"{', '.join(loaders)}")
+        net, (mean, std), float_lr = loaders[args.model]()
         xtr, ytr = fashion_mnist("train")
         xte, yte = fashion_mnist("test")
     except (QuantOpsError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     if args.train_limit:
         xtr, ytr = xtr[:args.train_limit], ytr[:args.train_limit]
     if args.test_limit:
@@ -105,10 +102,8 @@ def main(argv=None) -> int:
                     checkpoint_dir=str(args.out / "checkpoint"),
                     checkpoint_every=args.checkpoint_every, kvstore=args.kvstore,
                     progress=False)
-    if args.fail_at_step is not None:
-        cfg.extra["on_step"] = (lambda step, rank: os.kill(os.getpid(), signal.SIGKILL)
-                                if rank == args.fail_rank and step == args.fail_at_step
-                                else None)
+    if on_step is not None:
+        cfg.extra["on_step"] = on_step
     progress = fit(q, (xtr, ytr), None, cfg)
     rank = progress.get("rank", kv_rank)
     acc = evaluate(q, xte, yte)
@@ -127,5 +122,5 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))

@@ -1,0 +1,81 @@
+"""What the commands share: the error wrapper, argument types, and the models bundled with
+the source checkout (``examples/models/``), which only command lines resolve by name."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import QuantOpsError
+from ..graph.ir import Graph
+from ..graph.params import check_params
+
+#: where the source checkout keeps the project's float Fashion-MNIST checkpoints; a
+#: regular ``pip install`` does not ship them
+EXAMPLE_MODELS = Path(__file__).resolve().parents[2] / "examples" / "models"
+BUNDLED_MODELS = ("fmnist_resnet20", "fmnist_mobilenetv2")
+
+
+def bundled_model(name: str) -> Path:
+    """Checkpoint prefix (``PREFIX-symbol.json``, ``PREFIX-0000.params``, ``PREFIX.json``)
+    of a model bundled with the checkout, e.g. ``fmnist_resnet20``."""
+    if name not in BUNDLED_MODELS:
+        raise QuantOpsError(f"unknown model {name!r}: use one of {', '.join(BUNDLED_MODELS)}")
+    prefix = EXAMPLE_MODELS / name
+    if not Path(f"{prefix}.json").is_file():
+        raise QuantOpsError(
+            f"{prefix}.json: no such model: the bundled models come with the source "
+            f"checkout, not the installed package (train it with examples/train_fmnist.py "
+            f"--arch {name.removeprefix('fmnist_')}, or give a checkpoint prefix)")
+    return prefix
+
+
+def model_prefix(text: str) -> Path:
+    """A bundled model's name resolved to its prefix; anything else is a prefix already."""
+    return bundled_model(text) if text in BUNDLED_MODELS else Path(text)
+
+
+def shape(text: str) -> tuple:
+    """argparse type of ``--input-shape``: ``1,3,224,224`` -> (1, 3, 224, 224)."""
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r} (use e.g. 1,3,224,224)")
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"not a shape: {text!r}")
+    return dims
+
+
+def checked_symbol(graph: Graph, params: dict, params_source: str | Path):
+    """``graph`` as an MXNet symbol whose every parameter is in ``params``."""
+    import mxnet as mx
+
+    try:
+        sym = graph.to_symbol()
+    except mx.base.MXNetError as e:
+        raise QuantOpsError(f"{graph.source}: MXNet cannot load it: "
+                            f"{str(e).strip().splitlines()[-1]}") from None
+    check_params(sym, params, str(params_source))
+    return sym
+
+
+def error(e: Exception | str) -> int:
+    """Print ``e`` as one ``error:`` line on stderr; the exit code of bad input (2)."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
+                argv: list[str] | None) -> int:
+    """Parse ``argv`` and ``run`` it: bad input ends with one 'error:' line and exit 2."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import mxnet as mx
+
+    try:
+        run(args)
+    except (QuantOpsError, OSError, mx.base.MXNetError) as e:
+        return error(e)
+    return 0

@@ -1,0 +1,69 @@
+"""``utils/export_onnx.py`` (console script ``qo-export-onnx``): a quantized symbol + params
+to ONNX QDQ, a TensorRT calibration cache and a ranges JSON, checked against onnxruntime."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import QuantOpsError
+from ..fileio import atomic_write_text
+from .common import checked_symbol, run_command, shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="export_onnx",
+        description="Export a quantized symbol + params to ONNX (QuantizeLinear/"
+                    "DequantizeLinear), a TensorRT calibration cache and a ranges JSON, "
+                    "and check onnxruntime against MXNet on the same input.")
+    p.add_argument("--symbol", type=Path, required=True, help="quantized symbol JSON")
+    p.add_argument("--params", type=Path, required=True, help="its params")
+    p.add_argument("--input-shape", type=shape, default=(1, 3, 224, 224))
+    p.add_argument("--check-input", type=Path,
+                   help=".npy input for the alignment check (default: uniform random)")
+    p.add_argument("--opset", type=int, default=13)
+    p.add_argument("--trt-version", type=int, default=8601,
+                   help="TensorRT version written in the cache header (e.g. 8601)")
+    p.add_argument("--name", help="file name stem (default: from the symbol file)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Export, check the alignment, write ``<name>.alignment.json``; the check's report."""
+    import numpy as np
+
+    from ..export import export_model
+    from ..export.align import check_alignment
+    from ..graph.ir import load_graph
+    from ..graph.params import load_params
+
+    graph = load_graph(args.symbol)
+    params = load_params(args.params)
+    checked_symbol(graph, params, args.params)
+    name = args.name or args.symbol.name.split("-symbol")[0].removesuffix(".json")
+    if args.check_input:
+        try:
+            x = np.load(args.check_input).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise QuantOpsError(f"{args.check_input}: cannot read ({e})") from None
+    else:
+        x = np.random.default_rng(0).uniform(0, 1, args.input_shape).astype(np.float32)
+    ex = export_model(graph, params, args.out, name, {"data": tuple(x.shape)}, args.opset,
+                      args.trt_version)
+    report = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    atomic_write_text(args.out / f"{name}.alignment.json", json.dumps(report, indent=1))
+    print(f"wrote {ex.onnx}, {ex.cache}, {ex.ranges_json}")
+    for i, o in enumerate(report["outputs"]):
+        print(f"output {i}: max |mxnet - onnxruntime| = {o['max_abs_diff']:.3g} "
+              f"(max |y| {o['max_abs']:.3g}), cosine {o['cosine']:.8f}")
+    print(f"int8 codes identical at every QuantizeLinear: end to end min "
+          f"{report['identical_min']:.6f} (all {report['identical_all']:.6f}); per layer min "
+          f"{report['per_layer_identical_min']:.6f} (all {report['per_layer_identical_all']:.6f});"
+          f" quantizer alone min {report['isolated_identical_min']:.6f}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
