@@ -80,13 +80,19 @@ class QuantizedModel:
 
     def __init__(self, graph: Graph, params: Mapping[str, ArrayLike],
                  data_names: Sequence[str] = ("data",), name: str = "model"):
-        self.graph = graph
+        from .graph.seed import convert_seed_graph, is_seed_graph
+
         self.params = as_params(params)
+        self.notes: list[str] = []       # what the passes did
+        if is_seed_graph(graph):  # written for the seed toolkit's MXNet build
+            graph, extra = convert_seed_graph(graph, self.params)
+            self.params.update(extra)
+            self.notes.append("converted seed-toolkit operators")
+        self.graph = graph
         self.data_names = tuple(data_names)
         self.name = name
         self.policy: QuantPolicy | None = None
         self.table: list[dict] = []      # what was quantized: one row per quantizer
-        self.notes: list[str] = []       # what the passes did
         self.ranges: dict[str, float] = {}
         self.input_shape: tuple | None = None
         self._check_params()
@@ -162,6 +168,21 @@ class QuantizedModel:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise QuantOpsError(f"{self.graph.source}: the params do not match the symbol: "
                                 f"missing {', '.join(missing[:5])}{more}")
+
+    def set_input_shape(self, shape: Sequence[int]) -> QuantizedModel:
+        """Record the input shape, after checking that the graph and its params take it
+        (the error says which layer does not fit)."""
+        sym = self.graph.to_symbol()
+        args = set(sym.list_arguments())
+        shapes = {k: v.shape for k, v in self.params.items() if k in args}
+        try:
+            sym.infer_shape(**{self.data_names[0]: tuple(shape)}, **shapes)
+        except mx.base.MXNetError as e:
+            raise QuantOpsError(f"{self.graph.source}: input shape {tuple(shape)} does not "
+                                f"fit the model and its params: "
+                                f"{' '.join(str(e).split())[:300]}") from None
+        self.input_shape = tuple(shape)
+        return self
 
     # -- what it is -----------------------------------------------------------------------
     @property

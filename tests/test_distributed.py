@@ -86,8 +86,8 @@ def test_two_workers_end_with_identical_model_and_ranges(tmp_path):
                  num_workers=2, timeout=240, log_dir=tmp_path / "logs",
                  env={"QO_TEST_TOKEN": token})
     assert not _processes_with(token)
-    a = mx.nd.load(str(tmp_path / "dist" / "rank0" / "final.params"))
-    b = mx.nd.load(str(tmp_path / "dist" / "rank1" / "final.params"))
+    a = mx.nd.load(str(tmp_path / "dist" / "rank0" / "final-0000.params"))
+    b = mx.nd.load(str(tmp_path / "dist" / "rank1" / "final-0000.params"))
     assert a.keys() == b.keys() and any(k.endswith("_minmax") for k in a)
     for k in a:  # weights and quantizer state alike
         assert np.array_equal(a[k].asnumpy(), b[k].asnumpy()), k

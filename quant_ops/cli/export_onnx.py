@@ -3,12 +3,11 @@ to ONNX QDQ, a TensorRT calibration cache and a ranges JSON, checked against onn
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..errors import QuantOpsError
-from ..fileio import atomic_write_text
-from .common import checked_symbol, run_command, shape
+from ..model import QuantizedModel
+from .common import run_command, shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,29 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Export, check the alignment, write ``<name>.alignment.json``; the check's report."""
+    """Export, check the alignment (``<name>.alignment.json``), all or none; the report."""
     import numpy as np
 
-    from ..export import export_model
-    from ..export.align import check_alignment
-    from ..graph.ir import load_graph
-    from ..graph.params import load_params
-
-    graph = load_graph(args.symbol)
-    params = load_params(args.params)
-    checked_symbol(graph, params, args.params)
-    name = args.name or args.symbol.name.split("-symbol")[0].removesuffix(".json")
+    model = QuantizedModel.from_symbol(args.symbol, args.params)
+    name = args.name or model.name
     if args.check_input:
         try:
-            x = np.load(args.check_input).astype(np.float32)
+            x = np.load(args.check_input, allow_pickle=False).astype(np.float32)
         except (OSError, ValueError) as e:
             raise QuantOpsError(f"{args.check_input}: cannot read ({e})") from None
     else:
         x = np.random.default_rng(0).uniform(0, 1, args.input_shape).astype(np.float32)
-    ex = export_model(graph, params, args.out, name, {"data": tuple(x.shape)}, args.opset,
-                      args.trt_version)
-    report = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
-    atomic_write_text(args.out / f"{name}.alignment.json", json.dumps(report, indent=1))
+    ex = model.export(args.out, name, tuple(x.shape), args.opset, args.trt_version,
+                      check_input=x)
+    report = ex.alignment
     print(f"wrote {ex.onnx}, {ex.cache}, {ex.ranges_json}")
     for i, o in enumerate(report["outputs"]):
         print(f"output {i}: max |mxnet - onnxruntime| = {o['max_abs_diff']:.3g} "

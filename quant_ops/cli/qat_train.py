@@ -64,15 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
         on_step: Callable[[int, int], None] | None = None) -> int:
     """Fine-tune ``args.model`` (a bundled model, or one of ``models``); ``on_step(step,
-    rank)`` is called after every optimizer step.  Writes ``rank<r>/final.params`` and
+    rank)`` is called after every optimizer step.  Writes the trained model
+    (``rank<r>/final-symbol.json`` + ``final-0000.params``) and
     ``rank<r>/result.json`` under ``args.out``; exit code 2 when the model or the data
     cannot be loaded."""
     import mxnet as mx
 
     from ..datasets import fashion_mnist
     from ..fileio import atomic_write_text
-    from ..prepare import quantize_block
-    from ..train.loop import FitConfig, evaluate, fit
+    from ..model import QuantizedModel
+    from ..ops import set_training
+    from ..train.loop import FitConfig, fit
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     loaders = {**{n: (lambda n=n: load_bundled(n)) for n in BUNDLED_MODELS}, **(models or {})}
@@ -91,9 +93,11 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         xte, yte = xte[:args.test_limit], yte[:args.test_limit]
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     mx.random.seed(args.seed)
-    calib = ([xtr[i:i + 128] for i in range(0, args.calib_images, 128)]
-             if args.calib_images else None)
-    q = quantize_block(net, args.preset, fold_bn=args.fold_bn, calib_data=calib)
+    model = QuantizedModel.from_gluon(net, mx.nd.array(xtr[:1]), name=args.model)
+    model.quantize(args.preset, fold_bn=args.fold_bn)
+    if args.calib_images:
+        model.calibrate(xtr[:args.calib_images], "mse", batch_size=128, progress=False)
+    q = model.to_block()
     q.hybridize(static_alloc=True)
     kv_rank = int(os.environ.get("DMLC_WORKER_ID", "0")) if "dist" in args.kvstore else 0
     lr = args.lr if args.lr is not None else float_lr / 2
@@ -105,11 +109,13 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
     if on_step is not None:
         cfg.extra["on_step"] = on_step
     progress = fit(q, (xtr, ytr), None, cfg)
+    set_training(q, False)
+    model.from_block(q)
     rank = progress.get("rank", kv_rank)
-    acc = evaluate(q, xte, yte)
+    acc = model.evaluate(xte, yte)
     out = args.out / f"rank{rank}"
     out.mkdir(parents=True, exist_ok=True)
-    q.save_parameters(str(out / "final.params"))
+    model.save(out / "final")        # final-symbol.json + final-0000.params
     atomic_write_text(out / "result.json", json.dumps(
         {"rank": rank, "accuracy": acc, "steps": progress["step"], "kvstore": args.kvstore,
          "history": progress["history"]}, indent=1))
