@@ -32,8 +32,9 @@ from mxnet import autograd, gluon  # noqa: E402
 import quant_ops  # noqa: E402,F401
 from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
-from quant_ops.prepare import quantize_block  # noqa: E402
-from quant_ops.train import FitConfig, evaluate, fit  # noqa: E402
+from quant_ops.model import QuantizedModel  # noqa: E402
+from quant_ops.ops import set_training  # noqa: E402
+from quant_ops.train import FitConfig, fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "fmnist_resnet20"
@@ -59,11 +60,9 @@ SEED_CIFAR10 = {"pact": {"4/4": 91.8, "3/4": 91.8, "3/3": 91.7, "2/2": 89.7},
 SEED_FP32 = 92.0
 
 
-def load_float():
+def load_float() -> tuple[QuantizedModel, dict]:
     info = json.loads((MODEL.parent / "fmnist_resnet20.json").read_text())
-    net = gluon.SymbolBlock.imports(str(MODEL) + "-symbol.json", ["data"],
-                                    str(MODEL) + "-0000.params")
-    return net, info
+    return QuantizedModel.load(MODEL), info
 
 
 def policy(name: str, bits: str) -> dict:
@@ -105,16 +104,17 @@ def step_time(net, x, y, steps=20) -> float:
 
 def run_config(name: str, bits: str, data: tuple, args) -> dict:
     xtr, ytr, xte, yte = data
-    net, _ = load_float()
-    calib = [xtr[i:i + 128] for i in range(0, 512, 128)]
-    q = quantize_block(net, policy(name, bits), fold_bn=FOLD_BN.get(METHODS[name][0]),
-                       calib_data=calib, calib_method="mse")
-    acc0 = evaluate(q, xte, yte, progress=False)
+    model, _ = load_float()
+    model.quantize(policy(name, bits), fold_bn=FOLD_BN.get(METHODS[name][0]))
+    model.calibrate(xtr[:512], "mse", batch_size=128, progress=False)
+    acc0 = model.evaluate(xte, yte)
+    q = model.to_block()
     q.hybridize(static_alloc=True)
     t = time.time()
     prog = fit(q, (xtr, ytr), None, FitConfig(epochs=1, lr=learning_rate(bits, args),
                                               batch_size=128, seed=0, progress=False))
-    acc = evaluate(q, xte, yte, progress=False)
+    set_training(q, False)
+    acc = model.from_block(q).evaluate(xte, yte)
     loss = prog["history"][-1]["loss"] if prog["history"] else float("nan")
     return {"method": name, "bits": bits, "weight": METHODS[name][0],
             "fold_bn": FOLD_BN.get(METHODS[name][0]) or "no", "lr": learning_rate(bits, args),
@@ -187,14 +187,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "qat_table.json")
     args = ap.parse_args(argv)
-    float_net, info = load_float()
+    float_model, info = load_float()
     mean, std = info["normalize"]["mean"], info["normalize"]["std"]
     xtr, ytr = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     order = np.random.RandomState(0).permutation(len(xtr))[:args.train_images]
     data = (xtr[order], ytr[order], xte, yte)
-    acc_float = evaluate(float_net, xte, yte, progress=False)
+    acc_float = float_model.evaluate(xte, yte)
     configs = ([c.split(":") for c in args.configs.split(",")] if args.configs else
                [(m, b) for b in BITS for m in METHODS])
     for name, bits in configs:
@@ -210,11 +210,11 @@ def main(argv=None) -> int:
         write_section(args.out, section)
         print(section)
         return 0
-    fnet, _ = load_float()
+    fnet = load_float()[0].to_block()
     fnet.hybridize(static_alloc=True)
-    qnet = quantize_block(load_float()[0], "trt_int8", fold_bn="qat")
+    qnet = load_float()[0].quantize("trt_int8", fold_bn="qat").to_block()
     qnet.hybridize(static_alloc=True)
-    unfolded = quantize_block(load_float()[0], "trt_int8")   # BN kept as in the float net
+    unfolded = load_float()[0].quantize("trt_int8").to_block()   # BN kept as in the float net
     unfolded.hybridize(static_alloc=True)
     xb, yb = xtr[:128], ytr[:128]
     step = {"float": step_time(fnet, xb, yb) * 1e3, "w8a8": step_time(qnet, xb, yb) * 1e3,
