@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import quant_ops  # noqa: E402,F401  (loads the operator library)
-from quant_ops.calib.graph_calib import calibrate_graph  # noqa: E402
 from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.graph.fold_bn import fold_batchnorm  # noqa: E402
-from quant_ops.prepare import quantize_graph  # noqa: E402
+from quant_ops.model import QuantizedModel  # noqa: E402
 from quant_ops.cli.common import bundled_model  # noqa: E402
 from quant_ops.ptq.common import accuracy, load_fmnist_model  # noqa: E402
 from quant_ops.ptq.dfq import apply_dfq  # noqa: E402
@@ -47,12 +46,11 @@ REF_POLICY = {"weight": {"method": "int8", "bits": 8, "per_channel": True},
 
 
 def quantized_accuracy(graph, params, policy: dict, calib: list, x, y) -> float:
-    """Accuracy after ``quantize_graph``; activation ranges by min/max over ``calib``."""
-    q = quantize_graph(graph, params, policy)
-    p = q.params
-    if any(row["input"] != "weight" for row in q.table):
-        p, _ = calibrate_graph(q.graph, q.params, calib, "minmax", progress=False)
-    return accuracy(q.graph, p, x, y)
+    """Accuracy after quantizing by ``policy``; activation ranges by min/max over ``calib``."""
+    m = QuantizedModel(graph, params).quantize(policy)
+    if any(not q.is_weight for q in m.quantizers):
+        m.calibrate(calib, "minmax", progress=False)
+    return m.evaluate(x, y)
 
 
 def measure_dfq(model_name: str = "mobilenetv2", calib_images: int = 512,
