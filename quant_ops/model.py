@@ -135,9 +135,9 @@ class QuantizedModel:
         except gluon.parameter.DeferredInitializationError:
             raise QuantOpsError("the block's parameters are not initialized yet: pass "
                                 "`sample` (an input batch) or run the block once") from None
-        out = block(*[mx.sym.var(n) for n in data_names])
-        if isinstance(out, (list, tuple)):
-            out = mx.sym.Group(list(_flatten(out)))
+        from .prepare import trace
+
+        out, _ = trace(block, data_names)
         m = cls(Graph.from_symbol(out), params, data_names, name or block.name)
         if sample is not None and not isinstance(sample, (list, tuple)):
             m.input_shape = tuple(sample.shape)
@@ -403,14 +403,6 @@ class QuantizedModel:
                                              out / ex.ranges_json.name)
         ex.alignment = report
         return ex
-
-
-def _flatten(xs):
-    for x in xs:
-        if isinstance(x, (list, tuple)):
-            yield from _flatten(x)
-        else:
-            yield x
 
 
 def quantize(model: QuantizedModel | gluon.HybridBlock, preset: str = "trt_int8",

@@ -90,7 +90,8 @@ def _computed_weights(graph: Graph, params: dict, policy: QuantPolicy) -> dict:
     return out
 
 
-def _trace(net: gluon.HybridBlock, data_names: Sequence[str]):
+def trace(net: gluon.HybridBlock, data_names: Sequence[str]):
+    """(output symbol, input variables) of a Gluon block called on symbols."""
     inputs = [mx.sym.var(n) for n in data_names]
     out = net(*inputs)
     if isinstance(out, (list, tuple)):
@@ -127,7 +128,7 @@ def quantize_block(net: gluon.HybridBlock, policy: QuantPolicy | str | dict = "t
     except gluon.parameter.DeferredInitializationError:
         raise QuantOpsError("the block's parameters are not initialized yet: pass `sample` "
                             "(an input batch) or run the block once first") from None
-    sym, inputs = _trace(net, data_names)
+    sym, inputs = trace(net, data_names)
     q = quantize_graph(Graph.from_symbol(sym), arrays, policy, fold_bn, relu6)
     if calib_data is not None:
         from .calib.graph_calib import calibrate_graph
