@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .errors import QuantOpsError
 from .fileio import atomic_write_text, staged_dir
+from .graph.heads import label_names, without_loss
 from .graph.ir import Graph, load_graph
 from .graph.params import check_arrays, load_params, save_params
 from .graph.quantize import strip_quantizers
@@ -90,6 +91,8 @@ class QuantizedModel:
             self.notes.append("converted seed-toolkit operators")
         self.graph = graph
         self.data_names = tuple(data_names)
+        #: labels of loss heads (``softmax_label``): fed by training only, see graph.heads
+        self.label_names = tuple(label_names(graph))
         self.name = name
         self.policy: QuantPolicy | None = None
         self.table: list[dict] = []      # what was quantized: one row per quantizer
@@ -163,7 +166,7 @@ class QuantizedModel:
             raise QuantOpsError(f"{self.graph.source}: MXNet cannot load it: "
                                 f"{str(e).strip().splitlines()[-1]}") from None
         missing = [n for n in sym.list_arguments() + sym.list_auxiliary_states()
-                   if n not in self.params and n not in self.data_names]
+                   if n not in self.params and n not in self.data_names + self.label_names]
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise QuantOpsError(f"{self.graph.source}: the params do not match the symbol: "
@@ -172,7 +175,7 @@ class QuantizedModel:
     def set_input_shape(self, shape: Sequence[int]) -> QuantizedModel:
         """Record the input shape, after checking that the graph and its params take it
         (the error says which layer does not fit)."""
-        sym = self.graph.to_symbol()
+        sym = self.run_graph.to_symbol()
         args = set(sym.list_arguments())
         shapes = {k: v.shape for k, v in self.params.items() if k in args}
         try:
@@ -189,6 +192,25 @@ class QuantizedModel:
     def quantizers(self) -> list[Quantizer]:
         """The typed view of every quantizer in the graph."""
         return quantizers(self.graph)
+
+    @property
+    def run_graph(self) -> Graph:
+        """The graph as it runs without labels: loss heads in their inference form."""
+        return without_loss(self.graph)
+
+    def uncalibrated(self) -> list[str]:
+        """Activation quantizers whose range is state nothing has filled yet (zeros)."""
+        return [q.name for q in self.quantizers
+                if not q.is_weight and q.range_var is not None
+                and not q.method.input(q.method.range_input).learned
+                and not float(np.abs(self.params[q.range_var]).max()) > 0]
+
+    def _warn_uncalibrated(self) -> None:
+        if not getattr(self, "_warned", False) and self.uncalibrated():
+            log.warning("%s: %d activation quantizers have no range yet (calibrate, or "
+                        "fine-tune): their outputs are zeros", self.name,
+                        len(self.uncalibrated()))
+            self._warned = True
 
     @property
     def is_quantized(self) -> bool:
@@ -261,7 +283,7 @@ class QuantizedModel:
             self.params = self._observe(batches, progress)
             return self
         self.params, self.ranges = calibrate_graph(
-            self.graph, self.params, batches, method, data_name=self.data_names[0],
+            self.run_graph, self.params, batches, method, data_name=self.data_names[0],
             progress=progress, input_method=input_method, **observer_params)
         return self
 
@@ -282,7 +304,8 @@ class QuantizedModel:
     def predict(self, x: ArrayLike, batch_size: int = 500) -> np.ndarray:
         """The first output over ``x`` in inference mode."""
         x = _np(x).astype(np.float32, copy=False)
-        return predict(self.graph, self.params, x, batch_size, self.data_names[0])
+        self._warn_uncalibrated()
+        return predict(self.run_graph, self.params, x, batch_size, self.data_names[0])
 
     def evaluate(self, x, y: ArrayLike | None = None, batch_size: int = 500,
                  progress: bool = False) -> float:
@@ -292,12 +315,14 @@ class QuantizedModel:
             if len(x) != len(y):
                 raise QuantOpsError(f"evaluation set: {len(x)} inputs but {len(y)} labels")
             return float((self.predict(x, batch_size).argmax(1) == y).mean() * 100)
+        self._warn_uncalibrated()
         correct = seen = 0
         runners: dict = {}
+        graph = self.run_graph
         for xb, yb in tqdm(x, desc="eval", leave=False, disable=not progress):
             xb, yb = _np(xb).astype(np.float32, copy=False), _np(yb).reshape(-1)
             if xb.shape not in runners:
-                runners[xb.shape] = Runner(self.graph, self.params, xb.shape,
+                runners[xb.shape] = Runner(graph, self.params, xb.shape,
                                            self.data_names[0])
             correct += int((runners[xb.shape](xb)[0].argmax(1) == yb).sum())
             seen += len(yb)
@@ -311,7 +336,7 @@ class QuantizedModel:
         its quantizers following ``autograd.is_training()``."""
         from .ops import track_training
 
-        sym = self.graph.to_symbol()
+        sym = without_loss(self.graph, logits=True).to_symbol()   # Gluon losses want logits
         blk = gluon.SymbolBlock(sym, [mx.sym.var(n) for n in self.data_names])
         for k, p in blk.collect_params().items():
             if k not in self.params:
@@ -348,7 +373,7 @@ class QuantizedModel:
         """EasyQuant's weight and activation scale search (``quant_ops.ptq.easyquant``)."""
         from .ptq.easyquant import easyquant
 
-        self.params, _ = easyquant(self.graph, self.params, _batches(data, batch_size),
+        self.params, _ = easyquant(self.run_graph, self.params, _batches(data, batch_size),
                                    data_name=self.data_names[0], **kwargs)
         return self
 
@@ -395,7 +420,7 @@ class QuantizedModel:
         name = name or self.name
         out = Path(out_dir)
         with staged_dir(out) as tmp:
-            ex = export_model(self.graph, self.params, tmp, name, {self.data_names[0]: shape},
+            ex = export_model(self.run_graph, self.params, tmp, name, {self.data_names[0]: shape},
                               opset, trt_version)
             report = check_alignment(ex.onnx, ex.graph, ex.params, {self.data_names[0]: x})
             atomic_write_text(tmp / f"{name}.alignment.json", json.dumps(report, indent=1))

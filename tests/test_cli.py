@@ -136,3 +136,52 @@ def test_missing_bundled_model_names_its_path(monkeypatch, tmp_path):
         common.bundled_model("fmnist_resnet20")
     with pytest.raises(QuantOpsError, match="unknown model 'resnet20'"):
         common.bundled_model("resnet20")
+
+
+def test_no_arguments_runs_the_seed_example(tmp_path):
+    r = run(cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out" / "graph_optimize_example"
+    assert "out/graph_optimize_example" in r.stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"resnet18_v1-float.svg", "resnet18_v1-quantized.svg", "summary.md",
+            "resnet18_v1-quant-symbol.json"} <= names
+    # the terminal gets a short summary; the table is in the files
+    assert len(r.stdout.splitlines()) < 10 and "activation ranges are empty" in r.stdout
+    assert "activation ranges are empty" in (out / "summary.md").read_text()
+    assert (out / "summary.md").read_text().count("\n| resnetv10_") == 39
+
+
+def test_a_softmaxoutput_head_is_kept_and_dropped_for_inference(tmp_path):
+    data = mx.sym.var("data")
+    fc = mx.sym.FullyConnected(mx.sym.relu(mx.sym.Convolution(
+        data, num_filter=4, kernel=(3, 3), name="c1")), num_hidden=3, name="fc")
+    head = mx.sym.SoftmaxOutput(fc, name="softmax")
+    head.save(str(tmp_path / "m-symbol.json"))
+    shapes = dict(zip(head.list_arguments(), head.infer_shape(data=(2, 3, 8, 8))[0]))
+    rng = np.random.default_rng(0)
+    mx.nd.save(str(tmp_path / "m-0000.params"),
+               {f"arg:{k}": mx.nd.array(rng.normal(0, 0.3, s)) for k, s in shapes.items()
+                if k not in ("data", "softmax_label")})
+    r = run("--symbol", str(tmp_path / "m-symbol.json"), "--params",
+            str(tmp_path / "m-0000.params"), "--input-shape", "2,3,8,8", "--no-draw",
+            "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    saved = mx.sym.load(str(tmp_path / "o" / "m-quant-symbol.json"))
+    assert "softmax_label" in saved.list_arguments()        # kept for training
+    m = quant_ops.QuantizedModel.load(tmp_path / "o" / "m-quant")
+    m.calibrate(rng.uniform(size=(4, 3, 8, 8)).astype(np.float32), "minmax", progress=False)
+    p = m.predict(rng.uniform(size=(4, 3, 8, 8)).astype(np.float32))
+    np.testing.assert_allclose(p.sum(1), 1, rtol=1e-5)     # softmax, no label needed
+
+
+def test_inference_before_calibration_warns_once(caplog):
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Conv2D(4, 3), mx.gluon.nn.Dense(3))
+    net.initialize()
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    m = quant_ops.quantize(net, "trt_int8", sample=mx.nd.array(x))
+    with caplog.at_level("WARNING"):
+        m.predict(x)
+        m.predict(x)
+    assert sum("have no range yet" in r.message for r in caplog.records) == 1

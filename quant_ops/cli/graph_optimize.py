@@ -1,8 +1,10 @@
 """``utils/graph_optimize.py`` (console script ``qo-graph-optimize``): quantize a symbol
 graph or a gluoncv model by a policy.
 
-Outputs are written into a hidden temporary folder and moved into place only when
-everything succeeded.
+With no arguments it runs the seed toolkit's example: gluoncv ResNet-18 v1 (no weights
+needed) with the ``trt_int8`` policy, its two pictures and summary in
+``out/graph_optimize_example/``.  Outputs are written into a hidden temporary folder and
+moved into place only when everything succeeded.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="graph_optimize",
         description="Quantize an MXNet symbol graph (or a gluoncv model) by a policy: "
                     "writes the quantized symbol + params, a summary and graph pictures.")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--symbol", type=Path, help="float model's symbol JSON")
     src.add_argument("--model", help="a gluoncv model-zoo name (random weights)")
     p.add_argument("--params", type=Path, help="params of --symbol")
@@ -35,8 +37,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relu6-to-relu", action="store_true", help="replace ReLU6 by ReLU")
     p.add_argument("--no-draw", action="store_true", help="skip the graph pictures")
     p.add_argument("--name", help="file name stem of the outputs (default: from the input)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path,
+                   help=f"output folder (default with no model given: {EXAMPLE_OUT})")
     return p
+
+
+EXAMPLE_MODEL, EXAMPLE_OUT = "resnet18_v1", Path("out/graph_optimize_example")
+
+
+def _example_defaults(args: argparse.Namespace) -> None:
+    """No model given: the seed's example (ResNet-18 v1 from the gluoncv zoo)."""
+    if args.symbol is None and args.model is None:
+        if args.params is not None:
+            raise QuantOpsError("--params needs --symbol")
+        args.model = EXAMPLE_MODEL
+        args.out = args.out or EXAMPLE_OUT
+        print(f"no model given: the example, gluoncv {EXAMPLE_MODEL} (random weights) with "
+              f"{args.policy or args.preset}, into {args.out}/")
+    if args.out is None:
+        raise QuantOpsError("--out is required with --symbol or --model")
+
+
+def short_summary(model: QuantizedModel, name: str, policy_name: str) -> str:
+    """What the terminal gets: counts by method and bits, the notes, where the rest is."""
+    counts: dict = {}
+    for r in model.table:
+        key = (r["input"] == "weight", r["method"], r["bits"], r["granularity"])
+        counts[key] = counts.get(key, 0) + 1
+    layers = len({r["node"] for r in model.table})
+    lines = [f"{name}: {len(model.table)} quantizers on {layers} layers ({policy_name})"]
+    lines += [f"  {n:4d} x {'weight' if w else 'activation'} {m} {b}-bit {g}"
+              for (w, m, b, g), n in sorted(counts.items(), key=lambda kv: -kv[1])]
+    lines += [f"  - {note}" for note in model.notes]
+    return "\n".join(lines)
 
 
 def _load_input(args: argparse.Namespace) -> QuantizedModel:
@@ -51,12 +84,18 @@ def _load_input(args: argparse.Namespace) -> QuantizedModel:
 
 def run(args: argparse.Namespace) -> Path:
     """Quantize, then write symbol, params, summaries and pictures into ``args.out``."""
+    _example_defaults(args)
     policy = QuantPolicy.load(args.policy) if args.policy else QuantPolicy.preset(args.preset)
     model = _load_input(args)
     name = args.name or model.name
     float_graph = model.graph
     model.quantize(policy, args.fold_bn, args.relu6_to_relu)
     policy_name = str(args.policy) if args.policy else args.preset
+    empty = model.uncalibrated()
+    if empty:
+        model.notes.append(
+            f"activation ranges are empty ({len(empty)} quantizers): they are learned in "
+            "training (QAT) or set by calibration; inference before that gives zeros")
     summary = model.summary(f"{name}: quantized with {policy_name}")
     out = args.out
     with staged_dir(out) as tmp:
@@ -71,8 +110,8 @@ def run(args: argparse.Namespace) -> Path:
             draw(float_graph, tmp / f"{name}-float", title=f"{name} (float)")
             draw(model.graph, tmp / f"{name}-quantized",
                  title=f"{name} quantized ({policy_name}): {len(model.table)} quantizers")
-    print(summary, end="")
-    print(f"\nwrote {out}/")
+    print(short_summary(model, name, policy_name))
+    print(f"wrote {out}/ (the full quantizer table: summary.md, summary.json)")
     return out
 
 
