@@ -120,3 +120,62 @@ def test_killed_worker_ends_the_job_and_keeps_the_checkpoint(tmp_path):
         from quant_ops.prepare import quantize_block
 
         quantize_block(net, "trt_int8").load_parameters(str(ck / "net.params"))
+
+
+SLEEPER = """
+import time, mxnet as mx
+kv = mx.kv.create('dist_sync')
+time.sleep(120)
+"""
+
+
+def _listening(pids: list) -> set:
+    """Local addresses (hex ip) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    addrs = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:
+                addrs.add(f[1].split(":")[0])
+    return addrs
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_launcher_ends_the_whole_job_on_loopback(sig, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    script = tmp_path / "w.py"
+    script.write_text(SLEEPER)
+    token = uuid.uuid4().hex
+    root = Path(__file__).resolve().parents[1]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "quant_ops.cli.launch", "-n", "2", "-s", "1", "--timeout",
+         "300", "--", sys.executable, str(script)], cwd=root, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "QO_TEST_TOKEN": token})
+    deadline = time.time() + 60
+    while len(_processes_with(token)) < 5 and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)   # the nodes connect and listen
+    children = [p for p in _processes_with(token) if p != launcher.pid]
+    assert len(children) == 4
+    listening = _listening(children)
+    assert listening and listening <= {"0100007F", "00000000000000000000000001000000"}
+    launcher.send_signal(getattr(signal, sig))
+    code = launcher.wait(30)
+    deadline = time.time() + 15
+    while _processes_with(token) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_with(token)
+    if sig == "SIGTERM":
+        assert code == 1 and "stopped by signal" in launcher.stderr.read()

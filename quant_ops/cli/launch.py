@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-s", "--num-servers", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds for the whole job")
     ap.add_argument("--log-dir", help="one log file per process")
+    ap.add_argument("--interface", help="network interface the processes bind to "
+                                        "(default: loopback)")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker command")
     return ap
 
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cmd:
         return error("give the worker command after --")
     try:
-        launch_local(cmd, args.num_workers, args.num_servers, args.timeout, args.log_dir)
+        launch_local(cmd, args.num_workers, args.num_servers, args.timeout, args.log_dir,
+                     interface=args.interface)
     except QuantOpsError as e:  # names the process and ends with its log: keep the lines
         print(f"error: {e}", file=sys.stderr)
         return 1

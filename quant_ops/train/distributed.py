@@ -13,13 +13,16 @@ process behind.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -59,6 +62,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: the kernel kills it when the launcher dies, however it dies
+    (PR_SET_PDEATHSIG; Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+class _Stop(BaseException):
+    """SIGTERM / SIGINT reached the launcher: stop the job, then say so."""
+
+
+@contextmanager
+def _stop_on_signals():
+    """Turn SIGTERM/SIGINT into an exception while the job runs, so that the launcher
+    stops every process before it exits (Python's default SIGTERM exits at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise _Stop(signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _kill_all(procs: list) -> None:
     for p in procs:
         if p.poll() is None:
@@ -80,11 +115,13 @@ def _kill_all(procs: list) -> None:
 
 def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int = 1,
                  timeout: float = 600, log_dir: str | Path | None = None,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, interface: str | None = None) -> None:
     """Run ``command`` as ``num_workers`` workers of a ``dist_sync`` job on this machine.
 
-    Raises QuantOpsError (naming the process and the end of its log) when a worker fails
-    or the job outlives ``timeout`` seconds; every process started is stopped either way.
+    Every process binds to loopback unless ``interface`` names another network interface.
+    Raises QuantOpsError (naming the process and the end of its log) when a worker fails,
+    the job outlives ``timeout`` seconds or the launcher gets SIGTERM/SIGINT; every process
+    started is stopped either way, and dies with the launcher if it is killed outright.
     """
     if num_workers < 1 or num_servers < 1:
         raise QuantOpsError("a distributed job needs at least one worker and one server")
@@ -92,6 +129,10 @@ def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int 
     # (convolution weights after a forward): the server aborts with "init N first"
     base = {"MXNET_MKLDNN_ENABLED": "0", **os.environ, **(env or {}),
             "DMLC_PS_ROOT_URI": "127.0.0.1",
+            # ps-lite binds each node to the address of this interface (default: the
+            # machine's first non-loopback one)
+            **({"DMLC_INTERFACE": interface} if interface else
+               {"DMLC_INTERFACE": "lo", "DMLC_NODE_HOST": "127.0.0.1"}),
             "DMLC_PS_ROOT_PORT": str(free_port()), "DMLC_NUM_SERVER": str(num_servers),
             "DMLC_NUM_WORKER": str(num_workers), "PS_VERBOSE": "0"}
     log_dir = Path(log_dir) if log_dir else None
@@ -103,32 +144,42 @@ def launch_local(command: Sequence[str], num_workers: int = 2, num_servers: int 
         + [(f"worker{i}", "worker", list(command)) for i in range(num_workers)]
     procs, names, logs = [], [], []
     try:
-        for name, role, cmd in roles:
-            path = log_dir / f"{name}.log" if log_dir else None
-            with open(path, "w") if path else open(os.devnull, "w") as out:
-                procs.append(subprocess.Popen(cmd, env={**base, "DMLC_ROLE": role},
-                                              stdout=out, stderr=subprocess.STDOUT,
-                                              start_new_session=True))
-            names.append(name)
-            logs.append(path)
-        workers = [i for i, n in enumerate(names) if n.startswith("worker")]
-        deadline = time.time() + timeout
-        while True:
-            codes = {i: procs[i].poll() for i in range(len(procs))}
-            if all(codes[i] == 0 for i in workers):
-                return
-            # a scheduler or server that fails leaves the workers waiting: stop on any failure
-            failed = [i for i, c in codes.items() if c not in (None, 0)]
-            if failed:
-                i = failed[0]
-                tail = ""
-                if logs[i] and logs[i].is_file():
-                    tail = " | ".join(logs[i].read_text().strip().splitlines()[-3:])
-                raise QuantOpsError(f"{names[i]} exited with code {codes[i]}; the job was "
-                                    f"stopped{': ' + tail if tail else ''}")
-            if time.time() > deadline:
-                raise QuantOpsError(f"the distributed job did not finish within {timeout:.0f} s"
-                                    "; every process was stopped")
-            time.sleep(0.2)
+        with _stop_on_signals():
+            _run(roles, base, log_dir, procs, names, logs, timeout)
+    except _Stop as e:
+        raise QuantOpsError(f"stopped by signal {e.args[0]}: every process of the job was "
+                            "stopped") from None
     finally:
         _kill_all(procs)
+
+
+def _run(roles, base, log_dir, procs, names, logs, timeout) -> None:
+    """Start the processes, then wait for the workers to finish or anything to fail."""
+    for name, role, cmd in roles:
+        path = log_dir / f"{name}.log" if log_dir else None
+        with open(path, "w") if path else open(os.devnull, "w") as out:
+            procs.append(subprocess.Popen(cmd, env={**base, "DMLC_ROLE": role},
+                                          stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True,
+                                          preexec_fn=_die_with_parent))
+        names.append(name)
+        logs.append(path)
+    workers = [i for i, n in enumerate(names) if n.startswith("worker")]
+    deadline = time.time() + timeout
+    while True:
+        codes = {i: procs[i].poll() for i in range(len(procs))}
+        if all(codes[i] == 0 for i in workers):
+            return
+        # a scheduler or server that fails leaves the workers waiting: stop on any failure
+        failed = [i for i, c in codes.items() if c not in (None, 0)]
+        if failed:
+            i = failed[0]
+            tail = ""
+            if logs[i] and logs[i].is_file():
+                tail = " | ".join(logs[i].read_text().strip().splitlines()[-3:])
+            raise QuantOpsError(f"{names[i]} exited with code {codes[i]}; the job was "
+                                f"stopped{': ' + tail if tail else ''}")
+        if time.time() > deadline:
+            raise QuantOpsError(f"the distributed job did not finish within {timeout:.0f} s"
+                                "; every process was stopped")
+        time.sleep(0.2)
