@@ -185,3 +185,31 @@ def test_inference_before_calibration_warns_once(caplog):
         m.predict(x)
         m.predict(x)
     assert sum("have no range yet" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", ".."])
+def test_a_name_cannot_leave_out(name, float_model, tmp_path):
+    sym_f, par_f, _, _ = float_model
+    r = run("--symbol", str(sym_f), "--params", str(par_f), "--input-shape", SHAPE,
+            "--no-draw", "--name", name, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--name" in r.stderr
+    assert not (tmp_path / "o").exists() and not list(tmp_path.parent.glob("x*"))
+
+
+def test_an_output_cannot_overwrite_an_input(tmp_path):
+    import shutil
+
+    src = tmp_path / "m"
+    src.mkdir()
+    net = get_model("cifar_resnet20_v1")
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    net.export(str(src / "r20-quant"), epoch=0)     # named as the tool's own outputs
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = run("--symbol", str(src / "r20-quant-symbol.json"), "--params",
+            str(src / "r20-quant-0000.params"), "--input-shape", SHAPE, "--no-draw",
+            "--name", "r20", "--out", str(src))
+    assert r.returncode == 2 and "would overwrite an input" in r.stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    shutil.rmtree(src)

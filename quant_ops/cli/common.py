@@ -61,6 +61,24 @@ def checked_symbol(graph: Graph, params: dict, params_source: str | Path):
     return sym
 
 
+def output_name(name: str) -> str:
+    """A file-name stem given on the command line: no folder part, so outputs stay in
+    ``--out``."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise QuantOpsError(f"--name {name!r}: give a plain file name (no '/', no leading "
+                            "'.'); outputs go into --out")
+    return name
+
+
+def no_overwrite(out: Path, names: list[str], inputs: list) -> None:
+    """Refuse an output that would replace an input (the same file, through any path)."""
+    ins = {Path(i).resolve() for i in inputs if i is not None}
+    for n in names:
+        if (Path(out) / n).resolve() in ins:
+            raise QuantOpsError(f"{Path(out) / n}: this output would overwrite an input; "
+                                "choose another --out or --name")
+
+
 def error(e: Exception | str) -> int:
     """Print ``e`` as one ``error:`` line on stderr; the exit code of bad input (2)."""
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

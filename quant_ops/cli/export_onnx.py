@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..errors import QuantOpsError
 from ..model import QuantizedModel
-from .common import run_command, shape
+from .common import no_overwrite, output_name, run_command, shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,10 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
 
     model = QuantizedModel.from_symbol(args.symbol, args.params)
-    name = args.name or model.name
+    name = output_name(args.name) if args.name else model.name
+    no_overwrite(args.out, [f"{name}{ext}" for ext in (".onnx", ".calib.cache", ".ranges.json",
+                                                      ".alignment.json")],
+                 [args.symbol, args.params, args.check_input])
     if args.check_input:
         try:
             x = np.load(args.check_input, allow_pickle=False).astype(np.float32)

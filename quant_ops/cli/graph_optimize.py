@@ -16,7 +16,7 @@ from ..errors import QuantOpsError
 from ..fileio import atomic_write_text, staged_dir
 from ..model import QuantizedModel
 from ..policy import QuantPolicy
-from .common import run_command, shape
+from .common import no_overwrite, output_name, run_command, shape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +87,12 @@ def run(args: argparse.Namespace) -> Path:
     _example_defaults(args)
     policy = QuantPolicy.load(args.policy) if args.policy else QuantPolicy.preset(args.preset)
     model = _load_input(args)
-    name = args.name or model.name
+    name = output_name(args.name) if args.name else model.name
+    no_overwrite(args.out, [f"{name}-quant-symbol.json", f"{name}-quant-0000.params",
+                            "summary.md", "summary.json", f"{name}-float.svg",
+                            f"{name}-float.png", f"{name}-quantized.svg",
+                            f"{name}-quantized.png"],
+                 [args.symbol, args.params, args.policy])
     float_graph = model.graph
     model.quantize(policy, args.fold_bn, args.relu6_to_relu)
     policy_name = str(args.policy) if args.policy else args.preset
