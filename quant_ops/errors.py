@@ -7,3 +7,13 @@ class QuantOpsError(Exception):
 
 class BuildError(QuantOpsError):
     """The C++ operator library could not be found, built or loaded."""
+
+
+def mxnet_message(err: Exception) -> str:
+    """The line of an MXNetError that says what is wrong (MXNet prepends a C++ traceback
+    and file names): its last ``MXNetError:`` / ``Check failed`` line, whitespace folded."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("MXNetError:") or "Check failed" in ln or "Error in operator" in ln:
+            return " ".join(ln.removeprefix("MXNetError:").split())
+    return " ".join(lines[-1].split()) if lines else type(err).__name__

@@ -27,7 +27,7 @@ import numpy as np
 from mxnet import gluon
 from tqdm import tqdm
 
-from .errors import QuantOpsError
+from .errors import QuantOpsError, mxnet_message
 from .fileio import atomic_write_text, staged_dir
 from .graph.heads import label_names, without_loss
 from .graph.ir import Graph, load_graph
@@ -164,7 +164,7 @@ class QuantizedModel:
             sym = self.graph.to_symbol()
         except mx.base.MXNetError as e:
             raise QuantOpsError(f"{self.graph.source}: MXNet cannot load it: "
-                                f"{str(e).strip().splitlines()[-1]}") from None
+                                f"{mxnet_message(e)}") from None
         missing = [n for n in sym.list_arguments() + sym.list_auxiliary_states()
                    if n not in self.params and n not in self.data_names + self.label_names]
         if missing:
@@ -178,12 +178,11 @@ class QuantizedModel:
         sym = self.run_graph.to_symbol()
         args = set(sym.list_arguments())
         shapes = {k: v.shape for k, v in self.params.items() if k in args}
-        try:
-            sym.infer_shape(**{self.data_names[0]: tuple(shape)}, **shapes)
+        try:  # (not infer_shape: on failure it prints every argument's shape to stdout)
+            sym._infer_shape_impl(False, **{self.data_names[0]: tuple(shape)}, **shapes)
         except mx.base.MXNetError as e:
             raise QuantOpsError(f"{self.graph.source}: input shape {tuple(shape)} does not "
-                                f"fit the model and its params: "
-                                f"{' '.join(str(e).split())[:300]}") from None
+                                f"fit the model and its params: {mxnet_message(e)}") from None
         self.input_shape = tuple(shape)
         return self
 

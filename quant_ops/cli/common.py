@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import QuantOpsError
+from ..errors import QuantOpsError, mxnet_message
 from ..graph.ir import Graph
 from ..graph.params import check_params
 
@@ -56,7 +56,7 @@ def checked_symbol(graph: Graph, params: dict, params_source: str | Path):
         sym = graph.to_symbol()
     except mx.base.MXNetError as e:
         raise QuantOpsError(f"{graph.source}: MXNet cannot load it: "
-                            f"{str(e).strip().splitlines()[-1]}") from None
+                            f"{mxnet_message(e)}") from None
     check_params(sym, params, str(params_source))
     return sym
 
@@ -81,7 +81,11 @@ def no_overwrite(out: Path, names: list[str], inputs: list) -> None:
 
 def error(e: Exception | str) -> int:
     """Print ``e`` as one ``error:`` line on stderr; the exit code of bad input (2)."""
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    import mxnet as mx
+
+    text = mxnet_message(e) if isinstance(e, mx.base.MXNetError) and \
+        not isinstance(e, QuantOpsError) else " ".join(str(e).split())
+    print(f"error: {text}", file=sys.stderr)
     return 2
 
 

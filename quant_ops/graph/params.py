@@ -7,7 +7,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from ..errors import QuantOpsError
+from ..errors import QuantOpsError, mxnet_message
 from ..fileio import atomic_write
 
 
@@ -38,8 +38,7 @@ def load_params(path: str | Path, cast: bool = False) -> dict:
     try:
         raw = mx.nd.load(str(p))
     except mx.base.MXNetError as e:
-        raise QuantOpsError(f"{p}: not an MXNet params file ({str(e).splitlines()[0]})") \
-            from None
+        raise QuantOpsError(f"{p}: not an MXNet params file ({mxnet_message(e)})") from None
     if not isinstance(raw, dict):
         raise QuantOpsError(f"{p}: holds unnamed arrays, not parameters")
     return check_arrays({k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k:

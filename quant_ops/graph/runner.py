@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Mapping
 import mxnet as mx
 import numpy as np
 
-from ..errors import QuantOpsError
+from ..errors import QuantOpsError, mxnet_message
 from .ir import Graph
 
 
@@ -37,10 +37,6 @@ def no_fusion() -> Iterator[None]:
 
 def _as_np(v) -> np.ndarray:
     return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def select(graph: Graph | mx.sym.Symbol, outputs: list[str] | None = None) -> mx.sym.Symbol:
@@ -84,7 +80,7 @@ def bind(sym: mx.sym.Symbol, params: Mapping, feeds: Mapping[str, tuple | np.nda
     except mx.base.MXNetError as e:
         shapes = {k: (f if isinstance(f, tuple) else np.shape(f)) for k, f in feeds.items()}
         raise QuantOpsError(f"{source}: input shape {shapes} does not fit the model: "
-                            f"{_one_line(e)}") from None
+                            f"{mxnet_message(e)}") from None
 
 
 class Runner:

@@ -32,7 +32,7 @@ import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import QuantOpsError
+from ..errors import QuantOpsError, mxnet_message
 from ..graph.ir import Graph
 from ..graph.runner import bind
 
@@ -115,7 +115,7 @@ class StatisticLoss:
             out_shapes = mx.sym.Group(inputs).infer_shape(**{data_name: self.shape})[1]
         except mx.base.MXNetError as e:
             raise QuantOpsError(f"{graph.source}: input shape {self.shape} does not fit the "
-                                f"model: {' '.join(str(e).split())[:300]}") from None
+                                f"model: {mxnet_message(e)}") from None
         if out_shapes is None:
             raise QuantOpsError(f"{graph.source}: input shape {self.shape} leaves the BN "
                                 "input shapes unknown")

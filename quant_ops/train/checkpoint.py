@@ -20,7 +20,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ..errors import QuantOpsError
+from ..errors import QuantOpsError, mxnet_message
 from ..fileio import _umask, atomic_write
 
 PARTS = ("net.params", "optimizer.npz")
@@ -163,7 +163,7 @@ def load(ckpt: Path, net: gluon.Block, trainer: gluon.Trainer) -> dict:
         net.load_parameters(str(ckpt / "net.params"))
     except (mx.base.MXNetError, AssertionError, ValueError) as e:
         raise QuantOpsError(f"{ckpt / 'net.params'}: does not fit this net: "
-                            f"{' '.join(str(e).split())[:200]}") from None
+                            f"{mxnet_message(e)}") from None
     try:
         with np.load(ckpt / "optimizer.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
