@@ -44,6 +44,8 @@ setup(
     cmdclass={"build_py": BuildWithLibrary},
     entry_points={"console_scripts": ["qo-graph-optimize=quant_ops.cli.graph_optimize:main",
                                       "qo-export-onnx=quant_ops.cli.export_onnx:main",
+                                      "qo-dfq=quant_ops.cli.dfq:main",
+                                      "qo-easyquant=quant_ops.cli.easyquant:main",
                                       "qo-sensitivity=quant_ops.cli.sensitivity:main"]},
     zip_safe=False,
 )

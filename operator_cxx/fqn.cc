@@ -4,6 +4,10 @@
 // Inputs:  data, fqn_min, fqn_max (aux: the range, shape (1,) or (C,) for per-channel
 //          weights), qstate (aux: [step, training]).
 // Output:  dequant(quant(data)), unsigned k-bit code with a zero point.
+// seed_grid=True (default False): the seed toolkit's grid instead, rint((x - min) / s) * s +
+//          min with s = (max - min) / (2^k - 1) (no zero point, no clamp; nbits 1..16); a
+//          weight's range is then the seed's too: the batch's (per channel: max + 1e-6) in
+//          training, the stored one in inference.  Activations' ranges are as without it.
 // The kernels and the exact numerics are in kernels/fqn.h (spec: quant_ops/refs/fqn.py).
 #include <string>
 #include <vector>
@@ -26,12 +30,15 @@ struct FqnParams {
   int channel_axis;
   float ema_decay;
   bool ste;
+  bool seed_grid;
 
   explicit FqnParams(const qo::AttrMap& a) {
     qo::check_known_keys(kOp, a,
                          {"nbits", "is_weight", "is_perchannel", "channel_axis", "ema_decay",
-                          "grad_mode"});
-    nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 4, 2, 16));
+                          "grad_mode", "seed_grid"});
+    seed_grid = qo::attr_bool(kOp, a, "seed_grid", false);
+    // the seed grid has no code to store, so 1 bit (the two levels min and max) is allowed
+    nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 4, seed_grid ? 1 : 2, 16));
     is_weight = qo::attr_bool(kOp, a, "is_weight", false);
     perchannel = qo::attr_bool(kOp, a, "is_perchannel", false);
     channel_axis = static_cast<int>(qo::attr_int(kOp, a, "channel_axis", 0, 0, 7));
@@ -106,9 +113,12 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     const qo::FqnView v = view_of(p, data.shape);
     const bool training = st[1] > 0.5f;
 
-    if (p.is_weight) {
+    if (p.is_weight && (training || !p.seed_grid)) {  // seed grid: stored in inference
       if (p.per_channel()) {
         qo::fqn_min_max_channels(x, v, mn, mx);
+        if (p.seed_grid) {  // the seed's per-channel max + 1e-6, in float32
+          for (int64_t c = 0; c < v.channels; ++c) mx[c] = mx[c] + 1e-6f;
+        }
       } else {
         float bmn, bmx;
         qo::fqn_min_max(x, data.size(), &bmn, &bmx);
@@ -131,7 +141,10 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
         }
       }
     }
-    qo::fqn_forward(x, (*outputs)[0].data<float>(), v, mn, mx, p.levels());
+    if (p.seed_grid)
+      qo::fqn_seed_forward(x, (*outputs)[0].data<float>(), v, mn, mx, p.levels());
+    else
+      qo::fqn_forward(x, (*outputs)[0].data<float>(), v, mn, mx, p.levels());
     if (training) st[0] = st[0] + 1.0f;
     return MX_SUCCESS;
   });
@@ -149,6 +162,9 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     float* dx = (*outputs)[0].data<float>();
     if (p.ste) {
       qo::copy(g, dx, data.size());
+    } else if (p.seed_grid) {
+      qo::fqn_seed_backward(g, data.data<float>(), dx, view_of(p, data.shape),
+                            (*inputs)[2].data<float>(), (*inputs)[3].data<float>());
     } else {
       qo::fqn_backward(g, data.data<float>(), dx, view_of(p, data.shape),
                        (*inputs)[2].data<float>(), (*inputs)[3].data<float>(), p.levels());

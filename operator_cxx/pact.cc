@@ -3,9 +3,16 @@
 //
 // Inputs:  data; gamma (the learned clip value alpha, shape (1,): an ordinary input whose
 //          gradient backward writes, e.g. a Gluon parameter).
-// Attribute: nbits (k, 2..16, default 4): 2^k - 1 levels above 0.
-// Output:  y_q = q * s with s = alpha / (2^k - 1), q = clamp(rint(data / s), 0, 2^k - 1).
-// Backward: d data = d y where 0 <= data < alpha; d gamma = sum of d y over data >= alpha.
+// Attributes: nbits (k, 2..16, default 4): 2^k - 1 levels above 0;
+//          signed (default False): clip to [-alpha, alpha] instead of [0, alpha], on
+//          2^(k-1) - 1 levels each side of 0 (k counts the sign bit; the seed toolkit's
+//          _contrib_PACT at its nbits = n is signed=True, nbits = n + 1).
+// Output:  y_q = q * s with s = alpha / (2^k - 1), q = clamp(rint(data / s), 0, 2^k - 1);
+//          signed: s = alpha / (2^(k-1) - 1), q = clamp(rint(data / s), -m, m) with
+//          m = 2^(k-1) - 1.
+// Backward: d data = d y where 0 <= data < alpha; d gamma = sum of d y over data >= alpha;
+//          signed: d data = d y where -alpha < data < alpha; d gamma = sum of d y over
+//          data >= alpha minus sum of d y over data <= -alpha.
 // The kernels and the exact numerics are in kernels/pact.h; the spec is quant_ops/refs/pact.py.
 #include <string>
 #include <vector>
@@ -23,10 +30,12 @@ const std::vector<const char*> kInputs{"data", "gamma"};
 
 struct PactParams {
   int nbits;
+  bool is_signed;
 
   explicit PactParams(const qo::AttrMap& a) {
-    qo::check_known_keys(kOp, a, {"nbits"});
+    qo::check_known_keys(kOp, a, {"nbits", "signed"});
     nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 4, 2, 16));
+    is_signed = qo::attr_bool(kOp, a, "signed", false);
   }
 };
 
@@ -58,7 +67,7 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     MXTensor& data = (*inputs)[0];
     const float alpha = (*inputs)[1].data<float>()[0];
     qo::pact_forward(data.data<float>(), (*outputs)[0].data<float>(), data.size(), alpha,
-                     p.nbits);
+                     p.nbits, p.is_signed);
     return MX_SUCCESS;
   });
 }
@@ -68,11 +77,12 @@ MXReturnValue backward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
                        std::vector<MXTensor>* outputs, const OpResource&) {
   return qo::guarded([&] {
     qo::check_backward_inputs(kOp, infer_shape, attrs, *inputs, kInputs);
+    const PactParams p(attrs);
     const float* g = (*inputs)[0].data<float>();
     MXTensor& data = (*inputs)[1];
     const float alpha = (*inputs)[2].data<float>()[0];
     const float dalpha = qo::pact_backward(g, data.data<float>(), (*outputs)[0].data<float>(),
-                                           data.size(), alpha);
+                                           data.size(), alpha, p.is_signed);
     (*outputs)[1].data<float>()[0] = dalpha;
     return MX_SUCCESS;
   });

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,7 +32,7 @@ from .errors import QuantOpsError, mxnet_message
 from .fileio import atomic_write_text, staged_dir
 from .graph.heads import label_names, without_loss
 from .graph.ir import Graph, load_graph
-from .graph.params import check_arrays, load_params, save_params
+from .graph.params import as_numpy, check_arrays, load_params, save_params
 from .graph.quantize import strip_quantizers
 from .graph.quantizers import Quantizer, quantizers
 from .graph.runner import Runner, predict
@@ -39,10 +40,6 @@ from .policy import QuantPolicy
 
 log = logging.getLogger(__name__)
 ArrayLike = Any   # numpy array or NDArray
-
-
-def _np(v: ArrayLike) -> np.ndarray:
-    return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
 
 
 def as_params(params: str | Path | Mapping[str, ArrayLike],
@@ -59,20 +56,34 @@ def as_params(params: str | Path | Mapping[str, ArrayLike],
     for k, v in params.items():
         if not isinstance(k, str):
             raise QuantOpsError(f"params: key {k!r} is not a name")
-        out[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = _np(v)
+        out[k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k] = as_numpy(v)
     return check_arrays(out, "params", cast)
+
+
+@contextmanager
+def _fresh_names():
+    """Gluon names a block from the name manager, or under an enclosing block's scope when
+    one is open: neither is used here, so a zoo model gets its usual node names."""
+    scope = gluon.block._BlockScope._current
+    saved = getattr(scope, "value", None)
+    scope.value = None
+    try:
+        with mx.name.NameManager():
+            yield
+    finally:
+        scope.value = saved
 
 
 def _batches(data, batch_size: int) -> list[np.ndarray]:
     """Input batches from an (N, ...) array, a list of batches, or (x, y) batches."""
     if isinstance(data, (np.ndarray, mx.nd.NDArray)):
-        x = _np(data).astype(np.float32, copy=False)
+        x = as_numpy(data).astype(np.float32, copy=False)
         return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     out = []
     for b in data:
         if isinstance(b, (tuple, list)):   # (x, y) from a DataLoader
             b = b[0]
-        out.append(_np(b).astype(np.float32, copy=False))
+        out.append(as_numpy(b).astype(np.float32, copy=False))
     return out
 
 
@@ -85,6 +96,7 @@ class QuantizedModel:
 
         self.params = as_params(params)
         self.notes: list[str] = []       # what the passes did
+        self.reports: dict[str, dict] = {}   # what each PTQ pass found, by pass name
         if is_seed_graph(graph):  # written for the seed toolkit's MXNet build
             graph, extra = convert_seed_graph(graph, self.params)
             self.params.update(extra)
@@ -154,7 +166,8 @@ class QuantizedModel:
         from .zoo import get_model
 
         mx.random.seed(seed)
-        net = get_model(name, **kwargs)
+        with _fresh_names():   # the zoo's own node names, whatever was built before
+            net = get_model(name, **kwargs)
         net.initialize(mx.init.Xavier())
         net.hybridize()
         return cls.from_gluon(net, mx.nd.zeros(tuple(input_shape)), name=name)
@@ -221,6 +234,7 @@ class QuantizedModel:
                            self.data_names, self.name)
         m.policy, m.table, m.notes = self.policy, list(self.table), list(self.notes)
         m.ranges, m.input_shape = dict(self.ranges), self.input_shape
+        m.reports = dict(self.reports)
         return m
 
     def float_model(self) -> QuantizedModel:
@@ -302,7 +316,7 @@ class QuantizedModel:
 
     def predict(self, x: ArrayLike, batch_size: int = 500) -> np.ndarray:
         """The first output over ``x`` in inference mode."""
-        x = _np(x).astype(np.float32, copy=False)
+        x = as_numpy(x).astype(np.float32, copy=False)
         self._warn_uncalibrated()
         return predict(self.run_graph, self.params, x, batch_size, self.data_names[0])
 
@@ -310,7 +324,7 @@ class QuantizedModel:
                  progress: bool = False) -> float:
         """Top-1 accuracy in percent on ``(x, y)`` arrays or an iterable of (x, y) batches."""
         if y is not None:
-            x, y = _np(x).astype(np.float32, copy=False), _np(y).reshape(-1)
+            x, y = as_numpy(x).astype(np.float32, copy=False), as_numpy(y).reshape(-1)
             if len(x) != len(y):
                 raise QuantOpsError(f"evaluation set: {len(x)} inputs but {len(y)} labels")
             return float((self.predict(x, batch_size).argmax(1) == y).mean() * 100)
@@ -319,7 +333,7 @@ class QuantizedModel:
         runners: dict = {}
         graph = self.run_graph
         for xb, yb in tqdm(x, desc="eval", leave=False, disable=not progress):
-            xb, yb = _np(xb).astype(np.float32, copy=False), _np(yb).reshape(-1)
+            xb, yb = as_numpy(xb).astype(np.float32, copy=False), as_numpy(yb).reshape(-1)
             if xb.shape not in runners:
                 runners[xb.shape] = Runner(graph, self.params, xb.shape,
                                            self.data_names[0])
@@ -369,23 +383,29 @@ class QuantizedModel:
 
     # -- PTQ beyond calibration -----------------------------------------------------------
     def easyquant(self, data, batch_size: int = 64, **kwargs: Any) -> QuantizedModel:
-        """EasyQuant's weight and activation scale search (``quant_ops.ptq.easyquant``)."""
+        """EasyQuant's weight and activation scale search (``quant_ops.ptq.easyquant``);
+        its per-layer report is kept in ``reports["easyquant"]``."""
         from .ptq.easyquant import easyquant
 
-        self.params, _ = easyquant(self.run_graph, self.params, _batches(data, batch_size),
-                                   data_name=self.data_names[0], **kwargs)
+        self.params, self.reports["easyquant"] = easyquant(
+            self.run_graph, self.params, _batches(data, batch_size),
+            data_name=self.data_names[0], **kwargs)
         return self
 
     def dfq(self, **kwargs: Any) -> QuantizedModel:
         """Data-free quantization passes on the float network (``quant_ops.ptq.dfq``); run
-        it before ``quantize``."""
+        it before ``quantize``.  What each step did is kept in ``reports["dfq"]``."""
         from .ptq.dfq import apply_dfq
 
         if self.is_quantized:
             raise QuantOpsError(f"{self.name}: DFQ rewrites the float network: run it before "
                                 "quantize()")
+        report = kwargs.pop("report", None)
+        report = {} if report is None else report
         self.graph, self.params = apply_dfq(self.graph, self.params,
-                                            data_name=self.data_names[0], **kwargs)
+                                            data_name=self.data_names[0], report=report,
+                                            **kwargs)
+        self.reports["dfq"] = report
         return self
 
     # -- writing ----------------------------------------------------------------------------
@@ -414,7 +434,7 @@ class QuantizedModel:
         if not shape:
             raise QuantOpsError(f"{self.name}: give input_shape (or calibrate first, which "
                                 "records it)")
-        x = (_np(check_input).astype(np.float32) if check_input is not None else
+        x = (as_numpy(check_input).astype(np.float32) if check_input is not None else
              np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
         name = name or self.name
         out = Path(out_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from pathlib import Path
 from types import MappingProxyType
@@ -296,7 +297,10 @@ class QuantPolicy:
         patterns += [(o.pattern, f"overrides[{i}].match") for i, o in enumerate(self.overrides)]
         for pattern, path in patterns:
             if not any(fnmatchcase(n, pattern) for n in names):
-                _raiser(self.source)(f"pattern '{pattern}' in {path} matches no node (of {len(names)})")
+                near = get_close_matches(pattern.replace("*", "").replace("?", ""), names, 3, 0.5)
+                hint = f"; nearest names: {', '.join(near)}" if near else ""
+                _raiser(self.source)(f"pattern '{pattern}' in {path} matches no node "
+                                     f"(of {len(names)}){hint}")
 
 
 def _preset(name: Any, path: str, fail: Fail) -> QuantPolicy:

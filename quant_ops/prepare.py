@@ -63,6 +63,11 @@ def quantize_graph(graph: Graph, params: dict, policy: QuantPolicy | str | dict 
         notes.append(f"BatchNorm folded ({fold_bn}): {before - after} of {before}")
     values = {**params, **_computed_weights(graph, params, policy)}
     rw = insert_quantizers(graph, policy, {k: np.shape(v) for k, v in params.items()}, values)
+    signed = [r["tensor"] for r in rw.table if r.get("note")]
+    if signed:
+        notes.append(f"signed form of the unsigned activation method on {len(signed)} "
+                     f"tensor(s) that can be negative: {', '.join(signed[:5])}"
+                     + (" ..." if len(signed) > 5 else ""))
     return QuantizedGraph(rw.graph, {**params, **rw.new_params}, rw.table, notes)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import graphviz
 
 from .errors import QuantOpsError
-from .graph.ir import Graph, Node
+from .graph.ir import Graph, Node, flag
 from . import methods
 from .graph.quantizers import is_grad_sum, state_variables
 
@@ -58,13 +58,9 @@ def _hidden(g: Graph) -> set[int]:
                 for u in (uses[c] if is_grad_sum(g.nodes[c]) else [(c, p)])]
         if n.name.endswith(PARAM_SUFFIXES) or n.name in state or flat and all(
                 p > 0 or (methods.is_quantizer(g.nodes[c].op)
-                          and _true(g.nodes[c].attrs.get("is_weight"))) for c, p in flat):
+                          and flag(g.nodes[c].attrs, "is_weight")) for c, p in flat):
             hidden.add(i)
     return hidden
-
-
-def _true(v: str | None) -> bool:
-    return (v or "").lower() in ("true", "1")
 
 
 def _dims(s: str | None) -> list[str]:
@@ -73,12 +69,14 @@ def _dims(s: str | None) -> list[str]:
 
 def quantizer_label(n: Node) -> str:
     """E.g. "int8 W8 per-channel" or "int8 A8": method, role and bits, granularity."""
-    method = (n.op.split("_", 1)[1] if "_" in n.op else n.op).lower()
-    bits = n.attrs.get("nbits", "?")
-    if _true(n.attrs.get("is_weight")):
-        gran = "per-channel" if _true(n.attrs.get("is_weight_perchannel")) else "per-tensor"
-        return f"{method} W{bits} {gran}"
-    return f"{method} A{bits}"
+    m = methods.of_op(n.op)
+    if m is None:
+        return n.op
+    bits = m.nbits(n.attrs)
+    if m.is_weight(n.attrs):
+        gran = "per-channel" if m.per_axis(n.attrs) else "per-tensor"
+        return f"{m.name} W{bits} {gran}"
+    return f"{m.name} A{bits}"
 
 
 def _op_label(n: Node) -> str:
@@ -88,7 +86,7 @@ def _op_label(n: Node) -> str:
         parts = [a.get("act_type", n.op)]
     elif n.op == "Pooling":
         parts = [a.get("pool_type", "max") + "pool"]
-        parts.append("global" if _true(a.get("global_pool"))
+        parts.append("global" if flag(a, "global_pool")
                      else "x".join(_dims(a.get("kernel"))))
     if n.op in ("Convolution", "Deconvolution"):
         stride = _dims(a.get("stride"))

@@ -1,5 +1,4 @@
 """The library build reports what is wrong: compiler, mxnet version, compile errors."""
-from pathlib import Path
 
 import pytest
 

@@ -213,3 +213,58 @@ def test_an_output_cannot_overwrite_an_input(tmp_path):
     assert r.returncode == 2 and "would overwrite an input" in r.stderr
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
     shutil.rmtree(src)
+
+
+def test_calibrates_from_data_and_keeps_float_accuracy(tmp_path):
+    """--calib fills every activation range: the written model runs as INT8 at once."""
+    from quant_ops import QuantizedModel
+    from quant_ops.datasets import fashion_mnist
+
+    prefix = ROOT / "examples" / "models" / "fmnist_resnet20"
+    out = tmp_path / "o"
+    r = run("--symbol", f"{prefix}-symbol.json", "--params", f"{prefix}-0000.params",
+            "--input-shape", "1,1,28,28", "--calib", "fmnist", "--calib-images", "128",
+            "--mean", "0.286", "--std", "0.353", "--no-draw", "--no-progress",
+            "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    notes = json.loads((out / "summary.json").read_text())["notes"]
+    assert any("calibrated (entropy) on 128 images" in n for n in notes), notes
+    q = QuantizedModel.load(out / "fmnist_resnet20-quant")
+    assert q.quantizers and not q.uncalibrated()
+    x, y = fashion_mnist("test")
+    x, y = (x[:1000] - 0.286) / 0.353, y[:1000]
+    f = QuantizedModel.load(prefix)
+    acc_f, acc_q = f.evaluate(x, y, progress=False), q.evaluate(x, y, progress=False)
+    assert acc_q > acc_f - 1.5, (acc_f, acc_q)   # percent
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong_shape", "mean_alone"])
+def test_bad_calibration_data_is_one_line_exit_2(case, float_model, tmp_path):
+    sym_f, par_f, _, _ = float_model
+    data = tmp_path / "calib.npy"
+    np.save(data, np.zeros((4, 3, 16, 16), np.float32))
+    extra = {"missing": ["--calib", str(tmp_path / "nope.npy")],
+             "wrong_shape": ["--calib", str(data)],
+             "mean_alone": ["--calib", str(data), "--mean", "0.5"]}[case]
+    out = tmp_path / "out"
+    r = run("--symbol", str(sym_f), "--params", str(par_f), "--input-shape", SHAPE,
+            "--no-draw", "--no-progress", *extra, "--out", str(out))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert ("nope.npy" in lines[0]) if case == "missing" else True
+    assert ("--mean" in lines[0]) if case == "mean_alone" else True
+    assert not out.exists()
+
+
+def test_calibrates_from_an_npy_file(float_model, tmp_path):
+    sym_f, par_f, x, _ = float_model
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.RandomState(0).uniform(size=(10, 3, 32, 32)).astype(np.float32))
+    r = run("--symbol", str(sym_f), "--params", str(par_f), "--input-shape", SHAPE,
+            "--no-draw", "--no-progress", "--calib", str(data), "--calib-method", "minmax",
+            "--calib-batch", "4", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    from quant_ops import QuantizedModel
+
+    assert not QuantizedModel.load(tmp_path / "o" / "r20-quant").uncalibrated()

@@ -14,7 +14,9 @@ from quant_ops.train.constraints import Projector
 
 def _net(policy):
     net = nn.HybridSequential()
-    net.add(nn.Conv2D(4, 3, activation="relu"), nn.Conv2D(4, 3, activation="relu"), nn.Dense(3))
+    # every layer reads a ReLU's output: [0, a] activation methods (DSQ) may quantize it
+    net.add(nn.Activation("relu"), nn.Conv2D(4, 3, activation="relu"),
+            nn.Conv2D(4, 3, activation="relu"), nn.Dense(3))
     net.initialize(mx.init.Xavier())
     x = mx.nd.random.uniform(shape=(8, 1, 8, 8))
     net(x)

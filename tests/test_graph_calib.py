@@ -45,6 +45,17 @@ def test_minmax_ranges_are_the_float_tensors_max(model):
     assert ranges["data_int8"] == pytest.approx(max(float(np.abs(b).max()) for b in batches))
 
 
+def test_a_shorter_last_batch_counts_like_any_other(model):
+    q, _, _, batches = model
+    whole = np.concatenate(batches)                        # 24 images
+    _, even = calibrate_graph(q.graph, q.params, [whole[:12], whole[12:]], "minmax",
+                              progress=False)
+    _, uneven = calibrate_graph(q.graph, q.params, [whole[:16], whole[16:21], whole[21:]],
+                                "minmax", progress=False)
+    assert uneven.keys() == even.keys()
+    assert all(uneven[k] == pytest.approx(even[k], rel=1e-6) for k in even)
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile", "mse"])
 def test_histogram_methods_clip_below_minmax(model, method):
     q, _, _, batches = model
@@ -62,8 +73,9 @@ def test_bad_calibration_sets_are_clear_errors(model):
     with pytest.raises(QuantOpsError, match="do not fit the model"):
         calibrate_graph(q.graph, q.params, [np.zeros((2, 1, 28, 28), np.float32)],
                         progress=False)
-    with pytest.raises(QuantOpsError, match="expected"):
-        calibrate_graph(q.graph, q.params, [batches[0], batches[0][:4]], progress=False)
+    with pytest.raises(QuantOpsError, match="expected"):   # another image size
+        calibrate_graph(q.graph, q.params, [batches[0], batches[0][:4, :, :14]],
+                        progress=False)
     bad = batches[0].copy()
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(QuantOpsError, match="NaN"):
@@ -128,7 +140,10 @@ def test_learned_range_quantizers_start_from_the_calibrated_range(model):
         state = {q.graph.nodes[e[0]].name.replace("_qo_gradsum", "") for e in node.inputs[1:]}
         if node.op == "LSQ" and node.name != "data_lsq":
             step = qp[next(s for s in state if s.endswith("_step"))][0]
-            assert step == pytest.approx(amax / 15, rel=1e-6)    # unsigned 4-bit: Qp = 15
+            # 4-bit: Qp = 15 unsigned, 7 in the signed form a signed tensor gets (the stem
+            # output, no ReLU)
+            qp_ = 7 if node.attrs.get("signed") == "True" else 15
+            assert step == pytest.approx(amax / qp_, rel=1e-6)
         elif node.op == "PACT":
             assert qp[next(iter(state))][0] == pytest.approx(amax)
         elif node.op == "QIL":
@@ -175,10 +190,10 @@ def test_learned_weight_quantizers_start_from_bn_folded_weights():
     np.testing.assert_allclose(step, np.asarray(want).reshape(-1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("passes", [1, 2])
-def test_unsigned_quantizer_on_a_signed_tensor_is_named(caplog, passes):
-    """PACT (and unsigned LSQ) on a tensor with negative values clips them: calibration
-    says which quantizer and which tensor; signed LSQ on the same tensor is not flagged."""
+def test_unsigned_methods_on_a_signed_tensor_take_their_signed_form_or_are_refused():
+    """PACT or LSQ on a tensor that can be negative (a conv output, no ReLU) take their
+    signed form, and the notes say so; a method without one (DoReFa) is refused naming the
+    node."""
     data = mx.sym.var("data")
     c1 = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), name="c1")   # no ReLU: signed
     c2 = mx.sym.Convolution(c1, num_filter=2, kernel=(1, 1), name="c2")
@@ -187,17 +202,15 @@ def test_unsigned_quantizer_on_a_signed_tensor_is_named(caplog, passes):
               "c1_bias": np.zeros(4, np.float32),
               "c2_weight": rng.normal(size=(2, 4, 1, 1)).astype(np.float32),
               "c2_bias": np.zeros(2, np.float32)}
-    batches = [rng.normal(size=(4, 1, 8, 8)).astype(np.float32)]
-    for act, flagged in (({"method": "pact", "bits": 4}, True),
-                         ({"method": "lsq", "bits": 4}, True),
-                         ({"method": "lsq", "bits": 4, "params": {"signed": True}}, False)):
-        pol = {"weight": {"method": "int8"}, "activation": act,
+    for method in ("pact", "lsq", "dorefa"):
+        pol = {"weight": {"method": "int8"}, "activation": {"method": method, "bits": 4},
                "overrides": [{"match": "c1", "activation": {"method": "int8", "params": {}}}]}
+        if method == "dorefa":
+            with pytest.raises(QuantOpsError, match="'c1', the input of 'c2', can be "
+                                                    "negative"):
+                quantize_graph(Graph.from_symbol(c2), params, pol)
+            continue
         q = quantize_graph(Graph.from_symbol(c2), params, pol)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="quant_ops.calib.graph_calib"):
-            calibrate_graph(q.graph, q.params, batches, "mse", progress=False, passes=passes)
-        hits = [r.getMessage() for r in caplog.records if "negative values" in r.getMessage()]
-        assert bool(hits) == flagged, (act, hits)
-        if flagged:
-            assert "c1_output" in hits[0] and act["method"].upper() in hits[0]
+        (node,) = [n for n in q.graph.nodes if n.name == f"c1_{method}"]
+        assert node.attrs["signed"] == "True"
+        assert any("signed form" in n and "c1" in n for n in q.notes)

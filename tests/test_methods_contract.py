@@ -409,11 +409,17 @@ def test_grad_req_add_accumulates(m):
 
 # -- 5. graph insertion ---------------------------------------------------------------------
 
-def float_net():
+def float_net(signed_input: bool = False):
+    """Every layer reads a ReLU's output, so that unsigned activation methods may quantize
+    it (on a tensor that can be negative they take their signed form or are refused:
+    test_signed_tensors_get_a_signed_form_or_a_refusal); ``signed_input``: the first layer
+    reads the network input itself."""
     data = mx.sym.var("data")
-    y = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv0")
+    y = data if signed_input else mx.sym.relu(data, name="relu_in")
+    y = mx.sym.Convolution(y, num_filter=4, kernel=(3, 3), pad=(1, 1), name="conv0")
     y = mx.sym.relu(y, name="relu0")
     y = mx.sym.Convolution(y, num_filter=6, kernel=(3, 3), name="conv1")
+    y = mx.sym.relu(y, name="relu1")
     y = mx.sym.FullyConnected(y, num_hidden=5, name="fc")
     shapes = dict(zip(y.list_arguments(), y.infer_shape(data=(2, 3, 6, 6))[0]))
     rng = np.random.default_rng(7)
@@ -493,14 +499,19 @@ def _observed(graph: Graph, params: dict, tensors: list, xs: list) -> dict:
 def test_calibration_fills_every_range_input(m):
     if "activation" not in m.roles:
         pytest.skip(f"{m.name} quantizes no activation")
-    g, params = float_net()
-    q = quantize_graph(g, params, policy_for(m))
+    pol = policy_for(m)
+    # a signed network input where the method can quantize one (signed, or a signed form)
+    signed = not m.unsigned(pol.activation.op_attrs(is_weight=False)) \
+        or m.signed_params({}) is not None
+    g, params = float_net(signed_input=signed)
+    q = quantize_graph(g, params, pol)
     xs = batches()
     qp, ranges = calibrate_graph(q.graph, q.params, xs, "minmax", progress=False)
     acts = activation_quantizers(q.graph)
     assert acts and set(ranges) == {a.name for a in acts}
     seen = _observed(q.graph, q.params, sorted({a.tensor for a in acts}), xs)
-    assert any(neg for _, neg in seen.values()) and not all(neg for _, neg in seen.values())
+    assert any(neg for _, neg in seen.values()) == signed
+    assert not all(neg for _, neg in seen.values())
     for a in acts:
         amax, negative = seen[a.tensor]
         assert ranges[a.name] == pytest.approx(amax, rel=1e-6)
@@ -612,3 +623,30 @@ def test_descriptor_is_consistent(m):
         assert set(m.from_range(attrs, 2.0, True)) <= set(m.input_names[1:])
         init = m.initial(m.default_bits, False, {}, role == "weight", 1, None, 0)
         assert set(init) == set(m.input_names[1:])
+
+
+@each_method
+def test_signed_tensors_get_a_signed_form_or_a_refusal(m):
+    """An activation method that represents [0, a] only, put on a tensor that can be
+    negative (the network input), switches to its signed form where it has one and says so,
+    or is refused naming the node; a signed method is placed as it is."""
+    data = mx.sym.var("data")
+    y = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), name="conv0")
+    shapes = dict(zip(y.list_arguments(), y.infer_shape(data=(2, 3, 6, 6))[0]))
+    params = {k: np.ones(s, f32) for k, s in shapes.items() if k != "data"}
+    if "activation" not in m.roles:
+        pytest.skip(f"{m.name} has no activation role")
+    pol = QuantPolicy.from_dict({"activation": {"method": m.name, "bits": m.default_bits},
+                                 "weight": {"method": "int8", "bits": 8}})
+    spec_attrs = pol.activation.op_attrs(is_weight=False)
+    if not m.unsigned(spec_attrs):
+        q = quantize_graph(Graph.from_symbol(y), params, pol)
+        assert not any("signed form" in n for n in q.notes)
+        return
+    if m.signed_params({}) is None:
+        with pytest.raises(QuantOpsError, match="input of 'conv0', can be negative"):
+            quantize_graph(Graph.from_symbol(y), params, pol)
+        return
+    q = quantize_graph(Graph.from_symbol(y), params, pol)
+    (act,) = [qz for qz in quantizers(q.graph) if not qz.is_weight]
+    assert not act.unsigned and any("signed form" in n for n in q.notes)

@@ -178,6 +178,31 @@ def test_from_zoo_builds_offline():
     assert np.isfinite(m.predict(np.zeros((1, 3, 32, 32), np.float32))).all()
 
 
+def test_from_zoo_names_do_not_depend_on_what_was_built_before():
+    """A policy names zoo nodes (resnetv10_stage4_*): those names hold inside an open Gluon
+    name scope and after other zoo models were built."""
+    first = {n.name for n in QuantizedModel.from_zoo("resnet18_v1", (1, 3, 32, 32)).graph.nodes}
+    outer = gluon.nn.HybridSequential(prefix="outer_")
+    with outer.name_scope():
+        QuantizedModel.from_zoo("resnet18_v1", (1, 3, 32, 32))
+        again = {n.name for n in
+                 QuantizedModel.from_zoo("resnet18_v1", (1, 3, 32, 32)).graph.nodes}
+    assert "resnetv10_stage4_conv0_fwd" in first and again == first
+
+
+def test_ptq_passes_on_the_model_keep_their_reports(saved):
+    prefix, _, _ = saved
+    x, y = _data(32)
+    m = QuantizedModel.load(prefix).dfq(bias_correction=None)
+    assert m.reports["dfq"]["bn_folded"] == 1 and "cle" in m.reports["dfq"]
+    m.quantize("trt_int8").calibrate(x, "minmax", progress=False)
+    before = m.evaluate(x, y)
+    m.easyquant(x, batch_size=16, rounds=1, points=10, progress=False)
+    rows = m.reports["easyquant"]["layers"]
+    assert len(rows) == 3 and m.copy().reports.keys() == {"dfq", "easyquant"}
+    assert abs(m.evaluate(x, y) - before) <= 25     # 32 random labels: only sanity
+
+
 @pytest.mark.parametrize("change,needle", [
     (lambda p: p.update(c1_weight=p["c1_weight"].astype(np.float64)), "'c1_weight' is float64"),
     (lambda p: p.update(c1_bias=p["c1_bias"].astype(np.float16)), "'c1_bias' is float16"),

@@ -7,7 +7,6 @@ compared with numpy.  The program must *not* compile against the pristine
 headers, otherwise the test would prove nothing.
 """
 import importlib.util
-import os
 import shutil
 import subprocess
 from pathlib import Path

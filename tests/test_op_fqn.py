@@ -3,7 +3,10 @@ quantization.  Forward bit for bit against the numpy reference (quant_ops/refs/f
 against onnxruntime's uint8 QuantizeLinear -> DequantizeLinear (per tensor and per axis);
 the range's training semantics (batch min/max, EMA, inference, weights); the straight-through
 estimator of the clamp against the reference and against central differences; nd, symbol
-and hybridized Gluon; clear errors.  FQN learns nothing: its range is auxiliary state."""
+and hybridized Gluon; clear errors.  FQN learns nothing: its range is auxiliary state.
+``seed_grid=True`` (the seed toolkit's grid from min, no zero point, no clamp): forward,
+state update and both estimators against the reference, the formula and central
+differences; the default stays bit for bit what it was."""
 from __future__ import annotations
 
 import mxnet as mx
@@ -394,6 +397,19 @@ class FQNBlock(gluon.HybridBlock):
         return F.FQN(x, fqn_min, fqn_max, qstate, **self._attrs)
 
 
+def _train_steps_match(net, xs, gs, outs, grads) -> None:
+    """Training steps of a Gluon block give the reference's outputs and input gradients,
+    bit for bit."""
+    for x, g, want_y, want_g in zip(xs, gs, outs, grads):
+        xin = mx.nd.array(x)
+        xin.attach_grad()
+        with autograd.record():
+            y = net(xin)
+        y.backward(mx.nd.array(g))
+        assert np.array_equal(bits(y.asnumpy()), bits(want_y))
+        assert np.array_equal(bits(xin.grad.asnumpy()), bits(want_g))
+
+
 @pytest.mark.parametrize("hybrid", [None, {}, {"static_alloc": True, "static_shape": True}])
 def test_gluon_training_matches_reference(hybrid):
     xs, gs = _batches()
@@ -403,14 +419,7 @@ def test_gluon_training_matches_reference(hybrid):
     if hybrid is not None:
         net.hybridize(**hybrid)
     outs, grads, mn, mx_, st = _reference_run(xs, gs, ATTRS)
-    for x, g, want_y, want_g in zip(xs, gs, outs, grads):
-        xin = mx.nd.array(x)
-        xin.attach_grad()
-        with autograd.record():
-            y = net(xin)
-        y.backward(mx.nd.array(g))
-        assert np.array_equal(bits(y.asnumpy()), bits(want_y))
-        assert np.array_equal(bits(xin.grad.asnumpy()), bits(want_g))
+    _train_steps_match(net, xs, gs, outs, grads)
     assert np.array_equal(bits(net.fqn_min.data().asnumpy()), bits(mn))
     assert np.array_equal(bits(net.fqn_max.data().asnumpy()), bits(mx_))
     assert np.array_equal(net.qstate.data().asnumpy(), st)
@@ -435,6 +444,281 @@ def test_gluon_per_channel_weight_hybridized():
     assert np.array_equal(net.fqn_max.data().asnumpy(), rmx)
 
 
+# -- seed_grid=True: the seed toolkit's grid (no zero point, no clamp) ------------------------
+
+SEED_RANGES = [(-1.3, 4.1), (0.7, 3.0), (-5.0, -0.5), (-1e-3, 7e-3), (-1000.0, 3.0),
+               (2.0, -1.0)]   # the last: max < min, a negative step (the same grid, from min)
+
+
+def seed_sample(lo, hi, nbits, n, rng) -> np.ndarray:
+    """Inside and far beyond the range (no clamp), exact ties of the seed grid, zeros, NaN,
+    infinities and extremes."""
+    s = f32(f32(hi) - f32(lo)) / f32(2 ** nbits - 1)
+    w = abs(hi - lo)
+    k = rng.integers(-3, 2 ** nbits + 3, n // 8).astype(f32)
+    ties = (f32(lo) + (k + f32(0.5)) * s).astype(f32)
+    ties = ties[((ties - f32(lo)) / s).astype(f32) == k + f32(0.5)]
+    special = np.array([lo, hi, 0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3e38, -3e38], f32)
+    parts = [rng.uniform(min(lo, hi), max(lo, hi), n // 2).astype(f32),
+             rng.uniform(min(lo, hi) - 3 * w, max(lo, hi) + 3 * w, n // 4).astype(f32),
+             ties, special]
+    return rng.permutation(np.concatenate(parts))
+
+
+def seed_formula(x, lo, hi, nbits) -> np.ndarray:
+    """The seed grid written out in float32 numpy: rint((x - min) / s) * s + min."""
+    lo, hi = f32(lo), f32(hi)
+    s = f32((hi - lo) / f32(2 ** nbits - 1))
+    return np.rint((x - lo) / s) * s + lo
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 3, 4, 8, 16])
+def test_seed_grid_forward_matches_reference(nbits):
+    """Activations, per tensor, training (the batch's range) and inference (the stored one),
+    with and without EMA: bit for bit against the reference; NaN stays NaN."""
+    rng = np.random.default_rng(100 + nbits)
+    for lo, hi in SEED_RANGES:
+        x = seed_sample(lo, hi, nbits, 20_000, rng)
+        for qstate in (INFER, TRAIN):
+            for decay in (0.0, 0.9):
+                a = FQNAttrs(nbits=nbits, ema_decay=decay, seed_grid=True)
+                got = op(x, [lo], [hi], qstate, **a.as_kwargs())
+                want = ref.fqn_forward(x, [lo], [hi], qstate, a)
+                for g, w in zip(got, want):
+                    assert np.array_equal(bits(g), bits(w)), (nbits, lo, hi, qstate, decay)
+                assert np.isnan(got[0]).sum() == 1
+
+
+def test_seed_grid_is_the_seeds_formula_without_clamp_or_zero_point():
+    """y = rint((x - min) / s) * s + min, s = (max - min) / L: the levels start at min (0 is
+    not one of them unless it falls on the grid), values beyond the range continue along the
+    grid (no saturation), and the reference is that formula."""
+    rng = np.random.default_rng(101)
+    for nbits in (1, 2, 4, 8):
+        for lo, hi in SEED_RANGES:
+            x = rng.uniform(min(lo, hi) - 2 * abs(hi - lo), max(lo, hi) + 2 * abs(hi - lo),
+                            30_000).astype(f32)
+            y = op(x, [lo], [hi], INFER, nbits=nbits, seed_grid=True)[0]
+            np.testing.assert_array_equal(bits(y), bits(seed_formula(x, lo, hi, nbits)))
+            s = np.float64(f32(f32(hi) - f32(lo)) / f32(2 ** nbits - 1))  # < 0: max < min
+            codes = (y.astype(np.float64) - f32(lo)) / s
+            assert np.allclose(codes, np.rint(codes), atol=1e-2)
+            inside = (x >= min(lo, hi)) & (x <= max(lo, hi))
+            err = np.abs(y.astype(np.float64) - x)
+            assert err.max() <= abs(s) * (0.5 + 1e-3) + 1e-6 * abs(hi - lo)   # never clamped
+            assert codes[inside].min() > -1e-2 and codes[inside].max() < 2 ** nbits - 1 + 1e-2
+            assert (np.abs(codes) > 2 ** nbits).any()                    # beyond the range
+    # 0 is not on the grid [-1.3, 4.1] at 4 bits: it moves to the nearest level
+    y0 = op(np.zeros(1, f32), [-1.3], [4.1], INFER, nbits=4, seed_grid=True)[0][0]
+    assert y0 != 0 and abs(y0) <= f32(5.4) / 15 / 2
+    # the default operator on the same range keeps 0 exact and saturates
+    assert op(np.array([0.0, 100.0], f32), [-1.3], [4.1], INFER, nbits=4)[0].tolist() == \
+        [0.0, op(np.array([4.1], f32), [-1.3], [4.1], INFER, nbits=4)[0][0]]
+
+
+def test_seed_grid_negative_step_is_the_same_grid_from_min():
+    """A stored range with max < min: the step is negative and rint is odd, so the levels
+    are min + k |s| ... as for a positive step (the seed's formula gives the same)."""
+    x = np.random.default_rng(102).uniform(-4, 4, 5000).astype(f32)
+    y = op(x, [2.0], [-1.0], INFER, nbits=3, seed_grid=True)[0]
+    s = f32(-3.0) / f32(7)
+    want = (np.rint((x - f32(2)) / s).astype(f32) * s + f32(2)).astype(f32)
+    np.testing.assert_array_equal(bits(y), bits(want))
+
+
+def test_seed_grid_unusable_step_gives_zeros():
+    """max == min, an infinite or NaN bound: +0 everywhere, NaN stays NaN (the seed: 0 / 0,
+    NaN everywhere)."""
+    x = np.array([np.nan, 2.0, -1.0, 0.0, -0.0, np.inf, -np.inf], f32)
+    for mn, mx_ in ((0.0, 0.0), (1.5, 1.5), (-np.inf, 1.0), (0.0, np.inf), (np.nan, 1.0),
+                    (-3e38, 3e38)):
+        a = FQNAttrs(seed_grid=True)
+        y = op(x, [mn], [mx_], INFER, **a.as_kwargs())[0]
+        assert np.array_equal(bits(y), bits(ref.fqn_forward(x, [mn], [mx_], INFER, a)[0]))
+        assert np.isnan(y[0]) and not bits(y[1:]).any(), (mn, mx_)
+
+
+@pytest.mark.parametrize("nbits", [1, 4, 8])
+@pytest.mark.parametrize("per_channel,channel_axis", [(False, 0), (True, 0), (True, 1)])
+def test_seed_grid_weight_range_batch_in_training_stored_in_inference(nbits, per_channel,
+                                                                       channel_axis):
+    """A weight under the seed grid: training stores its min and max (per channel: max +
+    float32(1e-6), as the seed), inference uses the stored range as it is (the seed's
+    checkpoints hold the range of the last training step, which the weights have left)."""
+    rng = np.random.default_rng(103 + nbits)
+    w = rng.normal(0.1, 1, (6, 7, 9)).astype(f32)
+    wv = np.moveaxis(w, channel_axis, 0)
+    wv[1] = 0.0
+    wv[2] = np.nan
+    wv[3, 0, 0] = np.nan
+    wv[4] = 3.0
+    a = FQNAttrs(nbits=nbits, is_weight=True, is_perchannel=per_channel,
+                 channel_axis=channel_axis, seed_grid=True)
+    nch = w.shape[channel_axis] if per_channel else 1
+    stored_mn, stored_mx = np.full(nch, -0.7, f32), np.full(nch, 0.9, f32)
+    y, mn, mx_, st = op(w, stored_mn, stored_mx, TRAIN, **a.as_kwargs())
+    ry, rmn, rmx, rst = ref.fqn_forward(w, stored_mn, stored_mx, TRAIN, a)
+    for g, r in ((y, ry), (mn, rmn), (mx_, rmx), (st, rst)):
+        assert np.array_equal(bits(g), bits(r))
+    bmn, bmx = ref.batch_min_max(w, a.axis)
+    empty = ~(bmn <= bmx)
+    assert np.array_equal(mn, np.where(empty, f32(0), bmn))
+    eps = f32(1e-6) if per_channel else f32(0)
+    assert np.array_equal(bits(mx_), bits((np.where(empty, f32(0), bmx) + eps).astype(f32)))
+    if per_channel:
+        assert mx_[4] == f32(3) + f32(1e-6) and mn[4] == 3   # a constant channel has a step
+    # inference: the stored range, not the weight's, and nothing written
+    w2 = (w * f32(1.5)).astype(f32)
+    y, mn2, mx2, st2 = op(w2, stored_mn, stored_mx, INFER, **a.as_kwargs())
+    assert np.array_equal(mn2, stored_mn) and np.array_equal(mx2, stored_mx)
+    assert np.array_equal(st2, INFER)
+    want = ref.seed_fake_quant(w2, stored_mn, stored_mx, nbits, a.axis)
+    assert np.array_equal(bits(y), bits(want))
+    assert np.array_equal(bits(y), bits(ref.fqn_forward(w2, stored_mn, stored_mx, INFER, a)[0]))
+    assert np.nanmax(np.abs(y)) > 2.5       # beyond the stored range: not clamped
+
+
+def test_seed_grid_activation_range_is_ours():
+    """Activations keep their range rule under the option: each training batch's min/max
+    with ema_decay = 0 (the seed's rule), EMA above 0, stored in inference."""
+    rng = np.random.default_rng(104)
+    for decay in (0.0, 0.9):
+        mn, mx_, st = mx.nd.zeros(1), mx.nd.zeros(1), mx.nd.array(TRAIN)
+        rmn, rmx, rst = np.zeros(1, f32), np.zeros(1, f32), TRAIN.copy()
+        a = FQNAttrs(nbits=3, ema_decay=decay, seed_grid=True)
+        for i in range(3):
+            x = rng.normal(i, 1 + i, (8, 16)).astype(f32)
+            x[0, 0] = np.nan
+            y = mx.nd.FQN(mx.nd.array(x), mn, mx_, st, **a.as_kwargs()).asnumpy()
+            ry, rmn, rmx, rst = ref.fqn_forward(x, rmn, rmx, rst, a)
+            assert np.array_equal(bits(y), bits(ry))
+            assert np.array_equal(bits(mn.asnumpy()), bits(rmn))
+            assert np.array_equal(bits(mx_.asnumpy()), bits(rmx))
+            if decay == 0:
+                assert rmn[0] == np.nanmin(x) and rmx[0] == np.nanmax(x)
+        assert st.asnumpy().tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("grad_mode", ["clip", "ste"])
+@pytest.mark.parametrize("kind", ["act_train", "act_infer", "weight_infer", "weight_pc1_train",
+                                  "negative_step"])
+def test_seed_grid_backward_matches_reference(grad_mode, kind):
+    """ste: the seed's backward (dL/dy everywhere, NaN too).  clip: dL/dy where x lies
+    between min and max (not widened to 0; ends included), 0 elsewhere and for NaN."""
+    rng = np.random.default_rng(105)
+    x = rng.normal(1.0, 2, (5, 6, 7)).astype(f32)
+    x[0, 0, :5] = [np.nan, 0.5, 3.0, 0.0, 0.2]   # NaN, the bounds, and 0 outside [0.5, 3]
+    g = rng.normal(0, 1, x.shape).astype(f32)
+    attrs = {"act_train": dict(), "act_infer": dict(), "negative_step": dict(),
+             "weight_infer": dict(is_weight=True),
+             "weight_pc1_train": dict(is_weight=True, is_perchannel=True, channel_axis=1)}[kind]
+    a = FQNAttrs(nbits=3, grad_mode=grad_mode, seed_grid=True, **attrs)
+    nch = x.shape[1] if a.is_perchannel else 1
+    lo, hi = (3.0, 0.5) if kind == "negative_step" else (0.5, 3.0)
+    qstate = TRAIN if kind.endswith("train") else INFER
+    y, dx, mn, mx_ = op_grad(x, np.full(nch, lo), np.full(nch, hi), qstate, g, **a.as_kwargs())
+    ry, rmn, rmx, _ = ref.fqn_forward(x, np.full(nch, lo), np.full(nch, hi), qstate, a)
+    assert np.array_equal(bits(y), bits(ry))
+    rdx = ref.fqn_backward(g, x, rmn, rmx, a)
+    assert np.array_equal(bits(dx), bits(rdx))
+    if grad_mode == "ste":
+        assert np.array_equal(dx, g)
+    elif qstate is INFER:
+        inside = (x >= 0.5) & (x <= 3.0)
+        assert np.array_equal(dx, np.where(inside, g, f32(0)))
+        assert dx[0, 0, 0] == 0 and dx[0, 0, 1] == g[0, 0, 1] and dx[0, 0, 2] == g[0, 0, 2]
+        assert dx[0, 0, 3] == 0 and dx[0, 0, 4] == 0 and (~inside).sum() > 20
+    else:   # the batch's own range holds every value but NaN
+        assert np.array_equal(dx, np.where(np.isnan(x), f32(0), g))
+
+
+def test_seed_grid_estimator_equals_central_differences_of_the_clamp():
+    """The clip estimator is the exact derivative of clamp(x, min, max) with the range as
+    stored (not widened to contain 0: [0.5, 2] clamps at [0.5, 2]); ste is that of the
+    identity (the seed's)."""
+    rng = np.random.default_rng(106)
+    h = 1e-3
+    for mn, mx_ in ((-1.0, 2.0), (0.5, 2.0), (-3.0, -1.0)):
+        x = rng.uniform(mn - 2, mx_ + 2, 5000).astype(f32)
+        x = x[(np.abs(x - mn) > 2 * h) & (np.abs(x - mx_) > 2 * h)]
+        g = rng.normal(0, 1, x.size).astype(f32)
+        x64 = x.astype(np.float64)
+        for mode, surrogate in (("clip", lambda v: ref.clamp_surrogate(v, mn, mx_)),
+                                ("ste", lambda v: v)):
+            _, dx, _, _ = op_grad(x, [mn], [mx_], INFER, g, nbits=4, seed_grid=True,
+                                  grad_mode=mode)
+            fd = (surrogate(x64 + h) - surrogate(x64 - h)) / (2 * h) * g.astype(np.float64)
+            np.testing.assert_allclose(dx, fd, rtol=1e-6, atol=1e-6)
+        _, dx, _, _ = op_grad(x, [mn], [mx_], INFER, g, nbits=4, seed_grid=True)
+        assert (dx == 0).any() and (dx != 0).any()
+
+
+def test_seed_grid_false_is_the_default_bit_for_bit():
+    rng = np.random.default_rng(107)
+    x = sample(-1.3, 4.1, 4, 10_000, rng)
+    w = rng.normal(0, 1, (6, 5)).astype(f32)
+    for args, attrs in (((x, [-1.3], [4.1], TRAIN), dict(ema_decay=0.5)),
+                        ((x, [-1.3], [4.1], INFER), dict()),
+                        ((w, np.zeros(6), np.zeros(6), INFER),
+                         dict(is_weight=True, is_perchannel=True))):
+        got = op(*args, **attrs)
+        for explicit in ("False", "0", False):
+            for g, r in zip(got, op(*args, seed_grid=explicit, **attrs)):
+                assert np.array_equal(bits(g), bits(r))
+
+
+def test_seed_grid_symbol_training_then_inference_per_channel_weight():
+    """A per-channel weight in an executor: training forwards store the seed's ranges and
+    the gradient passes straight through (ste); inference uses the stored ranges."""
+    rng = np.random.default_rng(108)
+    attrs = dict(nbits=3, is_weight=True, is_perchannel=True, seed_grid=True, grad_mode="ste")
+    a = FQNAttrs(**attrs)
+    sym = mx.sym.FQN(mx.sym.var("w"), mx.sym.var("q_fqn_min", shape=(0,)),
+                     mx.sym.var("q_fqn_max", shape=(0,)), mx.sym.var("q_qstate", shape=(2,)),
+                     name="q", **attrs)
+    exe = sym.simple_bind(mx.cpu(), w=(4, 3, 2, 2), grad_req="write")
+    assert [v.shape for v in exe.aux_arrays] == [(4,), (4,), (2,)]
+    quant_ops.set_training(exe.aux_dict, True)
+    mn, mx_, st = np.zeros(4, f32), np.zeros(4, f32), TRAIN.copy()
+    for _ in range(2):
+        w = rng.normal(0, 1, (4, 3, 2, 2)).astype(f32)
+        g = rng.normal(0, 1, w.shape).astype(f32)
+        exe.arg_dict["w"][:] = w
+        exe.forward(is_train=True)
+        exe.backward(mx.nd.array(g))
+        ry, mn, mx_, st = ref.fqn_forward(w, mn, mx_, st, a)
+        assert np.array_equal(bits(exe.outputs[0].asnumpy()), bits(ry))
+        assert np.array_equal(exe.grad_dict["w"].asnumpy(), g)
+    assert np.array_equal(bits(exe.aux_dict["q_fqn_max"].asnumpy()), bits(mx_))
+    quant_ops.set_training(exe.aux_dict, False)
+    exe.arg_dict["w"][:] = w * 2
+    exe.forward(is_train=False)
+    assert np.array_equal(bits(exe.outputs[0].asnumpy()),
+                          bits(ref.seed_fake_quant(w * 2, mn, mx_, 3, 0)))
+    assert np.array_equal(bits(exe.aux_dict["q_fqn_min"].asnumpy()), bits(mn))
+
+
+def test_seed_grid_gluon_hybridized_matches_reference():
+    xs, gs = _batches()
+    attrs = dict(nbits=2, seed_grid=True)
+    net = FQNBlock(**attrs)
+    net.initialize()
+    quant_ops.track_training(net)
+    net.hybridize()
+    outs, grads, mn, mx_, st = _reference_run(xs, gs, attrs)
+    _train_steps_match(net, xs, gs, outs, grads)
+    assert np.array_equal(bits(net.fqn_max.data().asnumpy()), bits(mx_))
+    y = net(mx.nd.array(xs[0] * 100)).asnumpy()
+    assert np.array_equal(bits(y), bits(ref.seed_fake_quant(xs[0] * 100, mn, mx_, 2)))
+
+
+def test_seed_grid_reference_checks_its_attributes():
+    FQNAttrs(nbits=1, seed_grid=True)
+    for kw in (dict(nbits=1), dict(nbits=0, seed_grid=True), dict(nbits=17, seed_grid=True)):
+        with pytest.raises(ValueError, match="nbits"):
+            FQNAttrs(**kw)
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attrs,needle", [
@@ -444,6 +728,13 @@ def test_gluon_per_channel_weight_hybridized():
     (dict(ema_decay=1.5), "'ema_decay' must be a number in [0"),
     (dict(grad_mode="round"), "'grad_mode' must be one of {clip, ste}, got 'round'"),
     (dict(is_weight=True, is_perchannel=True, channel_axis=2), "channel_axis=2 is outside"),
+    (dict(seed_grid="maybe"), "'seed_grid' must be True or False, got 'maybe'"),
+    (dict(nbits=1), "'nbits' = 1 is out of range [2, 16]"),
+    (dict(nbits=0, seed_grid=True), "'nbits' = 0 is out of range [1, 16]"),
+    (dict(nbits=17, seed_grid=True), "'nbits' = 17 is out of range [1, 16]"),
+    (dict(seed_grid=True, is_perchannel=True), "is_perchannel=True needs is_weight=True"),
+    (dict(seed_grid=True, grad_mode="identity"), "'grad_mode' must be one of {clip, ste}"),
+    (dict(seed_grid=True, ema_decay=-0.1), "'ema_decay' must be a number in [0"),
 ])
 def test_bad_attribute_is_a_clear_error(attrs, needle):
     with pytest.raises(mx.base.MXNetError) as e:

@@ -1,7 +1,9 @@
 """PACT (Choi et al., arXiv:1805.06085): forward bit for bit against the numpy reference
 (quant_ops/refs/pact.py) and onnxruntime's unsigned QDQ; the paper's estimator (eq. 3 + STE)
 against the reference and against central differences; nd, symbol and hybridized Gluon;
-a Trainer moving alpha the right way; clear errors."""
+a Trainer moving alpha the right way; clear errors.  The signed form (signed=True, the clip
+to [-alpha, alpha] of the seed toolkit's _contrib_PACT) through the same checks, and its
+int8 QDQ form against onnxruntime."""
 from __future__ import annotations
 
 import os
@@ -346,10 +348,218 @@ def test_trainer_moves_alpha_the_right_way(hybrid):
     assert (still == 20.0).all()
 
 
+# -- signed=True: the clip to [-alpha, alpha] (the seed toolkit's _contrib_PACT) -----------
+
+def signed_sample(alpha: float, nbits: int, n: int, rng) -> np.ndarray:
+    a = f32(alpha)
+    s = ref.scale_of(a, nbits, signed=True)
+    m = 2 ** (nbits - 1) - 1
+    special = np.array([a, -a, np.nextafter(a, f32(0)), np.nextafter(-a, f32(0)),
+                        np.nextafter(a, f32(np.inf)), np.nextafter(-a, f32(-np.inf)), 0.0, -0.0,
+                        np.inf, -np.inf, 1e-45, -1e-45, 0.5 * s, -0.5 * s, (m + 0.5) * s,
+                        -(m + 0.5) * s, 3e38, -3e38], f32)
+    k = rng.integers(-m - 2, m + 2, size=n // 2).astype(f32)
+    ties = ((k + f32(0.5)) * s).astype(f32)
+    ties = ties[(ties / s) == k + f32(0.5)][: n // 8]
+    x = np.concatenate([rng.normal(0, a, n // 2).astype(f32),
+                        rng.uniform(-3 * a, 3 * a, n // 4).astype(f32), ties, special])
+    return rng.permutation(x)
+
+
+@pytest.mark.parametrize("nbits", [2, 3, 5, 8, 16])
+def test_signed_forward_matches_reference_bit_for_bit(nbits):
+    rng = np.random.default_rng(10 + nbits)
+    m = 2 ** (nbits - 1) - 1
+    for alpha in (1.0, 3.7, 0.0123, 1000.5):
+        x = signed_sample(alpha, nbits, 40_000, rng)
+        x[5] = np.nan
+        y = run(x, alpha, nbits=nbits, signed=True)
+        want = ref.pact_forward(x, alpha, nbits, signed=True)
+        assert np.array_equal(bits(y), bits(want)), (nbits, alpha)
+        assert np.isnan(y[5])
+        s = ref.scale_of(alpha, nbits, signed=True)
+        assert s == f32(f32(alpha) / f32(m))
+        ok = ~np.isnan(want)
+        codes = np.rint(want[ok] / s)
+        assert codes.min() == -m and codes.max() == m               # symmetric narrow range
+        assert np.array_equal(codes.astype(f32) * s, want[ok])       # y = q * s
+        assert not np.signbit(want[want == 0]).any()                 # code 0 is +0
+        # the clip is [-alpha, alpha]: the form is odd (y(-x) = -y(x)) away from ties
+        away = ok & (np.abs(x / s - np.floor(x / s) - 0.5) > 1e-3)
+        neg = run(-x[away], alpha, nbits=nbits, signed=True)
+        assert np.array_equal(neg + 0, -y[away] + 0)
+    # unsigned is unchanged by the attribute's presence
+    x = signed_sample(2.0, nbits, 5000, rng)
+    assert np.array_equal(bits(run(x, 2.0, nbits=nbits, signed=False)),
+                          bits(run(x, 2.0, nbits=nbits)))
+
+
+def test_signed_forward_is_the_seed_clip():
+    """The seed's y = round(clip(x, -a, a) * L / a) * a / L with L = 2^(k-1) - 1 levels each
+    side, in float64, on values not within float32 noise of a rounding tie."""
+    rng = np.random.default_rng(11)
+    for nbits, alpha in ((2, 1.0), (5, 3.7), (8, 0.05), (16, 123.0)):
+        x = rng.uniform(-3 * alpha, 3 * alpha, 100_000).astype(f32)
+        lv = 2.0 ** (nbits - 1) - 1
+        t = np.clip(x.astype(np.float64), -alpha, alpha) * lv / alpha
+        away = np.abs(np.abs(t) - np.floor(np.abs(t)) - 0.5) > 2.0 ** -20 * lv
+        seed = np.sign(t) * np.floor(np.abs(t) + 0.5) * alpha / lv       # half away from 0
+        y = run(x, alpha, nbits=nbits, signed=True).astype(np.float64)
+        assert away.mean() > 0.8
+        np.testing.assert_allclose(y[away], seed[away], rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("n", [1, 9, 2048, 2049, 50_001])
+def test_signed_backward_matches_reference_bit_for_bit(n):
+    rng = np.random.default_rng(20 + n)
+    alpha = f32(1.5)
+    x = rng.normal(0, 2, n).astype(f32)
+    x[:min(n, 6)] = [alpha, -alpha, 0.0, -0.0, np.nan, np.nextafter(-alpha, f32(0))][:min(n, 6)]
+    g = (rng.normal(0, 1, n) * 10.0 ** rng.uniform(-6, 6, n)).astype(f32)
+    for nbits in (2, 5, 8):
+        _, dx, da = run(x, alpha, g, nbits=nbits, signed=True)
+        rdx, rda = ref.pact_backward(g, x, alpha, signed=True)
+        assert np.array_equal(bits(dx), bits(rdx))
+        assert np.array_equal(bits(da), bits(rda))
+    inside = (x > -alpha) & (x < alpha)
+    assert np.array_equal(dx, np.where(inside, g, f32(0)))
+    want = g[x >= alpha].astype(np.float64).sum() - g[x <= -alpha].astype(np.float64).sum()
+    np.testing.assert_allclose(da[0], want, rtol=1e-6, atol=1e-6 * np.abs(g).max())
+    if n >= 6:   # alpha and -alpha saturate, 0 and -0 pass, NaN gives nothing
+        assert list(dx[:6] == 0) == [True, True, False, False, True, False]
+
+
+def test_signed_estimator_equals_central_differences_of_the_clip():
+    """The gradients are those of L = sum(g * clip(x, -a, a)): dL/da = sum(g, x > a) -
+    sum(g, x < -a), dL/dx = g on (-a, a); checked by central differences away from the kinks,
+    and against the quantized forward differenced in alpha on saturated inputs (both
+    sides)."""
+    rng = np.random.default_rng(12)
+    alpha, h = f32(2.0), 1e-3
+    x = rng.uniform(-6, 6, 4000).astype(f32)
+    x = x[np.abs(np.abs(x) - alpha) > 2 * h]
+    g = rng.normal(0, 1, x.size).astype(f32)
+    _, dx, da = run(x, alpha, g, nbits=5, signed=True)
+    g64 = g.astype(np.float64)
+
+    def loss_a(a):
+        return float((g64 * ref.pact_clip(x, a, signed=True)).sum())
+
+    fd_alpha = (loss_a(float(alpha) + h) - loss_a(float(alpha) - h)) / (2 * h)
+    np.testing.assert_allclose(da[0], fd_alpha, rtol=1e-5, atol=1e-6)
+    x64 = x.astype(np.float64)
+    fd_x = (ref.pact_clip(x64 + h, alpha, True) - ref.pact_clip(x64 - h, alpha, True)) \
+        / (2 * h) * g64
+    np.testing.assert_allclose(dx, fd_x, rtol=1e-6, atol=1e-6)
+    xs = np.concatenate([rng.uniform(3, 6, 1000), rng.uniform(-6, -3, 1000)]).astype(f32)
+    gs = rng.normal(0, 1, xs.size).astype(f32)
+    for nbits in (2, 5, 8):
+        lq = [float((gs.astype(np.float64) * ref.pact_forward(xs, f32(a), nbits, True)).sum())
+              for a in (alpha + f32(0.01), alpha - f32(0.01))]
+        fd = (lq[0] - lq[1]) / float(f32(alpha + f32(0.01)) - f32(alpha - f32(0.01)))
+        _, _, da_s = run(xs, alpha, gs, nbits=nbits, signed=True)
+        np.testing.assert_allclose(da_s[0], fd, rtol=1e-3)
+
+
+def test_signed_symbol_and_gluon_match_reference():
+    xs, gs = _batches()
+    xs = [x - 1 for x in xs]     # both signs
+    sym = mx.sym.PACT(mx.sym.var("data"), mx.sym.var("p_gamma", shape=(1,)), nbits=4,
+                      signed=True, name="p")
+    exe = sym.simple_bind(mx.cpu(), data=xs[0].shape, grad_req="write")
+    exe.arg_dict["p_gamma"][:] = 2.5
+    for x, g in zip(xs, gs):
+        exe.arg_dict["data"][:] = x
+        exe.forward(is_train=True)
+        exe.backward(mx.nd.array(g))
+        assert np.array_equal(bits(exe.outputs[0].asnumpy()),
+                              bits(ref.pact_forward(x, 2.5, 4, signed=True)))
+        dx, da = ref.pact_backward(g, x, 2.5, signed=True)
+        assert np.array_equal(exe.grad_dict["data"].asnumpy(), dx)
+        assert np.array_equal(bits(exe.grad_dict["p_gamma"].asnumpy()), bits(da))
+
+    class Signed(PactNet):
+        def hybrid_forward(self, F, x, alpha):  # noqa: N803
+            return F.PACT(x, alpha, nbits=self._nbits, signed=True)
+
+    net = Signed(alpha=2.5, nbits=4)
+    net.initialize()
+    net.hybridize()
+    xin = mx.nd.array(xs[0])
+    with autograd.record():
+        y = net(xin)
+    y.backward(mx.nd.array(gs[0]))
+    assert np.array_equal(bits(y.asnumpy()), bits(ref.pact_forward(xs[0], 2.5, 4, signed=True)))
+    assert np.array_equal(bits(net.alpha.grad().asnumpy()),
+                          bits(ref.pact_backward(gs[0], xs[0], 2.5, signed=True)[1]))
+
+
+def test_signed_trainer_learns_alpha_from_both_sides():
+    """Most values beyond -alpha (negative side only): alpha grows towards a larger target
+    magnitude, as the mirrored estimator says (the seed's C++ backward, which sent only
+    x > alpha to alpha, would leave it where it is)."""
+    rng = np.random.default_rng(13)
+    x = -np.abs(rng.normal(8, 1, (32, 16))).astype(f32)
+    alpha = mx.nd.array([1.0])
+    alpha.attach_grad()
+    xin = mx.nd.array(x)
+    for _ in range(60):
+        with autograd.record():
+            loss = ((mx.nd.PACT(xin, alpha, nbits=4, signed=True) + 3.0) ** 2).mean()
+        loss.backward()
+        alpha[:] = alpha - 0.05 * alpha.grad
+    assert abs(float(alpha.asscalar()) - 3.0) < 0.1
+
+
+def _ort_qdq_signed(x: np.ndarray, s: np.float32) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    xi = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))
+    yi = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [float(s)]),
+             helper.make_tensor("z", TensorProto.INT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "qdq", [xi], [yi], inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 10
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": np.ascontiguousarray(x, dtype=f32)})[0]
+
+
+@pytest.mark.parametrize("alpha", [6.0, 0.0123])
+def test_signed_qdq_form_is_int8_and_matches_onnxruntime_above_minus_alpha(alpha):
+    """The descriptor's QDQ form of signed PACT at 8 bits: int8 codes, scale alpha / 127.
+    onnxruntime agrees bit for bit on every input > -alpha - s/2 (ties included); from
+    there down (the tie -127.5 rounds to the even -128), QuantizeLinear saturates at -128
+    where the operator's clip stops at -127."""
+    from quant_ops import methods
+
+    m = methods.get("pact")
+    assert "signed" in m.params and m.unsigned({}) and not m.unsigned({"signed": "True"})
+    form = m.qdq({"nbits": "8", "signed": "True"}, np.array([alpha], f32))
+    assert form.signed and not form.per_axis
+    assert form.scale == ref.scale_of(alpha, 8, signed=True) == f32(f32(alpha) / f32(127))
+    assert not m.qdq({"nbits": "8"}, np.array([alpha], f32)).signed
+    rng = np.random.default_rng(14)
+    x = signed_sample(alpha, 8, 200_000, rng)
+    x = x[~np.isnan(x)]
+    y = run(x, alpha, nbits=8, signed=True)
+    ort_y = _ort_qdq_signed(x, form.scale)
+    above = x > -f32(127.5) * form.scale
+    assert np.array_equal(bits(y[above]), bits(ort_y[above]))
+    below = ~above & np.isfinite(x)
+    assert below.any() and (ort_y[below] == f32(-128) * form.scale).all()
+    assert (y[below] == f32(-127) * form.scale).all()
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attrs,needle", [
     (dict(nbits="four"), "'nbits' must be an integer, got 'four'"),
+    (dict(signed="maybe"), "'signed'"),
+    (dict(sign="True"), "unknown attribute 'sign'"),
 ])
 def test_bad_attribute_is_a_clear_error(attrs, needle):
     with pytest.raises(mx.base.MXNetError) as e:
@@ -385,3 +595,24 @@ def test_shapes_are_inferred_forward_through_the_graph():
         out = mx.sym.PACT(fc, mx.sym.var("a", shape=shape), nbits=2)
         arg_shapes, out_shapes, _ = out.infer_shape(x=(2, 3))
         assert out_shapes == [(2, 4)] and arg_shapes == [(2, 3), (4, 3), (1,)]
+
+
+def test_signed_pact_exports_bit_exact_below_minus_alpha(tmp_path):
+    """The export clips a narrow signed quantizer before QuantizeLinear, so inputs far
+    below -alpha give code -127 in onnxruntime as in the operator."""
+    from quant_ops.export import export_model
+    from quant_ops.export.align import check_alignment
+    from quant_ops.graph.ir import Graph
+
+    data = mx.sym.var("data")
+    g = mx.sym.var("q_gamma", shape=(1,))
+    y = mx.sym.PACT(data, g, nbits=8, signed=True, name="q")
+    y = mx.sym.FullyConnected(y, num_hidden=2, name="fc")
+    rng = np.random.default_rng(3)
+    params = {"q_gamma": np.array([1.5], f32), "fc_weight": rng.normal(0, 1, (2, 16)).astype(f32),
+              "fc_bias": np.zeros(2, f32)}
+    x = rng.uniform(-6, 6, (8, 16)).astype(f32)       # many inputs far below -alpha
+    ex = export_model(Graph.from_symbol(y), params, tmp_path, "m", {"data": x.shape})
+    r = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    assert r["identical_min"] == 1.0 and r["isolated_identical_min"] == 1.0
+    assert (x < -1.6).sum() > 10

@@ -36,3 +36,47 @@ def test_inner_outputs_of_a_fusable_conv_bn_relu_chain():
                                    rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(r2v, np.maximum(c2v, 0), rtol=1e-6)
     np.testing.assert_allclose(predict(g, params, x, batch_size=2), r2v, rtol=1e-4, atol=1e-5)
+
+
+def _small_net():
+    data = mx.sym.var("data")
+    c = mx.sym.Convolution(data, num_filter=3, kernel=(3, 3), pad=(1, 1), name="c")
+    out = mx.sym.FullyConnected(mx.sym.Activation(c, act_type="relu"), num_hidden=5, name="fc")
+    rng = np.random.default_rng(1)
+    shapes = dict(zip(out.list_arguments(), out.infer_shape(data=(1, 2, 5, 5))[0]))
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items() if k != "data"}
+    return Graph.from_symbol(out), params, rng
+
+
+def test_batches_of_any_size_give_what_one_sample_at_a_time_gives():
+    """A shorter last batch (and a larger one) runs on a reshaped executor: the numbers
+    are those of each sample alone, and the first shape still works afterwards."""
+    from quant_ops.graph.runner import Runner
+
+    g, params, rng = _small_net()
+    x = rng.normal(size=(17, 2, 5, 5)).astype(np.float32)
+    one = Runner(g, params, (1, 2, 5, 5))
+    expect = np.concatenate([one(x[i:i + 1])[0] for i in range(len(x))])
+    run = Runner(g, params, (4, 2, 5, 5), copies=2)
+    sizes = [4, 3, 4, 1, 5]               # 17 images, one batch above the bound size
+    bounds = np.cumsum([0] + sizes)
+    got = [run(x[a:b])[0] for a, b in zip(bounds[:-1], bounds[1:])]
+    np.testing.assert_allclose(np.concatenate(got), expect, rtol=1e-5, atol=1e-5)
+    streamed = list(run.stream(x[a:b] for a, b in zip(bounds[:-1], bounds[1:])))
+    np.testing.assert_allclose(np.concatenate([s[0] for s in streamed]), expect,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict(g, params, x, batch_size=4), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_another_sample_shape_names_the_shapes():
+    import pytest
+
+    from quant_ops.errors import QuantOpsError
+    from quant_ops.graph.runner import Runner
+
+    g, params, _ = _small_net()
+    run = Runner(g, params, (4, 2, 5, 5))
+    with pytest.raises(QuantOpsError, match=r"batch of shape \(4, 2, 6, 6\)"):
+        run(np.zeros((4, 2, 6, 6), np.float32))
+    with pytest.raises(QuantOpsError, match="batch of shape"):
+        run(np.zeros((0, 2, 5, 5), np.float32))

@@ -102,6 +102,7 @@ def _placeholders(cwd: Path) -> None:
     from quant_ops.datasets import fashion_mnist
     from quant_ops.zoo import get_model
 
+    (cwd / "examples").symlink_to(ROOT / "examples")   # paths as from the checkout's root
     mx.random.seed(0)
     net = get_model("resnet18_v1")
     net.initialize(mx.init.Xavier())

@@ -14,6 +14,18 @@
 //
 // A range without a usable scale (s not in (0, FLT_MAX]) gives +0 (NaN stays NaN).
 // Backward (straight-through estimator of the clamp): dx = g where lo <= x <= hi, else 0.
+//
+// Seed grid (attribute seed_grid=True: the seed toolkit's _contrib_FQN / FQN_PY), a grid that
+// starts at mn, without zero point and without clamp (values beyond the range go on along it):
+//
+//   s  = (mx - mn) / L                        (divided, as FQN_PY; the seed's C++ multiplied
+//                                              by float(1 / L): the step may differ by an ulp)
+//   y  = rint((x - mn) / s) * s + mn          (the product rounded, then the sum: no FMA)
+//
+// usable when 0 < |s| <= FLT_MAX (a stored range with mx < mn is the same grid: rint is odd),
+// else +0 (NaN stays NaN; the seed divided 0 by 0 there).  rint rounds half to even (the seed:
+// half away from zero).  Its clip gradient passes g where x lies between mn and mx (both ends
+// included, not widened to 0), else 0 and for NaN x.
 #pragma once
 
 #include <cmath>
@@ -69,6 +81,32 @@ QO_HD float fqn_ema(float current, float batch, float decay) {
   return decay * current + (1.0f - decay) * batch;
 }
 
+// -- the seed grid (seed_grid=True) ------------------------------------------------------
+
+/*! \brief The seed grid's step (mx - mn) / L, in float32 (negative when mx < mn). */
+QO_HD float fqn_seed_step(float mn, float mx, float levels) { return (mx - mn) / levels; }
+
+/*! \brief A step the seed grid can divide by: 0 < |s| <= FLT_MAX (NaN is not). */
+QO_HD bool fqn_seed_usable(float s) {
+  const float a = s < 0.0f ? -s : s;
+  return a > 0.0f && a <= 3.402823466e38f;
+}
+
+/*! \brief One element on the seed grid: rint((x - mn) / s) * s + mn, no clamp. */
+QO_HD float fqn_seed_fake_quant(float x, float mn, float s) {
+  const float q = std::nearbyint((x - mn) / s);
+  const float p = q * s;
+  return p + mn;
+}
+
+/*! \brief The seed grid's clip gradient: g where x lies between mn and mx (ends included),
+ *  else 0 (also for NaN x or a NaN bound). */
+QO_HD float fqn_seed_grad(float g, float x, float mn, float mx) {
+  const float lo = mn <= mx ? mn : mx;
+  const float hi = mn <= mx ? mx : mn;
+  return (x >= lo && x <= hi) ? g : 0.0f;
+}
+
 /*! \brief A tensor seen as rows: (outer, channels, inner) around the channel axis, one range
  *  per channel; a per-tensor quantizer is outer = channels = 1, inner = size. */
 struct FqnView {
@@ -116,6 +154,17 @@ inline int64_t fqn_chunks_per_row(int64_t inner) {
   return inner <= 0 ? 0 : (inner + kFqnChunk - 1) / kFqnChunk;
 }
 
+/*! \brief Task t of a per-channel loop: channel c, elements [b, b + n). */
+struct FqnChunk {
+  int64_t c, b, n;
+};
+
+inline FqnChunk fqn_chunk(FqnView v, int64_t cpr, int64_t t) {
+  const int64_t row = t / cpr, k = t % cpr;
+  const int64_t rest = v.inner - k * kFqnChunk;
+  return {row % v.channels, row * v.inner + k * kFqnChunk, rest < kFqnChunk ? rest : kFqnChunk};
+}
+
 /*! \brief y = fake_quant(x) with range [mn[c], mx[c]] for channel c. */
 QO_CLONES inline void fqn_forward(const float* x, float* y, FqnView v, const float* mn,
                                   const float* mx, float levels) {
@@ -123,12 +172,9 @@ QO_CLONES inline void fqn_forward(const float* x, float* y, FqnView v, const flo
   const int64_t tasks = v.outer * v.channels * cpr;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t row = t / cpr, k = t % cpr;
-    const int64_t c = row % v.channels;
+    const FqnChunk ch = fqn_chunk(v, cpr, t);
+    const int64_t c = ch.c, b = ch.b, n = ch.n;
     const FqnQParams p = fqn_qparams(mn[c], mx[c], levels);
-    const int64_t b = row * v.inner + k * kFqnChunk;
-    const int64_t rest = v.inner - k * kFqnChunk;
-    const int64_t n = rest < kFqnChunk ? rest : kFqnChunk;
     const float* xp = x + b;
     float* yp = y + b;
     if (!p.usable) {
@@ -149,15 +195,50 @@ QO_CLONES inline void fqn_backward(const float* g, const float* x, float* dx, Fq
   const int64_t tasks = v.outer * v.channels * cpr;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t row = t / cpr, k = t % cpr;
-    const int64_t c = row % v.channels;
+    const FqnChunk ch = fqn_chunk(v, cpr, t);
+    const int64_t c = ch.c, b = ch.b, n = ch.n;
     const FqnQParams p = fqn_qparams(mn[c], mx[c], levels);
-    const int64_t b = row * v.inner + k * kFqnChunk;
-    const int64_t rest = v.inner - k * kFqnChunk;
-    const int64_t n = rest < kFqnChunk ? rest : kFqnChunk;
     const float lo = p.lo, hi = p.hi;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) dx[b + i] = fqn_grad(g[b + i], x[b + i], lo, hi);
+  }
+}
+
+/*! \brief y on the seed grid with range [mn[c], mx[c]] for channel c. */
+QO_CLONES inline void fqn_seed_forward(const float* x, float* y, FqnView v, const float* mn,
+                                       const float* mx, float levels) {
+  const int64_t cpr = fqn_chunks_per_row(v.inner);
+  const int64_t tasks = v.outer * v.channels * cpr;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const FqnChunk ch = fqn_chunk(v, cpr, t);
+    const int64_t c = ch.c, b = ch.b, n = ch.n;
+    const float lo = mn[c];
+    const float s = fqn_seed_step(lo, mx[c], levels);
+    const float* xp = x + b;
+    float* yp = y + b;
+    if (!fqn_seed_usable(s)) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) yp[i] = fqn_unusable(xp[i]);
+      continue;
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) yp[i] = fqn_seed_fake_quant(xp[i], lo, s);
+  }
+}
+
+/*! \brief The seed grid's clip gradient: dx = g where x lies between mn[c] and mx[c]. */
+QO_CLONES inline void fqn_seed_backward(const float* g, const float* x, float* dx, FqnView v,
+                                        const float* mn, const float* mx) {
+  const int64_t cpr = fqn_chunks_per_row(v.inner);
+  const int64_t tasks = v.outer * v.channels * cpr;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const FqnChunk ch = fqn_chunk(v, cpr, t);
+    const int64_t c = ch.c, b = ch.b, n = ch.n;
+    const float lo = mn[c], hi = mx[c];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[b + i] = fqn_seed_grad(g[b + i], x[b + i], lo, hi);
   }
 }
 

@@ -22,6 +22,16 @@
 // written for any alpha (it never looks at s), so an alpha pushed to <= 0 still receives
 // sum(dL/dy_q over x >= alpha) and can recover.
 //
+// Signed form (attribute signed=True; the seed toolkit's _contrib_PACT and its Python
+// prototype PACT_V2_PY clipped to [-alpha, alpha]): y = clip(x, -alpha, alpha) on the
+// symmetric narrow grid of 2^(k-1) - 1 levels each side of 0 (k counts the sign bit, so
+// seed nbits n is k = n + 1):
+//   s = alpha / (2^(k-1) - 1);  q = clamp(rint(x / s), -(2^(k-1) - 1), 2^(k-1) - 1);  y_q = q * s.
+// Backward, the same estimator mirrored: dL/dx = dL/dy_q where -alpha < x < alpha;
+//   dL/dalpha = sum of dL/dy_q over x >= alpha minus the sum over x <= -alpha
+// (x == -alpha saturates, as x == alpha does: d clip(x, -alpha, alpha) / d alpha = -1 there).
+// The unsigned form is unchanged by the option.
+//
 // dL/dalpha is summed in a fixed order, so it is reproducible and equals the reference bit for
 // bit: the masked gradients, converted to double, in blocks of kPactSumBlock consecutive
 // elements; inside a block, element i goes to lane (i mod kPactSumLanes), each lane summed in
@@ -42,6 +52,14 @@ constexpr int kPactSumLanes = 8;
 /*! \brief 2^k - 1, the largest code of a k-bit unsigned quantizer (exact in float32). */
 QO_HD float pact_levels(int nbits) { return static_cast<float>((1 << nbits) - 1); }
 
+/*! \brief 2^(k-1) - 1, the largest code of the k-bit signed (narrow, symmetric) form. */
+QO_HD float pact_signed_levels(int nbits) { return static_cast<float>((1 << (nbits - 1)) - 1); }
+
+/*! \brief The top code of the form in use. */
+QO_HD float pact_top(int nbits, bool is_signed) {
+  return is_signed ? pact_signed_levels(nbits) : pact_levels(nbits);
+}
+
 /*! \brief The step alpha / (2^k - 1), in float32. */
 QO_HD float pact_scale(float alpha, int nbits) { return alpha / pact_levels(nbits); }
 
@@ -56,25 +74,38 @@ QO_HD float pact_grad_x(float g, float x, float alpha) {
 /*! \brief One element's share of dL/dalpha: the gradient where x saturated (x >= alpha). */
 QO_HD float pact_grad_alpha_term(float g, float x, float alpha) { return x >= alpha ? g : 0.0f; }
 
-/*! \brief y = PACT_k(x) over n elements (one alpha for the tensor). */
-QO_CLONES inline void pact_forward(const float* x, float* y, int64_t n, float alpha, int nbits) {
-  const float s = pact_scale(alpha, nbits);
+/*! \brief Signed form: the straight-through gradient of x passes on (-alpha, alpha). */
+QO_HD float pact_signed_grad_x(float g, float x, float alpha) {
+  return (x > -alpha && x < alpha) ? g : 0.0f;
+}
+
+/*! \brief Signed form: +g where x saturated above (x >= alpha), -g where below (x <= -alpha). */
+QO_HD float pact_signed_grad_alpha_term(float g, float x, float alpha) {
+  return x >= alpha ? g : (x <= -alpha ? -g : 0.0f);
+}
+
+/*! \brief y = PACT_k(x) over n elements (one alpha for the tensor); ``is_signed``: the
+ *  symmetric form on [-alpha, alpha]. */
+QO_CLONES inline void pact_forward(const float* x, float* y, int64_t n, float alpha, int nbits,
+                                   bool is_signed = false) {
+  const float qmax = pact_top(nbits, is_signed);
+  const float s = alpha / qmax;
   if (!usable_scale(s)) {
 #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; ++i) y[i] = pact_dead(x[i]);
     return;
   }
-  const float qmax = pact_levels(nbits);
+  const float qmin = is_signed ? -qmax : 0.0f;
   constexpr int64_t kChunk = 1 << 14;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < n; b += kChunk)
-    fake_quant_span(x + b, y + b, (n - b) < kChunk ? n - b : kChunk, s, 0.0f, qmax);
+    fake_quant_span(x + b, y + b, (n - b) < kChunk ? n - b : kChunk, s, qmin, qmax);
 }
 
 /*! \brief Backward: writes dx (n elements) and returns dL/dalpha (summed in the documented
  *  order, independent of the thread count). */
 QO_CLONES inline float pact_backward(const float* g, const float* x, float* dx, int64_t n,
-                                     float alpha) {
+                                     float alpha, bool is_signed = false) {
   const int64_t nblocks = (n + kPactSumBlock - 1) / kPactSumBlock;
   std::vector<double> block_sum(static_cast<size_t>(nblocks));
   double* bs = block_sum.data();
@@ -87,10 +118,18 @@ QO_CLONES inline float pact_backward(const float* g, const float* x, float* dx, 
     float* dxb = dx + lo;
     // the block's saturated gradients, zero-padded to whole lanes
     alignas(64) float sat[kPactSumBlock];
+    if (is_signed) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      dxb[i] = pact_grad_x(gb[i], xb[i], alpha);
-      sat[i] = pact_grad_alpha_term(gb[i], xb[i], alpha);
+      for (int64_t i = 0; i < len; ++i) {
+        dxb[i] = pact_signed_grad_x(gb[i], xb[i], alpha);
+        sat[i] = pact_signed_grad_alpha_term(gb[i], xb[i], alpha);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        dxb[i] = pact_grad_x(gb[i], xb[i], alpha);
+        sat[i] = pact_grad_alpha_term(gb[i], xb[i], alpha);
+      }
     }
     const int64_t whole = (len + kPactSumLanes - 1) / kPactSumLanes * kPactSumLanes;
     for (int64_t i = len; i < whole; ++i) sat[i] = 0.0f;  // lanes start at +0: no change

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import QuantOpsError
 from ..graph.ir import Graph
+from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
 from ..graph.quantizers import activation_quantizers
 from ..graph.runner import Runner
@@ -104,7 +105,7 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     probe = _probe(graph, tensors, params, data_name, first.shape)
 
     def sweep(desc: str):
-        xs = (np.asarray(x.asnumpy() if hasattr(x, "asnumpy") else x, np.float32)
+        xs = (as_numpy(x, np.float32)
               for x in batches)
         yield from tqdm(probe(xs), desc=desc, total=len(batches), leave=False,
                         disable=not progress)

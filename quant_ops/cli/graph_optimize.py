@@ -3,8 +3,11 @@ graph or a gluoncv model by a policy.
 
 With no arguments it runs the seed toolkit's example: gluoncv ResNet-18 v1 (no weights
 needed) with the ``trt_int8`` policy, its two pictures and summary in
-``out/graph_optimize_example/``.  Outputs are written into a hidden temporary folder and
-moved into place only when everything succeeded.
+``out/graph_optimize_example/``.  ``--calib DATA`` (a ``.npy``/``.npz``, an image folder, or
+``fmnist``) sets the activation ranges, so the written model is ready for inference; without
+it they are empty (learned in QAT, or calibrated later) and the summary says so.  Outputs
+are written into a hidden temporary folder and moved into place only when everything
+succeeded.
 """
 from __future__ import annotations
 
@@ -17,6 +20,9 @@ from ..fileio import atomic_write_text, staged_dir
 from ..model import QuantizedModel
 from ..policy import QuantPolicy
 from .common import no_overwrite, output_name, run_command, shape
+from .model_data import DATA_HELP, floats
+
+CALIB_METHODS = ("entropy", "minmax", "percentile", "mse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--preset", default="trt_int8", help="policy preset (default trt_int8)")
     p.add_argument("--fold-bn", choices=("deploy", "qat"), help="fold BatchNorm layers")
     p.add_argument("--relu6-to-relu", action="store_true", help="replace ReLU6 by ReLU")
+    c = p.add_argument_group("calibration (without it, activation ranges are left empty)")
+    c.add_argument("--calib", metavar="DATA", help=f"calibration data: {DATA_HELP}")
+    c.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy",
+                   help="activation range statistic (default entropy, TensorRT's)")
+    c.add_argument("--calib-images", type=int, default=512,
+                   help="images to calibrate on (default 512, or all there are)")
+    c.add_argument("--calib-batch", type=int, default=64, help="batch size (default 64)")
+    c.add_argument("--mean", type=floats,
+                   help="pixel normalization (x - mean) / std of image folders, fmnist and "
+                        "uint8 arrays: one value or one per channel (float arrays are "
+                        "taken as they are)")
+    c.add_argument("--std", type=floats, help="see --mean")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-draw", action="store_true", help="skip the graph pictures")
     p.add_argument("--name", help="file name stem of the outputs (default: from the input)")
     p.add_argument("--out", type=Path,
@@ -72,6 +91,34 @@ def short_summary(model: QuantizedModel, name: str, policy_name: str) -> str:
     return "\n".join(lines)
 
 
+def _calibrate(model: QuantizedModel, args: argparse.Namespace) -> None:
+    """Activation ranges from ``--calib``, or a note that they are empty."""
+    if args.calib is None:
+        empty = model.uncalibrated()
+        if empty:
+            model.notes.append(
+                f"activation ranges are empty ({len(empty)} quantizers): they are learned "
+                "in training (QAT) or set by calibration (--calib DATA); inference before "
+                "that gives zeros")
+        return
+    from ..datasets import load_data
+
+    for flag, v in (("--calib-images", args.calib_images), ("--calib-batch", args.calib_batch)):
+        if v < 1:
+            raise QuantOpsError(f"{flag} must be >= 1, got {v}")
+    if (args.mean is None) != (args.std is None):
+        raise QuantOpsError("--mean and --std go together")
+    norm = None if args.mean is None else tuple(
+        v[0] if len(v) == 1 else list(v) for v in (args.mean, args.std))
+    data = load_data(args.calib, model.input_shape, split="train", normalize=norm,
+                     limit=args.calib_images, progress=not args.no_progress)
+    model.set_input_shape((1,) + tuple(data.x.shape[1:]))
+    model.calibrate(data.x, args.calib_method, batch_size=args.calib_batch,
+                    progress=not args.no_progress)
+    model.notes.append(f"activation ranges calibrated ({args.calib_method}) on {len(data)} "
+                       f"images of {data.source}" + "".join(f"; {n}" for n in data.notes))
+
+
 def _load_input(args: argparse.Namespace) -> QuantizedModel:
     """The float model from --symbol/--params or --model, checked against --input-shape."""
     if args.model:
@@ -92,15 +139,11 @@ def run(args: argparse.Namespace) -> Path:
                             "summary.md", "summary.json", f"{name}-float.svg",
                             f"{name}-float.png", f"{name}-quantized.svg",
                             f"{name}-quantized.png"],
-                 [args.symbol, args.params, args.policy])
+                 [args.symbol, args.params, args.policy, args.calib])
     float_graph = model.graph
     model.quantize(policy, args.fold_bn, args.relu6_to_relu)
     policy_name = str(args.policy) if args.policy else args.preset
-    empty = model.uncalibrated()
-    if empty:
-        model.notes.append(
-            f"activation ranges are empty ({len(empty)} quantizers): they are learned in "
-            "training (QAT) or set by calibration; inference before that gives zeros")
+    _calibrate(model, args)
     summary = model.summary(f"{name}: quantized with {policy_name}")
     out = args.out
     with staged_dir(out) as tmp:

@@ -1,6 +1,13 @@
 """``utils/sensitivity.py`` (console script ``qo-sensitivity``): per-layer quantization
-sensitivity of a float Fashion-MNIST checkpoint, with an HTML report and a policy that keeps
-the most sensitive layers in float."""
+sensitivity of a float model, with an HTML report and a policy that keeps the most
+sensitive layers in float.
+
+The model is a bundled Fashion-MNIST checkpoint (by name), a checkpoint prefix, or any
+``--symbol``/``--params`` pair; the data is the user's (``--calib``/``--test``: a
+``.npy``/``.npz``, an image folder, or ``fmnist``), read by ``quant_ops.datasets.load_data``.
+A model whose ``PREFIX.json`` gives its input normalization (the bundled ones) defaults to
+Fashion-MNIST, normalized by it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,28 +15,29 @@ import math
 from pathlib import Path
 
 from ..errors import QuantOpsError
-from ..policy import QuantPolicy
 from ..ptq.sensitivity import SensitivityReport, layer_sensitivity, write_reports
-from .common import BUNDLED_MODELS, checked_symbol, model_prefix, run_command
+from .common import run_command
+from .model_data import (DATA_HELP, add_model_args, check_fits, load_policy, load_set,
+                         model_source, no_data_error)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sensitivity",
-        description="Per-layer quantization sensitivity of a float Fashion-MNIST checkpoint: "
-                    "writes report.html, report.json and policy_skip.yaml (the policy with "
-                    "the most sensitive layers kept in float).")
-    p.add_argument("--model", default="fmnist_resnet20",
-                   help=f"a bundled model ({', '.join(BUNDLED_MODELS)}; default "
-                        "fmnist_resnet20) or a checkpoint prefix: PREFIX-symbol.json, "
-                        "PREFIX-EPOCH.params and PREFIX.json (its input normalization)")
-    p.add_argument("--epoch", type=int, default=0, help="params epoch (default 0)")
+        description="Per-layer quantization sensitivity of a float model: writes "
+                    "report.html, report.json and policy_skip.yaml (the policy with the most "
+                    "sensitive layers kept in float).")
+    add_model_args(p, "fmnist_resnet20")
+    p.add_argument("--calib", help=f"calibration data: {DATA_HELP} (default for "
+                                   "Fashion-MNIST models: fmnist, the training set)")
+    p.add_argument("--test", help=f"evaluation data with labels: {DATA_HELP} (default for "
+                                  "Fashion-MNIST models: fmnist, the test set)")
     p.add_argument("--policy", default="trt_int8",
                    help="a preset name or a policy file (.json/.yaml) (default trt_int8)")
     p.add_argument("--method", default="minmax",
                    help="calibration method: minmax, entropy, percentile, mse")
-    p.add_argument("--calib-images", type=int, default=512,
-                   help="training images to calibrate on (default 512)")
+    p.add_argument("--calib-images", type=int, default=None,
+                   help="images to calibrate on (default: the first 512)")
     p.add_argument("--calib-batch", type=int, default=64)
     p.add_argument("--eval-images", type=int, default=10000,
                    help="test images for top-1 (default 10000; 0: no accuracy)")
@@ -38,15 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many layers in policy_skip.yaml")
     p.add_argument("--min-gain", type=float, default=None,
                    help="least gain for a layer to be kept in float (default: 0.1 top-1 "
-                        "points; with --eval-images 0, 1 dB of network output SQNR)")
+                        "points; without accuracy, 1 dB of network output SQNR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", type=Path, default=Path("out/sensitivity"), help="output folder")
     return p
-
-
-def _load_policy(text: str) -> QuantPolicy:
-    if Path(text).suffix.lower() in (".json", ".yaml", ".yml") or Path(text).is_file():
-        return QuantPolicy.load(text)
-    return QuantPolicy.preset(text)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -62,31 +65,30 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> SensitivityReport:
     """Load, analyse, write the three files, print the table."""
-    from ..datasets import fashion_mnist
-    from ..ptq.common import load_fmnist_model
-
     _check_args(args)
-    policy = _load_policy(args.policy)
-    prefix = model_prefix(args.model)
-    m = load_fmnist_model(prefix, args.epoch)
-    checked_symbol(m.graph, m.params, f"{prefix}-{args.epoch:04d}.params")
-
-    xt, _ = fashion_mnist("train")
-    if args.calib_images > len(xt):
-        raise QuantOpsError(f"--calib-images {args.calib_images}: the training set has "
-                            f"{len(xt)} images")
-    xc = m.normalize(xt[:args.calib_images])
-    del xt
-    bs = args.calib_batch
-    n_full = len(xc) // bs * bs  # calibration batches must share one shape
-    batches = [xc[i:i + bs] for i in range(0, n_full, bs)] or [xc]
+    policy = load_policy(args.policy)
+    src = model_source(args, "fmnist_resnet20")
+    calib_spec = args.calib or ("fmnist" if src.fmnist else None)
+    if calib_spec is None:
+        raise no_data_error(src)
+    test_spec = args.test or ("fmnist" if src.fmnist else None)
+    progress = not args.no_progress
+    m = src.load()
+    calib = load_set(calib_spec, src, "--calib", "train", args.calib_images or 512,
+                     args.calib_images is not None, progress, labels=False)
+    check_fits(m, calib)
+    xc, bs = calib.x, args.calib_batch
+    batches = [xc[i:i + bs] for i in range(0, len(xc), bs)]
     eval_data = None
-    if args.eval_images:
-        xe, ye = fashion_mnist("test")
-        eval_data = (m.normalize(xe[:args.eval_images]), ye[:args.eval_images])
-    rep = layer_sensitivity(m.graph, m.params, policy, batches, eval_data, method=args.method,
+    if args.eval_images and test_spec is not None:
+        test = load_set(test_spec, src, "--test", "test", args.eval_images, False, progress,
+                        labels=True)
+        check_fits(m, test)
+        eval_data = (test.x, test.y)
+    rep = layer_sensitivity(m.run_graph, m.params, policy, batches, eval_data,
+                            method=args.method,
                             fold_bn=None if args.fold_bn == "none" else args.fold_bn,
-                            model=prefix.name)
+                            data_name=m.data_names[0], progress=progress, model=src.name)
     keep = rep.keep_float(args.max_layers, args.min_gain)
     write_reports(rep, args.out, keep, policy,
                   f"{rep.model}: {args.policy} keeping {len(keep)} layer(s) in float "

@@ -44,12 +44,24 @@ def qdq_form(op: str, attrs: dict, value) -> tuple[np.ndarray, bool, bool]:
 
 
 def _convert_quantizer(node, **kwargs):
-    """A quantizer -> QuantizeLinear + DequantizeLinear (output keeps the node name)."""
+    """A quantizer -> QuantizeLinear + DequantizeLinear (output keeps the node name); a
+    narrow signed one (codes down to -qmax) is clipped to [-qmax s, qmax s] first, where
+    QuantizeLinear alone would saturate one code lower."""
     name, inputs, attrs = get_inputs(node, kwargs)
     m = methods.of_op(node["op"])
     value = kwargs["weights"][inputs[m.input_names.index(m.range_input)]]
-    scale, signed, per_axis = qdq_form(node["op"], attrs, value)
+    form = m.qdq(attrs, value)
+    scale, signed, per_axis = form.scale, form.signed, form.per_axis
     init = kwargs["initializer"]
+    nodes = []
+    if form.narrow and signed and not per_axis:
+        bound = np.float32(scale * np.float32(2 ** (m.nbits(attrs) - 1) - 1))
+        init.append(numpy_helper.from_array(np.array(-bound, np.float32), f"{name}_clip_min"))
+        init.append(numpy_helper.from_array(np.array(bound, np.float32), f"{name}_clip_max"))
+        nodes.append(helper.make_node("Clip", [inputs[0], f"{name}_clip_min",
+                                               f"{name}_clip_max"], [f"{name}_clipped"],
+                                      name=f"{name}_clip"))
+        inputs = [f"{name}_clipped"] + list(inputs[1:])
     init.append(numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"))
     code_type = CODE_TYPES[(m.nbits(attrs), signed)][0]
     init.append(helper.make_tensor(f"{name}_zero_point", code_type, list(scale.shape),
@@ -60,7 +72,7 @@ def _convert_quantizer(node, **kwargs):
     dq = helper.make_node("DequantizeLinear",
                           [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [name],
                           name=name, **axis)
-    return [q, dq]
+    return nodes + [q, dq]
 
 
 def _register_converter(m: methods.Method) -> None:

@@ -13,12 +13,9 @@ import numpy as np
 from .. import methods
 from .fold_bn import fold_batchnorm
 from .ir import Graph, Node
+from .params import as_numpy
 from .runner import run_once
 from .quantizers import is_grad_sum, qstate_variables, quantizers
-
-
-def _as_np(v) -> np.ndarray:
-    return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
 
 
 def drop_grad_sums(graph: Graph) -> Graph:
@@ -74,7 +71,7 @@ def weight_ranges(graph: Graph, params: dict) -> dict:
     for q in quantizers(graph):
         w = graph.nodes[q.source[0]]
         if q.is_weight and w.is_var and w.name in params:
-            for k, v in q.method.deploy_state(q.attrs, _as_np(params[w.name])).items():
+            for k, v in q.method.deploy_state(q.attrs, as_numpy(params[w.name])).items():
                 params[q.inputs[k]] = v
     return params
 
@@ -93,7 +90,7 @@ def explicit_defaults(graph: Graph) -> Graph:
 
 def deploy_graph(graph: Graph, params: dict) -> tuple[Graph, dict]:
     """The graph an engine runs, and its params (numpy)."""
-    params = {k: _as_np(v) for k, v in params.items()}
+    params = {k: as_numpy(v) for k, v in params.items()}
     g = explicit_defaults(drop_grad_sums(graph))
     g, params = fold_constants(g, params)
     g, params = fold_batchnorm(g, params, "deploy")

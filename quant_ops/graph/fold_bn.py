@@ -13,7 +13,8 @@ import numpy as np
 
 from .. import methods
 from ..errors import QuantOpsError
-from .ir import Graph, Node
+from .ir import Graph, Node, flag
+from .params import as_numpy
 from .quantizers import is_grad_sum
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,7 @@ BN_INPUTS = ("gamma", "beta", "moving_mean", "moving_var")
 
 def _f64(v) -> np.ndarray:
     """A param (numpy array or NDArray) as float64 numpy."""
-    return np.asarray(v.asnumpy() if hasattr(v, "asnumpy") else v, np.float64)
-
-
-def _flag(attrs: dict, key: str, default: bool) -> bool:
-    v = attrs.get(key)
-    return default if v is None else v in ("True", "true", "1")
+    return as_numpy(v, np.float64)
 
 
 def _pairs(graph: Graph):
@@ -115,7 +111,7 @@ def _bn_arrays(graph: Graph, bn: Node, params: dict):
         if not np.isfinite(v).all():
             raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}': '{name}' has NaN or "
                                 "infinite values")
-    if _flag(bn.attrs, "fix_gamma", True):  # MXNet's symbol default: gamma is fixed at 1
+    if flag(bn.attrs, "fix_gamma", True):  # MXNet's symbol default: gamma is fixed at 1
         gamma = np.ones_like(gamma)
     eps = float(bn.attrs.get("eps", "0.001"))
     # (a variance a rounding error below 0 is kept: var + eps is what the fold divides by)
@@ -132,7 +128,7 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     inputs = [remap(e) for e in layer.inputs]
     attrs = dict(layer.attrs)
     w_name = _weight_var(graph, layer.inputs[1][0]).name
-    has_bias = not _flag(attrs, "no_bias", False) and len(layer.inputs) > 2
+    has_bias = not flag(attrs, "no_bias", False) and len(layer.inputs) > 2
     b_name = graph.nodes[layer.inputs[2][0]].name if has_bias else f"{layer.name}_bias"
     if mode == "deploy":
         q = graph.nodes[layer.inputs[1][0]]
@@ -163,7 +159,7 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     bn_in = [remap(e) for e in bn.inputs[1:5]]
     for k, stat in ((2, "mean"), (3, "var")):  # frozen statistics: never trained
         bn_in[k] = [emit(Node("BlockGrad", f"{bn.name}_frozen_{stat}", {}, [bn_in[k]])), 0, 0]
-    if _flag(bn.attrs, "fix_gamma", True):
+    if flag(bn.attrs, "fix_gamma", True):
         bn_in[0] = [emit(Node("ones_like", f"{bn.name}_fixed_gamma", {}, [bn_in[0]])), 0, 0]
     std = emit(Node("_plus_scalar", f"{bn.name}_var_eps", {"scalar": repr(eps)}, [bn_in[3]]))
     std = emit(Node("sqrt", f"{bn.name}_std", {}, [[std, 0, 0]]))

@@ -7,13 +7,13 @@ its inference form, and Gluon fine-tuning uses its input, the logits.
 """
 from __future__ import annotations
 
-from .ir import Graph, Node
+from .ir import Graph, Node, flag
 
 #: loss op -> its inference form (op, attrs from the loss attrs); None: its input as it is
 LOSS_HEADS = {
     # over the classes: axis 1 with multi_output, else the last (a classifier's (N, C))
-    "SoftmaxOutput": lambda a: ("softmax", {"axis": "1" if a.get("multi_output") in
-                                            ("True", "1", "true") else "-1"}),
+    "SoftmaxOutput": lambda a: ("softmax", {"axis": "1" if flag(a, "multi_output")
+                                            else "-1"}),
     "LogisticRegressionOutput": lambda a: ("sigmoid", {}),
     "LinearRegressionOutput": None,
     "MAERegressionOutput": None,

@@ -176,6 +176,12 @@ class Graph:
         return Graph(new_nodes, heads, dict(self.attrs), self.source)
 
 
+def flag(attrs: dict, key: str, default: bool = False) -> bool:
+    """A boolean attribute as MXNet stores it (a string; dmlc reads true/1 case-blind)."""
+    v = attrs.get(key)
+    return default if v is None else str(v).lower() in ("true", "1")
+
+
 def _entry_ok(e) -> bool:
     return (isinstance(e, list) and len(e) in (2, 3)
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in e))

@@ -11,6 +11,13 @@ from ..errors import QuantOpsError, mxnet_message
 from ..fileio import atomic_write
 
 
+def as_numpy(v, dtype=None) -> np.ndarray:
+    """The one conversion of an array-like (NDArray, numpy, list) to numpy at a library
+    boundary; ``dtype`` casts."""
+    a = v.asnumpy() if isinstance(v, mx.nd.NDArray) else v
+    return np.asarray(a, dtype) if dtype is not None else np.asarray(a)
+
+
 def check_arrays(params: dict, source: str, cast: bool = False) -> dict:
     """Params as they enter the toolkit: float32 (other float types are refused, or cast
     when ``cast``: the kernels compute in float32 and a silent cast hides a wrong file) and

@@ -14,7 +14,9 @@ import numpy as np
 from ..errors import QuantOpsError
 from .. import methods
 from .ir import Graph, Node
+from .params import as_numpy
 from .quantizers import GRAD_SUM_SUFFIX, is_grad_sum
+from .sign import nonnegative
 
 # input position of the weight, and the weight's output-channel axis, per layer op
 WEIGHT_INPUT = {"Convolution": (1, 0), "FullyConnected": (1, 0), "Deconvolution": (1, 1)}
@@ -97,6 +99,19 @@ def _inferred_shape(internals, node: Node, out_idx: int, shapes: dict):
     return tuple(out[0]) if out and out[0] and all(d > 0 for d in out[0]) else None
 
 
+def _signed_form(spec, tensor: str, consumer: Node, source: str):
+    """(spec, note) for an unsigned activation method on a tensor that can be negative:
+    its signed form, or a refusal naming the node (it would zero half the tensor)."""
+    params = spec.descriptor.signed_params(dict(spec.params))
+    if params is None:
+        raise QuantOpsError(
+            f"{source}: '{spec.method}' represents [0, a] only, but '{tensor}', the input of "
+            f"'{consumer.name}', can be negative (it is not the output of a ReLU-like op): "
+            "give that layer a signed method (an override, e.g. int8) or skip it")
+    return (spec.merged({"params": params}),
+            f"{spec.method} in its signed form: '{tensor}' can be negative")
+
+
 def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
                       values: dict | None = None) -> Rewrite:
     """Quantize the inputs of every layer the policy selects.
@@ -129,6 +144,10 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
         src = graph.nodes[src_old]
         tensor = src.name if out_idx == 0 else f"{src.name}_out{out_idx}"
         qname = f"{tensor}_{spec.method}"
+        sign_note = None
+        if not is_weight and (src_old, out_idx) not in nonneg \
+                and spec.descriptor.unsigned(spec.op_attrs(is_weight=False)):
+            spec, sign_note = _signed_form(spec, tensor, consumer, graph.source)
         channels = 1
         if is_weight and spec.per_channel:
             shape = tensor_shape(src_old, out_idx)
@@ -145,7 +164,7 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
         new_inputs = []
         weight = values.get(src.name) if is_weight else None
         if weight is not None:
-            weight = np.asarray(weight.asnumpy() if hasattr(weight, "asnumpy") else weight)
+            weight = as_numpy(weight)
         init = spec.initial(is_weight, channels, weight, axis)
         for inp in spec.descriptor.inputs:
             name, learned = f"{qname}_{inp.name}", inp.learned
@@ -170,12 +189,13 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
         q = emit(Node(spec.op_name, qname, attrs, [data] + new_inputs))
         res.table.append({"node": consumer.name, "op": consumer.op, "input": role,
                           "tensor": tensor, "quantizer": qname, "method": spec.method,
-                          "bits": spec.bits, "shared_range": group,
+                          "bits": spec.bits, "shared_range": group, "note": sign_note,
                           "granularity": "per-channel" if channels > 1 or (
                               is_weight and spec.per_channel) else "per-tensor"})
         return [q, 0, 0]
 
     internals: list = []
+    nonneg = nonnegative(graph)
 
     def tensor_shape(idx: int, out_idx: int):
         node = graph.nodes[idx]

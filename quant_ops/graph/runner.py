@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import QuantOpsError, mxnet_message
 from .ir import Graph
+from .params import as_numpy
 
 
 @contextmanager
@@ -33,10 +34,6 @@ def no_fusion() -> Iterator[None]:
             del os.environ[key]
         else:
             os.environ[key] = old
-
-
-def _as_np(v) -> np.ndarray:
-    return v.asnumpy() if hasattr(v, "asnumpy") else np.asarray(v)
 
 
 def select(graph: Graph | mx.sym.Symbol, outputs: list[str] | None = None) -> mx.sym.Symbol:
@@ -63,16 +60,16 @@ def bind(sym: mx.sym.Symbol, params: Mapping, feeds: Mapping[str, tuple | np.nda
     for k in sym.list_arguments():
         if k in feeds:
             f = feeds[k]
-            args[k] = mx.nd.zeros(f) if isinstance(f, tuple) else mx.nd.array(_as_np(f))
+            args[k] = mx.nd.zeros(f) if isinstance(f, tuple) else mx.nd.array(as_numpy(f))
         elif k in params:
-            args[k] = mx.nd.array(_as_np(params[k]))
+            args[k] = mx.nd.array(as_numpy(params[k]))
         else:
             raise QuantOpsError(f"{source}: no value for parameter '{k}'")
     aux = {}
     for k in sym.list_auxiliary_states():
         if k not in params:
             raise QuantOpsError(f"{source}: no value for auxiliary state '{k}'")
-        aux[k] = mx.nd.array(_as_np(params[k]))
+        aux[k] = mx.nd.array(as_numpy(params[k]))
     try:
         with nullcontext() if fusion else no_fusion():
             return sym.bind(mx.cpu(), args, args_grad=args_grad, grad_req=grad_req,
@@ -84,9 +81,11 @@ def bind(sym: mx.sym.Symbol, params: Mapping, feeds: Mapping[str, tuple | np.nda
 
 
 class Runner:
-    """Batches of one shape in, the graph's outputs (or named internal tensors) out, as
-    numpy arrays, in inference mode.  ``copies=2`` keeps two executors that take turns in
-    :meth:`stream`, so MXNet computes batch i+1 while the caller reads batch i."""
+    """Batches in, the graph's outputs (or named internal tensors) out, as numpy arrays, in
+    inference mode.  Every batch has the per-sample shape of ``shape``; a batch of another
+    size (a shorter last one) runs on a reshaped executor that shares the first's memory.
+    ``copies=2`` keeps two executors that take turns in :meth:`stream`, so MXNet computes
+    batch i+1 while the caller reads batch i."""
 
     def __init__(self, graph: Graph | mx.sym.Symbol, params: Mapping, shape: tuple,
                  data_name: str = "data", outputs: list[str] | None = None, copies: int = 1,
@@ -94,18 +93,32 @@ class Runner:
         source = graph.source if isinstance(graph, Graph) else "<symbol>"
         sym = select(graph, outputs)
         self.shape, self.data_name, self.source = tuple(shape), data_name, source
-        fusion = not outputs if fusion is None else fusion   # see no_fusion
-        self._exes = [bind(sym, params, {data_name: self.shape}, fusion=fusion, source=source)
-                      for _ in range(copies)]
+        self._fusion = not outputs if fusion is None else fusion   # see no_fusion
+        self._exes = [bind(sym, params, {data_name: self.shape}, fusion=self._fusion,
+                           source=source) for _ in range(copies)]
+        self._resized: dict = {}
 
-    def _check(self, x) -> None:
-        if tuple(np.shape(x)) != self.shape:
-            raise QuantOpsError(f"{self.source}: batch of shape {tuple(np.shape(x))}, "
-                                f"expected {self.shape} (all batches must have one shape)")
+    def _executor(self, x, i: int = 0) -> mx.executor.Executor:
+        """The executor for ``x``'s shape (the ``i``-th copy)."""
+        shape = tuple(np.shape(x))
+        if shape == self.shape:
+            return self._exes[i]
+        if shape[1:] != self.shape[1:] or not shape or shape[0] < 1:
+            raise QuantOpsError(f"{self.source}: batch of shape {shape}, expected "
+                                f"(N,) + {self.shape[1:]} (one shape per sample)")
+        key = (shape, i)
+        if key not in self._resized:
+            try:
+                with nullcontext() if self._fusion else no_fusion():
+                    self._resized[key] = self._exes[i].reshape(
+                        allow_up_sizing=True, **{self.data_name: shape})
+            except mx.base.MXNetError as e:
+                raise QuantOpsError(f"{self.source}: batch of shape {shape}: "
+                                    f"{mxnet_message(e)}") from None
+        return self._resized[key]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        self._check(x)
-        exe = self._exes[0]
+        exe = self._executor(x)
         exe.arg_dict[self.data_name][:] = x
         return [o.asnumpy() for o in exe.forward(is_train=False)]
 
@@ -113,8 +126,7 @@ class Runner:
         """The outputs of each batch of ``xs`` in turn (executors alternate)."""
         pending = None
         for i, x in enumerate(xs):
-            self._check(x)
-            exe = self._exes[i % len(self._exes)]
+            exe = self._executor(x, i % len(self._exes))
             exe.arg_dict[self.data_name][:] = x
             exe.forward(is_train=False)          # queued: runs while batch i-1 is read
             if pending is not None:
@@ -136,20 +148,12 @@ def run_once(graph: Graph | mx.sym.Symbol, params: Mapping,
 
 def predict(graph: Graph, params: Mapping, x: np.ndarray, batch_size: int = 500,
             data_name: str = "data") -> np.ndarray:
-    """The first output of the graph over ``x`` (batches of ``batch_size``; the last,
-    shorter batch is padded)."""
+    """The first output of the graph over ``x``, in batches of ``batch_size``."""
     if len(x) == 0:
         raise QuantOpsError(f"{graph.source}: nothing to predict (no images)")
     batch_size = min(batch_size, len(x))
     run = Runner(graph, params, (batch_size,) + tuple(x.shape[1:]), data_name)
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        n = len(xb)
-        if n < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
-        out.append(run(xb)[0][:n])
-    return np.concatenate(out)
+    return np.concatenate([run(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
 
 
 def accuracy(graph: Graph, params: Mapping, x: np.ndarray, y: np.ndarray,

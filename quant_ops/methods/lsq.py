@@ -25,6 +25,9 @@ class _LSQ(Method):
     def _signed(self, attrs) -> bool:
         return flag(attrs, "signed", flag(attrs, "is_weight"))
 
+    def signed_params(self, params):
+        return {**params, "signed": True}
+
     def unsigned(self, attrs):
         return not self._signed(attrs)
 

@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from ..errors import QuantOpsError
 from ..graph.fold_bn import _bn_arrays, _pairs, fold_batchnorm
-from ..graph.ir import Graph, Node
+from ..graph.ir import Graph, Node, flag
+from ..graph.params import as_numpy
 from ..graph.relu6 import _is_relu6, relu6_to_relu
 from ..policy import QuantPolicy, QuantSpec
 from ..prepare import as_policy
@@ -56,7 +57,7 @@ Stats = dict  # layer name -> (beta, sigma): the layer's output pre-activation ~
 # -- small helpers -------------------------------------------------------------------------
 def _np_params(params: dict) -> dict:
     """A private copy of every param as a numpy array (never a view of the caller's)."""
-    return {k: np.array(v.asnumpy() if hasattr(v, "asnumpy") else v, copy=True)
+    return {k: as_numpy(v).copy()
             for k, v in params.items()}
 
 
@@ -64,11 +65,6 @@ def _copy_graph(graph: Graph) -> Graph:
     return Graph([Node(n.op, n.name, dict(n.attrs), [list(e) for e in n.inputs])
                   for n in graph.nodes], [list(h) for h in graph.heads], dict(graph.attrs),
                  graph.source)
-
-
-def _flag(attrs: dict, key: str, default: bool) -> bool:
-    v = attrs.get(key)
-    return default if v is None else v in ("True", "true", "1")
 
 
 def _is_relu(n: Node) -> bool:
@@ -103,7 +99,7 @@ def _layer(graph: Graph, i: int, params: dict) -> _Layer:
         raise QuantOpsError(f"{graph.source}: weight '{w.name}' of '{n.name}' is not in the "
                             "params")
     bias = None
-    if not _flag(n.attrs, "no_bias", False) and len(n.inputs) > 2:
+    if not flag(n.attrs, "no_bias", False) and len(n.inputs) > 2:
         b = graph.nodes[n.inputs[2][0]]
         if not b.is_var:
             raise QuantOpsError(f"{graph.source}: the bias of '{n.name}' is computed by "
@@ -127,7 +123,7 @@ def _layers(graph: Graph, params: dict) -> list:
 
 def _channel_first(n: Node) -> bool:
     if n.op == "FullyConnected":
-        return _flag(n.attrs, "flatten", True)
+        return flag(n.attrs, "flatten", True)
     layout = n.attrs.get("layout", "None")
     return layout in ("None", "") or layout.startswith("NC")
 
@@ -139,7 +135,7 @@ def _with_biases(graph: Graph, params: dict, names: Iterable[str]) -> tuple[Grap
     missing = []
     for name in sorted(want):
         n = graph.nodes[idx[name]]
-        if _flag(n.attrs, "no_bias", False) or len(n.inputs) < 3:
+        if flag(n.attrs, "no_bias", False) or len(n.inputs) < 3:
             missing.append(idx[name])
     if not missing:
         return graph, params
@@ -325,7 +321,7 @@ def find_pairs(graph: Graph, params: dict) -> tuple[list, list]:
         ops = [graph.nodes[p] for p in path]
         padded = any(_padded(n) for n in ops + [graph.nodes[second]]
                      if n.op in ("Convolution", "Pooling")
-                     and not _flag(n.attrs, "global_pool", False))
+                     and not flag(n.attrs, "global_pool", False))
         pairs.append(LayerPair(first.name, graph.nodes[second].name,
                                tuple(n.name for n in ops), bool(ops) and _is_relu(ops[0]),
                                padded))
@@ -478,7 +474,7 @@ def _tensor_name(graph: Graph, entry: list) -> str:
 def _measured_means(graph: Graph, params: dict, layers: Sequence, batches, data_name: str):
     """Per-channel (conv) or per-feature (fully connected) mean of each layer's input over
     the calibration batches, in the float graph."""
-    batches = [np.asarray(b.asnumpy() if hasattr(b, "asnumpy") else b, np.float32)
+    batches = [as_numpy(b, np.float32)
                for b in batches]
     if not batches:
         raise QuantOpsError("empirical bias correction needs calibration batches; got none")
@@ -488,9 +484,6 @@ def _measured_means(graph: Graph, params: dict, layers: Sequence, batches, data_
     sums = {t: 0.0 for t in unique}
     count = 0
     for x in tqdm(batches, desc="bias correction: input means", leave=False):
-        if x.shape != batches[0].shape:
-            raise QuantOpsError(f"calibration batch of shape {x.shape}, expected "
-                                f"{batches[0].shape} (all batches must have one shape)")
         for t, v in zip(unique, run(x)):
             sums[t] = sums[t] + np.asarray(v, np.float64).sum(axis=0)
         count += len(x)

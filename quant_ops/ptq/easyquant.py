@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from ..calib.graph_calib import activation_tensors
 from ..errors import QuantOpsError
-from ..graph.ir import Graph
+from ..graph.ir import Graph, flag
+from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
 from .. import methods
 from ..graph.quantizers import through_copies
@@ -51,7 +52,6 @@ f32 = np.float32
 LAYER_OPS = ("Convolution", "FullyConnected", "Deconvolution")
 #: quantizers whose scale EasyQuant searches: y = clamp(rint(x / s)) * s, s = range / qmax
 LINEAR_OPS = frozenset(m.op for m in methods.REGISTRY.values() if m.linear)
-_TRUE = ("True", "true", "1")
 
 
 # -- what a layer is ------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def _geometry(node) -> _Geometry | str:
     """The layer's geometry, or why it cannot be simulated."""
     a = node.attrs
     if node.op == "FullyConnected":
-        return _Geometry("FullyConnected", flatten=a.get("flatten", "True") in _TRUE)
+        return _Geometry("FullyConnected", flatten=flag(a, "flatten", True))
     if a.get("layout") not in (None, "None", "NCW", "NCHW", "NCDHW"):
         return f"layout {a.get('layout')} (only channels-first is simulated)"
     kernel = _ints(a.get("kernel"), 0, 1)
@@ -176,8 +176,7 @@ def _find_layers(graph: Graph) -> tuple[list, list]:
         if w_var is None:
             skipped.append((n.name, "its weight is computed in the graph, not a parameter"))
             continue
-        no_bias = n.attrs.get("no_bias", "True" if n.op == "Deconvolution" else "False") \
-            in _TRUE
+        no_bias = flag(n.attrs, "no_bias", n.op == "Deconvolution")
         bias = None
         if not no_bias and len(n.inputs) > 2:
             b_var = _source_var(graph, n.inputs[2])
@@ -196,8 +195,9 @@ def _find_layers(graph: Graph) -> tuple[list, list]:
         if wq.op in LINEAR_OPS:
             layer.w_q = wq.name
             layer.w_bits = int(wq.attrs.get("nbits", "8"))
-            per_channel = wq.attrs.get("is_weight_perchannel", "False") in _TRUE
-            layer.w_axis = int(wq.attrs.get("channel_axis", "0")) if per_channel else None
+            wm = methods.of_op(wq.op)
+            layer.w_axis = int(wq.attrs.get("channel_axis", "0")) if wm.per_axis(wq.attrs) \
+                else None
             users = weight_users.get(n.inputs[1][0], [])
             layer.w_search = len(users) == 1
             if not layer.w_search:
@@ -209,7 +209,7 @@ def _find_layers(graph: Graph) -> tuple[list, list]:
 
 # -- numerics -------------------------------------------------------------------------------
 def _np(v) -> np.ndarray:
-    return np.asarray(v.asnumpy() if hasattr(v, "asnumpy") else v)
+    return as_numpy(v)
 
 
 def _act_quant(x: np.ndarray, amax, nbits: int, out: np.ndarray | None = None) -> np.ndarray:

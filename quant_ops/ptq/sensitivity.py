@@ -32,6 +32,7 @@ from ..calib.graph_calib import calibrate_graph
 from ..errors import QuantOpsError
 from ..fileio import atomic_write_text, staged_dir
 from ..graph.ir import Graph, Node
+from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
 from ..graph.quantizers import activation_quantizers
 from ..policy import QuantPolicy
@@ -187,7 +188,7 @@ def _skipping(policy: QuantPolicy, names: Sequence[str]) -> QuantPolicy:
 
 
 def _as_batch(b: Any) -> np.ndarray:
-    return np.asarray(b.asnumpy() if hasattr(b, "asnumpy") else b, np.float32)
+    return as_numpy(b, np.float32)
 
 
 def _quantized_layers(q: QuantizedGraph) -> list[tuple[str, str, int | None, int | None]]:
@@ -245,7 +246,7 @@ def _check_eval(eval_data, eval_limit: int | None) -> tuple[np.ndarray, np.ndarr
         x, y = eval_data
     except (TypeError, ValueError):
         raise QuantOpsError("eval_data must be a pair (images, labels)") from None
-    x, y = _as_batch(x), np.asarray(y.asnumpy() if hasattr(y, "asnumpy") else y)
+    x, y = _as_batch(x), as_numpy(y)
     if y.ndim != 1 or len(x) != len(y):
         raise QuantOpsError(f"eval_data: {len(x)} images but labels of shape {y.shape} "
                             "(need one label per image)")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ..errors import QuantOpsError, mxnet_message
 from ..graph.ir import Graph
+from ..graph.params import as_numpy
 from ..graph.runner import bind
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _stat_param(params: dict, graph: Graph, bn, pos: int, what: str) -> np.ndarr
         raise QuantOpsError(f"{graph.source}: BatchNorm '{bn.name}' needs its {what} "
                             f"'{name}', which is not in the params")
     v = params[name]
-    return np.asarray(v.asnumpy() if hasattr(v, "asnumpy") else v, np.float64).ravel()
+    return as_numpy(v, np.float64).ravel()
 
 
 class StatisticLoss:

@@ -37,14 +37,45 @@ Backward (the straight-through estimator of the clamp): ``dL/dx = dL/dy`` where
 elsewhere and for NaN ``x``; ``grad_mode="ste"`` passes ``dL/dy`` everywhere (the seed's
 backward).  Nothing is learned: the range is state, never differentiated.
 
-Differences from the seed's ``_contrib_FQN`` (XiaotaoChen/mx_quant_op, FQN-inl.h): the seed
-computes ``round((x - min) / s) * s + min`` (no zero point, so 0 is in general not on the
-grid; no clamp, so in inference values beyond the stored range are not saturated), rounds
-half away from zero, stores the batch's min/max (no EMA) in training for weights and
-activations alike and uses the stored range in inference (weights too), adds 1e-6 to the
-per-channel max (a constant per-tensor input divides by 0), allows per-channel on any input
-(axis 0, data viewed as 4-D) and passes the gradient straight through everywhere.  Its aux
-states ``min`` / ``max`` are ``fqn_min`` / ``fqn_max`` here.
+Seed grid (``seed_grid=True``; default False, which leaves everything above unchanged): the
+seed toolkit's ``_contrib_FQN`` / ``FQN_PY`` (XiaotaoChen/mx_quant_op, FQN-inl.h, FQN_PY.py),
+a grid of ``L + 1`` levels that starts at ``min``, with no zero point (0 is in general not on
+it) and no clamp (values beyond the range go on along the grid)::
+
+    s = (max - min) / L                           # negative when max < min: the same grid
+    y = rint((x - min) / s) * s + min             # the product rounded, then the sum
+
+``nbits`` means what it meant in the seed (``L = 2^nbits - 1``) and may be 1 (two levels,
+min and max).  A step that is not usable (``|s|`` not in (0, FLT_MAX]: max == min, an infinite
+or NaN bound) gives +0 everywhere, NaN stays NaN (the seed divided 0 by 0: NaN everywhere).
+
+* Range, weights (``is_weight``): in training the batch's min and max (NaN ignored; per
+  channel along ``channel_axis`` with ``is_perchannel``, where the seed then added 1e-6 to
+  each max, in float32, and so does this); **in inference the stored range**, as the seed (its
+  checkpoints hold the range of the last training forward, which the final weights may leave).
+  Activations: as without the option (``ema_decay = 0``, the default, stores each training
+  batch's min and max, which is what the seed did; ``0 < ema_decay`` averages, an extension).
+* Backward: ``grad_mode="ste"`` passes ``dL/dy`` everywhere: the seed's backward (an identity
+  copy), which the import sets.  ``"clip"`` (the default) passes it where ``x`` lies between
+  ``min`` and ``max`` (both ends included, not widened to 0), 0 elsewhere and for NaN ``x``: in
+  training the batch's own range holds every value, so it differs from ``"ste"`` only on NaN
+  (and, with ``0 < ema_decay``, outside the averaged range).
+* What differs from the seed, kept: ``rint`` rounds half to even (the seed half away from
+  zero: ``roundf`` / ``mx.nd.round``), because every quantizer of this library rounds so
+  (TensorRT / ONNX QuantizeLinear do, and the PACT import keeps it too) and an exact tie
+  (``x - min`` an odd multiple of ``s / 2``) is the only place the two roundings differ; ``s`` is
+  divided by ``L``, as ``FQN_PY`` did (the C++ ``_contrib_FQN`` multiplied by ``float(1 / L)``,
+  so its step may be an ulp off, and an output a few ulp); NaN is ignored by the batch range
+  (mshadow's min/max reductions propagate it: the seed's range and outputs became NaN); a
+  step of 0 gives +0 instead of NaN.  Nothing here is ONNX-exportable (FQN has no QDQ form).
+
+Differences of the default (``seed_grid=False``) from the seed's ``_contrib_FQN``: the seed
+computes the grid above (no zero point; no clamp), rounds half away from zero, stores the
+batch's min/max (no EMA) in training for weights and activations alike and uses the stored
+range in inference (weights too), adds 1e-6 to the per-channel max (a constant per-tensor
+input divides by 0), allows per-channel on any input (axis 0, data viewed as 4-D) and passes
+the gradient straight through everywhere.  Its aux states ``min`` / ``max`` are ``fqn_min`` /
+``fqn_max`` here.
 """
 from __future__ import annotations
 
@@ -54,8 +85,10 @@ import numpy as np
 
 f32 = np.float32
 NBITS_RANGE = (2, 16)
+SEED_NBITS_RANGE = (1, 16)     # with seed_grid=True
 FLT_MAX = np.finfo(f32).max
 GRAD_MODES = ("clip", "ste")
+SEED_EPS = f32(1e-6)           # the seed's per-channel max + 1e-6
 
 
 @dataclass(frozen=True)
@@ -68,10 +101,12 @@ class FQNAttrs:
     channel_axis: int = 0
     ema_decay: float = 0.0
     grad_mode: str = "clip"
+    seed_grid: bool = False
 
     def __post_init__(self):
-        if not NBITS_RANGE[0] <= self.nbits <= NBITS_RANGE[1]:
-            raise ValueError(f"FQN: nbits={self.nbits} is out of range {list(NBITS_RANGE)}")
+        lo, hi = SEED_NBITS_RANGE if self.seed_grid else NBITS_RANGE
+        if not lo <= self.nbits <= hi:
+            raise ValueError(f"FQN: nbits={self.nbits} is out of range {[lo, hi]}")
         if self.is_perchannel and not self.is_weight:
             raise ValueError("FQN: is_perchannel=True needs is_weight=True")
         if not 0.0 <= self.ema_decay <= 1.0:
@@ -86,7 +121,8 @@ class FQNAttrs:
     def as_kwargs(self) -> dict:
         return dict(nbits=self.nbits, is_weight=self.is_weight,
                     is_perchannel=self.is_perchannel, channel_axis=self.channel_axis,
-                    ema_decay=self.ema_decay, grad_mode=self.grad_mode)
+                    ema_decay=self.ema_decay, grad_mode=self.grad_mode,
+                    seed_grid=self.seed_grid)
 
 
 def levels(nbits: int) -> np.float32:
@@ -141,6 +177,35 @@ def fake_quant(x, fqn_min, fqn_max, nbits: int = 4, axis: int | None = None) -> 
     return np.where(ok, y, zero).astype(f32)
 
 
+def seed_step(fqn_min, fqn_max, nbits: int):
+    """(step, usable) of the seed grid: ``(max - min) / L`` in float32 and ``0 < |s| <=
+    FLT_MAX``, arrays shaped like the range."""
+    mn = np.asarray(fqn_min, dtype=f32)
+    mx = np.asarray(fqn_max, dtype=f32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = ((mx - mn).astype(f32) / levels(nbits)).astype(f32)
+        a = np.abs(s)
+        ok = (a > 0) & (a <= FLT_MAX)
+    return s, ok
+
+
+def seed_fake_quant(x, fqn_min, fqn_max, nbits: int = 4, axis: int | None = None) -> np.ndarray:
+    """The seed grid: y = rint((x - min) / s) * s + min, s = (max - min) / L, no clamp."""
+    x = np.asarray(x, dtype=f32)
+    mn = np.asarray(fqn_min, dtype=f32).reshape(-1)
+    mx = np.asarray(fqn_max, dtype=f32).reshape(-1)
+    if axis is None:
+        mn, mx = mn[:1], mx[:1]
+    s, ok = seed_step(mn, mx, nbits)
+    s, ok, lo = (_bcast(a, x.ndim, axis) for a in (s, ok, mn))
+    safe = np.where(ok, s, f32(1)).astype(f32)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        q = np.rint(((x - lo).astype(f32) / safe).astype(f32)).astype(f32)
+        y = ((q * safe).astype(f32) + lo).astype(f32)
+    zero = np.where(np.isnan(x), x, f32(0)).astype(f32)
+    return np.where(ok, y, zero).astype(f32)
+
+
 def batch_min_max(x, axis: int | None = None):
     """(min, max) of a batch ignoring NaN (per slice along ``axis``), float32 arrays of shape
     (1,) or (C,), + 0 (no -0).  Where there is no non-NaN value: (+inf, -inf)."""
@@ -172,11 +237,13 @@ def fqn_forward(x, fqn_min, fqn_max, qstate, attrs: FQNAttrs = FQNAttrs()):
     mx = np.array(fqn_max, dtype=f32).reshape(-1)
     qstate = np.array(qstate, dtype=f32).reshape(-1)
     training = qstate[1] > 0.5
-    if attrs.is_weight:
+    if attrs.is_weight and (training or not attrs.seed_grid):
         bmn, bmx = batch_min_max(x, attrs.axis)
         empty = ~(bmn <= bmx)
         mn = np.where(empty, f32(0), bmn).astype(f32)
         mx = np.where(empty, f32(0), bmx).astype(f32)
+        if attrs.seed_grid and attrs.axis is not None:
+            mx = (mx + SEED_EPS).astype(f32)
     elif training:
         bmn, bmx = batch_min_max(x)
         if bmn[0] <= bmx[0]:
@@ -187,12 +254,14 @@ def fqn_forward(x, fqn_min, fqn_max, qstate, attrs: FQNAttrs = FQNAttrs()):
                 mx = np.array([ema(mx[0], bmx[0], attrs.ema_decay)], f32)
     if training:
         qstate[0] = qstate[0] + f32(1)
-    return fake_quant(x, mn, mx, attrs.nbits, attrs.axis), mn, mx, qstate
+    quant = seed_fake_quant if attrs.seed_grid else fake_quant
+    return quant(x, mn, mx, attrs.nbits, attrs.axis), mn, mx, qstate
 
 
 def fqn_backward(grad, x, fqn_min, fqn_max, attrs: FQNAttrs = FQNAttrs()) -> np.ndarray:
     """dL/dx given the range *after* the forward: straight through where lo <= x <= hi
-    (``grad_mode="clip"``), or everywhere (``"ste"``)."""
+    (``grad_mode="clip"``; with ``seed_grid``: between min and max, not widened to 0), or
+    everywhere (``"ste"``)."""
     grad = np.asarray(grad, dtype=f32)
     x = np.asarray(x, dtype=f32)
     if attrs.grad_mode == "ste":
@@ -201,7 +270,12 @@ def fqn_backward(grad, x, fqn_min, fqn_max, attrs: FQNAttrs = FQNAttrs()) -> np.
     mx = np.asarray(fqn_max, dtype=f32).reshape(-1)
     if attrs.axis is None:
         mn, mx = mn[:1], mx[:1]
-    _, _, lo, hi, _ = qparams(mn, mx, attrs.nbits)
+    if attrs.seed_grid:
+        with np.errstate(invalid="ignore"):
+            lo = np.where(mn <= mx, mn, mx).astype(f32)
+            hi = np.where(mn <= mx, mx, mn).astype(f32)
+    else:
+        _, _, lo, hi, _ = qparams(mn, mx, attrs.nbits)
     lo, hi = _bcast(lo, x.ndim, attrs.axis), _bcast(hi, x.ndim, attrs.axis)
     with np.errstate(invalid="ignore"):
         return np.where((x >= lo) & (x <= hi), grad, f32(0)).astype(f32)

@@ -27,6 +27,22 @@ value is data and cannot be checked before the forward runs.  The gradient is th
 as written for any ``alpha`` (x == alpha counts as saturated: its gradient goes to alpha);
 NaN ``x`` or NaN ``alpha`` contribute no gradient.
 
+Signed form (``signed=True``): the clip is ``[-alpha, alpha]``, as the seed toolkit's
+``_contrib_PACT`` (``mshadow_op::clip(x, gamma)``) and its prototype ``PACT_V2_PY`` computed it,
+on the symmetric narrow grid of ``m = 2^(k-1) - 1`` levels each side of 0::
+
+    s   = f32(alpha) / f32(2^(k-1) - 1)
+    q   = clip(rint(x / s), -m, m) + 0
+    y_q = q * s
+
+``k`` counts the sign bit: the seed's ``nbits = n`` (``2^n - 1`` levels each side) is
+``k = n + 1`` here.  The estimator is mirrored: ``dy_q/dx`` is 1 on ``(-alpha, alpha)``;
+``dy_q/dalpha`` is +1 on ``[alpha, inf)`` and -1 on ``(-inf, -alpha]`` (the exact derivative of
+``clip(x, -alpha, alpha)``, and what autograd gives ``PACT_V2_PY``).  The seed's C++ backward
+differs: it sent only ``x > alpha`` to alpha and passed ``x < -alpha`` on to x (its backward
+was written for the unsigned clip).  ONNX's signed QDQ (int8) saturates at code
+``-2^(k-1)``, one below ``-m``: inputs under ``-alpha - s/2`` differ there by one step.
+
 ``dL/dalpha`` is a sum, summed in a fixed order so that the C++ result is reproducible and
 equal to this one bit for bit: masked gradients as float64, blocks of ``SUM_BLOCK``
 consecutive elements, ``SUM_LANES`` interleaved lanes per block each summed in order, a
@@ -57,28 +73,30 @@ def _alpha(alpha) -> np.float32:
     return a[0]
 
 
-def levels(nbits: int) -> np.float32:
-    """2^k - 1: the top code of the k-bit unsigned quantizer."""
-    return f32(2 ** _check_nbits(nbits) - 1)
+def levels(nbits: int, signed: bool = False) -> np.float32:
+    """2^k - 1: the top code of the k-bit unsigned quantizer (signed: 2^(k-1) - 1)."""
+    k = _check_nbits(nbits)
+    return f32(2 ** (k - 1) - 1) if signed else f32(2 ** k - 1)
 
 
-def scale_of(alpha, nbits: int = DEFAULT_NBITS) -> np.float32:
-    """s = alpha / (2^k - 1) in float32."""
-    return f32(_alpha(alpha) / levels(nbits))
+def scale_of(alpha, nbits: int = DEFAULT_NBITS, signed: bool = False) -> np.float32:
+    """s = alpha / (2^k - 1) in float32 (signed: alpha / (2^(k-1) - 1))."""
+    return f32(_alpha(alpha) / levels(nbits, signed))
 
 
 def usable_scale(s) -> bool:
     return bool(s > 0 and s <= FLT_MAX)
 
 
-def pact_forward(x, alpha, nbits: int = DEFAULT_NBITS) -> np.ndarray:
-    """y_q = PACT_k(x) (eq. 1-2), float32."""
+def pact_forward(x, alpha, nbits: int = DEFAULT_NBITS, signed: bool = False) -> np.ndarray:
+    """y_q = PACT_k(x) (eq. 1-2), float32; ``signed``: clipped to [-alpha, alpha]."""
     x = np.asarray(x, dtype=f32)
-    s = scale_of(alpha, nbits)
+    s = scale_of(alpha, nbits, signed)
     if not usable_scale(s):
         return np.where(np.isnan(x), x, f32(0)).astype(f32)
+    top = levels(nbits, signed)
     with np.errstate(invalid="ignore", over="ignore"):
-        q = np.clip(np.rint(x / s), f32(0), levels(nbits)).astype(f32) + f32(0)
+        q = np.clip(np.rint(x / s), -top if signed else f32(0), top).astype(f32) + f32(0)
         return (q * s).astype(f32)
 
 
@@ -96,22 +114,28 @@ def ordered_sum(v) -> np.float32:
     return f32(total)
 
 
-def pact_backward(grad, x, alpha) -> tuple[np.ndarray, np.ndarray]:
-    """(dL/dx, dL/dalpha of shape (1,)) of the paper's estimator (eq. 3 with the STE).
+def pact_backward(grad, x, alpha, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(dL/dx, dL/dalpha of shape (1,)) of the paper's estimator (eq. 3 with the STE);
+    ``signed``: the mirrored estimator of the clip to [-alpha, alpha].
 
     It does not depend on k: the straight-through estimator ignores the rounding."""
     grad = np.asarray(grad, dtype=f32)
     x = np.asarray(x, dtype=f32)
     a = _alpha(alpha)
     with np.errstate(invalid="ignore"):
-        dx = np.where((x >= 0) & (x < a), grad, f32(0)).astype(f32)
-        dalpha = ordered_sum(np.where(x >= a, grad, f32(0)))
+        if signed:
+            dx = np.where((x > -a) & (x < a), grad, f32(0)).astype(f32)
+            term = np.where(x >= a, grad, np.where(x <= -a, -grad, f32(0))).astype(f32)
+        else:
+            dx = np.where((x >= 0) & (x < a), grad, f32(0)).astype(f32)
+            term = np.where(x >= a, grad, f32(0))
+        dalpha = ordered_sum(term)
     return dx, np.array([dalpha], dtype=f32)
 
 
-def pact_clip(x, alpha) -> np.ndarray:
+def pact_clip(x, alpha, signed: bool = False) -> np.ndarray:
     """eq. 1 unquantized, in float64: the function whose exact gradient the estimator is
-    (central differences of it check ``pact_backward``)."""
+    (central differences of it check ``pact_backward``); ``signed``: clip(x, -alpha, alpha)."""
     x = np.asarray(x, dtype=np.float64)
     a = float(np.asarray(alpha, dtype=np.float64).reshape(-1)[0])
-    return np.minimum(np.maximum(x, 0.0), a)
+    return np.minimum(np.maximum(x, -a if signed else 0.0), a)

@@ -23,7 +23,7 @@ import logging
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from ..graph.ir import Graph
+from ..graph.ir import Graph, flag
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ def _blocks(net: gluon.Block):
         seen.add(id(b))
         yield b
         stack.extend(reversed(list(b._children.values())))
-
-
-def _flag(value: str | None) -> bool:
-    return value in ("True", "true", "1")
 
 
 def _symbol_bns(block: gluon.SymbolBlock) -> list[str]:
@@ -69,7 +65,7 @@ def frozen_bn(net: gluon.Block) -> list[bool]:
             out.append(bool(b._kwargs.get("use_global_stats", False)))
         elif isinstance(b, gluon.SymbolBlock) and b._cached_graph:
             graph = Graph.from_symbol(b._cached_graph[1])
-            out += [_flag(n.attrs.get("use_global_stats")) for n in graph.nodes
+            out += [flag(n.attrs, "use_global_stats") for n in graph.nodes
                     if n.op == "BatchNorm"]
     return out
 
@@ -91,7 +87,7 @@ def freeze_bn(net: gluon.Block, frozen: bool = True) -> int:
             graph = Graph.from_symbol(out)
             hit = 0
             for n in graph.nodes:
-                if n.op == "BatchNorm" and _flag(n.attrs.get("use_global_stats")) != frozen:
+                if n.op == "BatchNorm" and flag(n.attrs, "use_global_stats") != frozen:
                     n.attrs["use_global_stats"] = value
                     hit += 1
             if hit:

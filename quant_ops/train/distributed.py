@@ -26,8 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-import mxnet as mx
-
 from ..errors import QuantOpsError
 
 log = logging.getLogger(__name__)
