@@ -1,19 +1,20 @@
 """QAT results table on Fashion-MNIST: the project's float ResNet-20 fine-tuned with each
-method at W/A 8/8, 4/4, 3/3, 2/2 and W3A4, beside the seed toolkit's published CIFAR-10
-ResNet-20 numbers, plus the train-step time of the quantized net against the float net
-(W8A8 per-channel, hybridized, ratio in one run).
+method at W/A 8/8, 4/4, 3/4, 3/3, 2/2 (and the seed toolkit's mixed rows, INT8-grid or GDRQ
+weights with PACT activations), beside the seed's published CIFAR-10 ResNet-20 numbers,
+plus the train-step time of the quantized net against the float net (W8A8 per-channel,
+hybridized, ratio in one run).
 
 Writes the QAT section of ``docs/results.md`` and ``bench/results/qat_table.json``.
 
-    python bench/qat_table.py                      # the whole table (about 1 h on 2 cores)
-    python bench/qat_table.py --configs lsq:4/4,int8:8/8 --train-images 25600
+    python bench/qat_table.py --resume             # the whole table, in as many runs as it takes
+    python bench/qat_table.py --configs lsq:4/4,int8:8/8 --train-images 12800
 
-Recipe: start from the float checkpoint, BatchNorm folded for QAT (frozen statistics),
-SGD + momentum under the SineScheduler for one pass over ``--train-images`` images.  The
-first convolution and the classifier stay INT8, as in the PACT, DoReFa and LSQ papers; the
-network input is signed, which [0, a] activation quantizers (PACT, DoReFa) cannot represent.
-The stem output (no ReLU in gluoncv's CIFAR ResNet v1) is signed as well: its one reader
-gets the signed int8 quantizer at the row's activation bit width.
+Each row is the library's default recipe (``quant_ops.train.recipe``), nothing tuned per
+row; its budget is one epoch over ``--train-images`` images (default: the whole training
+set, about 4-5 minutes a row on 2 cores).  The JSON is written after every row; with
+``--resume`` a later run keeps the rows measured with the same budget on the same code
+(``code_version``: a hash of quant_ops/ and operator_cxx/) and runs the others again.
+The first convolution and the classifier stay INT8, as in the PACT, DoReFa and LSQ papers.
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
 from quant_ops.model import QuantizedModel  # noqa: E402
 from quant_ops.ops import set_training  # noqa: E402
+from quant_ops.policy import QuantPolicy  # noqa: E402
 from quant_ops.train import FitConfig, fit  # noqa: E402
+from quant_ops.train.recipe import default_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "fmnist_resnet20"
@@ -42,21 +45,18 @@ FIRST_LAST = ("cifarresnetv10_conv0_fwd", "cifarresnetv10_dense0_fwd")
 #: reads the stem's output, which has no ReLU in gluoncv's CIFAR ResNet v1: a signed tensor
 SIGNED_INPUT = ("cifarresnetv10_stage1_conv0_fwd",)
 #: table name -> (weight method, activation method); the seed's pairings included
-METHODS = {"int8": ("int8", "int8"), "int8+pact": ("int8", "pact"),
+METHODS = {"int8": ("int8", "int8"), "int8+pact": ("int8", "pact"), "gdrq+pact": ("gdrq", "pact"),
            "pact": ("dorefa", "pact"), "dorefa": ("dorefa", "dorefa"), "lsq": ("lsq", "lsq"),
            "qil": ("qil", "qil"), "dsq": ("dsq", "dsq"), "gdrq": ("gdrq", "gdrq"),
            "fqn": ("fqn", "fqn")}
 PER_CHANNEL = {"int8", "lsq", "fqn"}
-#: weight quantizers that keep the weight's scale can train with BN folded (frozen
-#: statistics, as deployed); DoReFa and QIL map weights into [-1, 1], GDRQ reshapes them,
-#: so BN stays after the conv to absorb the new scale (as in those papers)
-FOLD_BN = {"int8": "qat", "lsq": "qat", "dsq": "qat", "fqn": "qat"}
 BITS = ["8/8", "4/4", "2/2", "3/3", "3/4"]
 #: the seed toolkit's published top-1 (README of XiaotaoChen/mx_quant_op): CIFAR-10
 #: ResNet-20, fp32 0.920; columns: our method name it corresponds to
 SEED_CIFAR10 = {"pact": {"4/4": 91.8, "3/4": 91.8, "3/3": 91.7, "2/2": 89.7},
                 "int8": {"4/4": 91.4, "3/4": 91.1, "3/3": 89.1, "2/2": 67.0},
-                "int8+pact": {"4/4": 91.9, "3/4": 91.7, "3/3": 91.6, "2/2": 89.3}}
+                "int8+pact": {"4/4": 91.9, "3/4": 91.7, "3/3": 91.6, "2/2": 89.3},
+                "gdrq+pact": {"2/2": 90.3}}
 SEED_FP32 = 92.0
 
 
@@ -78,10 +78,17 @@ def policy(name: str, bits: str) -> dict:
                           for n in SIGNED_INPUT]}
 
 
-def learning_rate(bits: str, args) -> float:
-    """8-bit fine-tuning starts next to the float optimum (calibrated PTQ is already within
-    a few hundredths of a point): a small step keeps it there; lower bits need to move."""
-    return args.lr_8bit if bits == "8/8" else args.lr
+def code_version() -> str:
+    """SHA-256 of the sources a row measures (library, kernels): a row measured on other
+    code is stale and is run again, never kept."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder in ("quant_ops", "operator_cxx"):
+        for f in sorted((ROOT / folder).rglob("*")):
+            if f.suffix in (".py", ".h", ".cc") and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def step_time(net, x, y, steps=20) -> float:
@@ -103,48 +110,56 @@ def step_time(net, x, y, steps=20) -> float:
 
 
 def run_config(name: str, bits: str, data: tuple, args) -> dict:
+    """One row: the float checkpoint, the policy, then the library's default recipe
+    (``quant_ops.train.recipe``) with nothing tuned for the row."""
     xtr, ytr, xte, yte = data
-    model, _ = load_float()
-    model.quantize(policy(name, bits), fold_bn=FOLD_BN.get(METHODS[name][0]))
-    model.calibrate(xtr[:512], "mse", batch_size=128, progress=False)
+    model, info = load_float()
+    pol = QuantPolicy.from_dict(policy(name, bits), f"{name} {bits}")
+    rec = default_recipe(pol, info["lr"])
+    model.quantize(pol, fold_bn=rec.fold_bn)
+    model.calibrate(xtr[:rec.calib_images], rec.calib_method, batch_size=128, progress=False)
     acc0 = model.evaluate(xte, yte)
     q = model.to_block()
     q.hybridize(static_alloc=True)
     t = time.time()
-    prog = fit(q, (xtr, ytr), None, FitConfig(epochs=1, lr=learning_rate(bits, args),
-                                              batch_size=128, seed=0, progress=False))
+    prog = fit(q, (xtr, ytr), None, FitConfig(epochs=rec.epochs, lr=rec.lr, wd=rec.wd,
+                                              batch_size=rec.batch_size, seed=0,
+                                              progress=False))
     set_training(q, False)
     acc = model.from_block(q).evaluate(xte, yte)
     loss = prog["history"][-1]["loss"] if prog["history"] else float("nan")
     return {"method": name, "bits": bits, "weight": METHODS[name][0],
-            "fold_bn": FOLD_BN.get(METHODS[name][0]) or "no", "lr": learning_rate(bits, args),
-            "activation": METHODS[name][1], "accuracy_before": acc0, "accuracy": acc,
-            "train_loss": loss, "train_minutes": round((time.time() - t) / 60, 2)}
+            "activation": METHODS[name][1], "fold_bn": rec.fold_bn or "no", "lr": rec.lr,
+            "recipe": rec.to_dict(), "train_images": len(xtr), "steps": prog["step"],
+            "accuracy_before": acc0, "accuracy": acc, "train_loss": loss,
+            "train_minutes": round((time.time() - t) / 60, 2), "code": code_version()}
 
 
 def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -> str:
     lines = ["## QAT on Fashion-MNIST (ResNet-20, test set of 10,000 images)", "",
-             f"Float: **{acc_float:.2f}%**. Each row fine-tunes the float checkpoint for one "
-             f"pass over {args.train_images} training images (batch 128, SGD momentum 0.9, "
-             f"peak lr {args.lr_8bit} at W8A8 and {args.lr} below, SineScheduler). BN is "
-             "folded with frozen statistics where the weight quantizer keeps the weight "
-             "scale (int8, LSQ, DSQ, FQN), and kept after the conv for DoReFa, QIL and "
-             "GDRQ weights. The first conv and the classifier stay INT8 (the network input "
-             "is signed, which [0, a] activation quantizers cannot represent); the stem output "
-             "(no ReLU in this ResNet) is signed too, so its one reader quantizes it with the "
-             "signed int8 quantizer at the row's activation bits. 'before' is "
-             "the quantized net before fine-tuning: activation ranges (INT8 ranges, PACT clips, "
-             "LSQ steps, QIL/DSQ intervals) calibrated by MSE at the layer's bit width on "
-             "512 training images; it is low for DoReFa, QIL and GDRQ weights, which rescale "
-             "the weights, until training lets BN's running statistics follow. "
-             f"Seed: the seed toolkit's published CIFAR-10 ResNet-20 top-1 (fp32 "
-             f"{SEED_FP32}), for context only (another dataset).", "",
-             "| method | W | A | W/A bits | BN folded | before (%) | after (%) | vs float | "
-             "seed CIFAR-10 (%) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Float: **{acc_float:.2f}%**. Each row fine-tunes the float checkpoint with the "
+             "library's default recipe (`quant_ops/train/recipe.py`, nothing tuned per row): "
+             "ranges calibrated first (entropy at 8 bits, MSE at the layer's width below; "
+             "weight ranges by MSE on each method's grid), one epoch over the row's budget of "
+             "training images (batch 128, SGD momentum 0.9, SineScheduler, peak lr float lr "
+             "/ 400 at 8 bits and / 20 below), quantizer parameters with their method's lr "
+             "and weight-decay multipliers. BN is folded with frozen statistics where the "
+             "weight method keeps the weight scale (int8, LSQ, DSQ, FQN) and kept after the "
+             "conv for DoReFa, QIL and GDRQ weights. The first conv and the classifier stay "
+             "INT8; the stem output (no ReLU in this ResNet) is signed, so its one reader "
+             "quantizes it with the signed int8 quantizer at the row's activation bits. "
+             "'before' is the calibrated net before fine-tuning (low for DoReFa, QIL and "
+             "GDRQ weights, which rescale the weights, until training lets BN's running "
+             "statistics follow). Seed: the seed toolkit's published CIFAR-10 ResNet-20 "
+             f"top-1 (fp32 {SEED_FP32}), for context only (another dataset).", "",
+             "| method | W | A | W/A bits | BN folded | budget (images x epochs) | before (%) | "
+             "after (%) | vs float | seed CIFAR-10 (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seed = SEED_CIFAR10.get(r["method"], {}).get(r["bits"])
         lines.append(f"| {r['method']} | {r['weight']} | {r['activation']} | {r['bits']} | "
                      f"{r.get('fold_bn', 'qat')} | "
+                     f"{r.get('train_images', '?')} x {r.get('recipe', {}).get('epochs', 1)} | "
                      f"{r['accuracy_before']:.2f} | {r['accuracy']:.2f} | "
                      f"{r['accuracy'] - acc_float:+.2f} | {'' if seed is None else seed} |")
     if missing:
@@ -156,8 +171,7 @@ def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -
                  f"**{step['w8a8_bn_unfolded'] / step['float']:.2f}x**"
                  if "w8a8_bn_unfolded" in step else "") + ".", "",
               "Regenerate: `python bench/qat_table.py`" +
-              (f" (this run: `--train-images {args.train_images} --lr {args.lr} --lr-8bit "
-               f"{args.lr_8bit}`" +
+              (f" (this run: `--train-images {args.train_images}`" +
                (f" --configs {args.configs}" if args.configs else "") + ")")]
     return "\n".join(lines) + "\n"
 
@@ -176,9 +190,7 @@ def write_section(path: Path, section: str, marker: str = "## QAT on Fashion-MNI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", help="comma list of method:W/A (default: all)")
-    ap.add_argument("--train-images", type=int, default=12800)
-    ap.add_argument("--lr", type=float, default=0.01, help="peak lr below 8 bits")
-    ap.add_argument("--lr-8bit", type=float, default=0.002, help="peak lr at W8A8")
+    ap.add_argument("--train-images", type=int, default=60000)
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of --json measured with the same setup")
     ap.add_argument("--render-only", action="store_true",
@@ -202,8 +214,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown method {name!r} (known: {', '.join(METHODS)})")
     if args.render_only:
         old = json.loads(args.json.read_text())
-        args.train_images, args.lr, args.lr_8bit = (old["train_images"], old["lr"],
-                                                    old["lr_8bit"])
+        args.train_images = old["train_images"]
         have = {(r["method"], r["bits"]) for r in old["rows"]}
         missing = [f"{m}:{b}" for m, b in configs if (m, b) not in have]
         section = render(old["rows"], old["float_accuracy"], args, old["step_ms"], missing)
@@ -220,12 +231,14 @@ def main(argv=None) -> int:
     step = {"float": step_time(fnet, xb, yb) * 1e3, "w8a8": step_time(qnet, xb, yb) * 1e3,
             "w8a8_bn_unfolded": step_time(unfolded, xb, yb) * 1e3}
     print(json.dumps({"step_ms": step}), flush=True)
-    setup = {"train_images": args.train_images, "lr": args.lr, "lr_8bit": args.lr_8bit}
+    setup = {"train_images": args.train_images}
+    code = code_version()
     done = {}
     if args.resume and args.json.is_file():  # rows of an earlier run with the same setup
         old = json.loads(args.json.read_text())
         if all(old.get(k) == v for k, v in setup.items()):
-            done = {(r["method"], r["bits"]): r for r in old["rows"]}
+            done = {(r["method"], r["bits"]): r for r in old["rows"]
+                    if r.get("code") == code}   # rows of other code are stale: re-run
     rows = []
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

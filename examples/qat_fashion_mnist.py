@@ -29,7 +29,9 @@ from quant_ops import QuantizedModel, QuantOpsError  # noqa: E402
 from quant_ops.datasets import fashion_mnist  # noqa: E402
 from quant_ops.export.ort import session  # noqa: E402
 from quant_ops.fileio import atomic_write_text, staged_dir  # noqa: E402
+from quant_ops.policy import QuantPolicy  # noqa: E402
 from quant_ops.train import FitConfig  # noqa: E402
+from quant_ops.train.recipe import Recipe, default_recipe  # noqa: E402
 from quant_ops.viz import draw  # noqa: E402
 
 log = logging.getLogger("qat_fashion_mnist")
@@ -52,9 +54,10 @@ def onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray, bs: int = 500) -> fl
     return 100.0 * correct / len(x)
 
 
-def qat(model: QuantizedModel, x, y, epochs: int, lr: float, seed: int, stage: str) -> list:
-    progress = model.fit((x, y), None, FitConfig(epochs=epochs, lr=lr, batch_size=128,
-                                                 seed=seed, wd=0.0))
+def qat(model: QuantizedModel, x, y, rec: Recipe, epochs: int, seed: int, stage: str) -> list:
+    """Fine-tune with the default recipe's lr, batch and weight decay."""
+    progress = model.fit((x, y), None, FitConfig(epochs=epochs, lr=rec.lr, wd=rec.wd,
+                                                 batch_size=rec.batch_size, seed=seed))
     return [{"stage": stage, **row} for row in progress["history"]]
 
 
@@ -87,17 +90,21 @@ def main(argv=None) -> int:
 
     acc = {"float": base.evaluate(xte, yte)}
     log.info("float: %.2f%%", acc["float"])
-    int8 = base.copy().quantize("trt_int8", fold_bn="deploy").calibrate(calib, "entropy")
+    # the recipes are the library's defaults (quant_ops/train/recipe.py), nothing tuned here
+    rec8 = default_recipe(QuantPolicy.preset("trt_int8"), info["lr"])
+    int8 = base.copy().quantize("trt_int8", fold_bn="deploy").calibrate(calib, rec8.calib_method)
     acc["ptq_int8"] = int8.evaluate(xte, yte)
-    log.info("PTQ INT8 (entropy, %d images): %.2f%%", len(calib), acc["ptq_int8"])
-    # QAT from the calibrated model, gently (float lr / 400): the float net is trained and
-    # the INT8 grid is fine; a hotter lr (/ 100) lost 0.5 point here
-    metrics = qat(int8, *train, args.qat_epochs, info["lr"] / 400, args.seed, "qat_int8")
+    log.info("PTQ INT8 (%s, %d images): %.2f%%", rec8.calib_method, len(calib), acc["ptq_int8"])
+    # QAT from the calibrated model, gently (the recipe: float lr / 400 at 8 bits)
+    metrics = qat(int8, *train, rec8, args.qat_epochs, args.seed, "qat_int8")
     acc["qat_int8"] = int8.evaluate(xte, yte)
     log.info("QAT INT8: %.2f%%", acc["qat_int8"])
-    low = base.copy().quantize(LOW_BIT, fold_bn="qat").calibrate(calib, "mse")
+    low_policy = QuantPolicy.from_dict(LOW_BIT, "LOW_BIT")
+    rec4 = default_recipe(low_policy, info["lr"])
+    low = base.copy().quantize(low_policy, fold_bn=rec4.fold_bn).calibrate(calib,
+                                                                          rec4.calib_method)
     acc["ptq_w4a4"] = low.evaluate(xte, yte)
-    metrics += qat(low, *train, args.qat_epochs, info["lr"] / 20, args.seed, "qat_w4a4")
+    metrics += qat(low, *train, rec4, args.qat_epochs, args.seed, "qat_w4a4")
     acc["qat_w4a4"] = low.evaluate(xte, yte)
     log.info("W4A4 (LSQ / PACT): %.2f%% calibrated, %.2f%% after QAT", acc["ptq_w4a4"],
              acc["qat_w4a4"])

@@ -350,7 +350,7 @@ class QuantizedModel:
         from .ops import track_training
 
         sym = without_loss(self.graph, logits=True).to_symbol()   # Gluon losses want logits
-        blk = gluon.SymbolBlock(sym, [mx.sym.var(n) for n in self.data_names])
+        blk = gluon.SymbolBlock(sym, [mx.sym.var(n, dtype="float32") for n in self.data_names])
         for k, p in blk.collect_params().items():
             if k not in self.params:
                 raise QuantOpsError(f"{self.name}: no value for parameter '{k}'")

@@ -8,6 +8,7 @@ that is quietly wrong, which costs far more than a loud error.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -327,3 +328,14 @@ PRESETS: dict[str, QuantPolicy] = {
                                    shared_inputs=("elemwise_add", "_Plus", "broadcast_add", "Concat"),
                                    preset="trt_int8_shared"),
 }
+
+
+def _load_presets() -> None:
+    """The presets shipped as policy files (``presets.yaml``, data only)."""
+    source = Path(__file__).with_name("presets.yaml")
+    for name, d in yaml.safe_load(source.read_text(encoding="utf-8")).items():
+        p = QuantPolicy.from_dict(d, f"{source}: {name}")
+        PRESETS[name] = dataclasses.replace(p, preset=name)
+
+
+_load_presets()

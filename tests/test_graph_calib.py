@@ -163,10 +163,11 @@ def test_learned_range_quantizers_start_from_the_calibrated_range(model):
 
 def test_learned_weight_quantizers_start_from_bn_folded_weights():
     """With BN folded for QAT the weight is computed in-graph; LSQ's step must still come
-    from that weight (2 mean|w| / sqrt(Qp)), not from a generic default."""
+    from that weight (the clip with the least error on its 4-bit grid, per channel), not
+    from a generic default or the unfolded weight."""
     from mxnet.gluon import nn
 
-    from quant_ops.refs.lsq import LSQAttrs, init_step
+    from quant_ops.calib.weights import int_grid, mse_clip
 
     net = nn.HybridSequential()
     net.add(nn.Conv2D(4, 3, use_bias=False), nn.BatchNorm(), nn.Activation("relu"),
@@ -185,7 +186,7 @@ def test_learned_weight_quantizers_start_from_bn_folded_weights():
     w = params[net[0].weight.name]
     scale = params[bn.gamma.name] / np.sqrt(params[bn.running_var.name] + 1e-5)
     folded = w * scale.reshape(-1, 1, 1, 1)
-    want = init_step(folded, LSQAttrs(nbits=4, is_weight=True, is_weight_perchannel=True))
+    want = mse_clip(folded, int_grid(-8, 7), axis=0) / 7
     step = next(v for k, v in q.params.items() if "weight_folded" in k and k.endswith("_step"))
     np.testing.assert_allclose(step, np.asarray(want).reshape(-1), rtol=1e-5)
 

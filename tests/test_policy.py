@@ -194,7 +194,7 @@ def test_check_patterns():
     ({"activation": {"params": {"decay": 0.9}}},
      "unknown key 'activation.params.decay' (known: delay_quant,"),
     ({"activation": {"params": [1]}}, "activation.params must be a mapping"),
-    ({"preset": "trt_int9"}, "preset: unknown preset 'trt_int9' (known: trt_int8, trt_int8_shared)"),
+    ({"preset": "trt_int9"}, "preset: unknown preset 'trt_int9' (known: lsq_w2a2, "),
     ({"quantize_ops": "Convolution"}, "quantize_ops must be a list of strings, got 'Convolution'"),
     ({"shared_inputs": ["Add"]}, "shared_inputs: 'Add' cannot share input scales (allowed: elemwise_add,"),
     ({"skip": {"nmes": ["a"]}}, "unknown key 'skip.nmes' (known: first_layer, last_layer, names, ops)"),

@@ -28,6 +28,8 @@ NOT_HERE = {
     ".venv/bin/python -m quant_ops.cli.launch": "hours of training: test_distributed.py",
     ".venv/bin/pip install torch": "an optional peer for bench_ops.py",
     "OMP_NUM_THREADS=2 .venv/bin/python bench/bench_ops.py": "minutes: test_bench_smoke.py",
+    ".venv/bin/python utils/qat_train.py": "an epoch of training each: test_train.py's "
+                                           "test_qat_train_* run the same entry on subsets",
 }
 
 

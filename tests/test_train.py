@@ -89,7 +89,8 @@ def test_qat_train_entry_single_process(tmp_path):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "tests" / "qat_worker.py"), "--model", "tiny",
                         "--kvstore", "device", "--epochs", "1", "--train-limit", "512",
-                        "--test-limit", "200", "--lr", "0.05", "--out", str(tmp_path)],
+                        "--test-limit", "200", "--lr", "0.05", "--batch-size", "64",
+                        "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "rank0" / "result.json").read_text())
@@ -97,26 +98,106 @@ def test_qat_train_entry_single_process(tmp_path):
     assert (tmp_path / "checkpoint" / "progress.json").is_file()
 
 
-def test_qat_train_entry_seed_recipe_defaults(tmp_path):
-    """Without --lr the entry uses the seed recipe (float lr / 2); it can start from
-    calibrated ranges and freeze BatchNorm after N steps; an unknown model exits 2."""
+def test_qat_train_entry_recipe_defaults(tmp_path):
+    """Without tuning flags the entry follows the default recipe (calibrated start, float
+    lr / 400 at 8 bits) and writes the model, result.json, metrics.csv and curves.png; an
+    unknown model exits 2."""
+    import csv
     import json
     import subprocess
     import sys
     from pathlib import Path
 
+    from quant_ops.policy import QuantPolicy
+    from quant_ops.train.recipe import default_recipe
+
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(root / "utils" / "qat_train.py"), "--model", "fmnist_mobilenetv2",
-           "--epochs", "1", "--train-limit", "256", "--test-limit", "200",
-           "--calib-images", "128", "--freeze-bn-after", "2", "--out", str(tmp_path)]
+           "--train-limit", "256", "--test-limit", "200", "--calib-images", "128",
+           "--batch-size", "64", "--no-progress", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     progress = json.loads((tmp_path / "checkpoint" / "progress.json").read_text())
     info = json.loads((root / "examples" / "models" / "fmnist_mobilenetv2.json").read_text())
-    assert progress["config"]["lr"] == info["lr"] / 2
-    assert progress["bn_frozen_at"] == 2
-    res = json.loads((tmp_path / "rank0" / "result.json").read_text())
-    assert res["steps"] == 4 and res["accuracy"] > 60   # started from a calibrated float model
+    rec = default_recipe(QuantPolicy.preset("trt_int8"), info["lr"])
+    assert progress["config"]["lr"] == rec.lr == info["lr"] / 400
+    out = tmp_path / "rank0"
+    res = json.loads((out / "result.json").read_text())
+    assert res["steps"] == 4 and res["recipe"]["fold_bn"] == "qat"
+    assert res["accuracy"] > 60 and res["accuracy_before"] > 60   # a calibrated start
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert rows and float(rows[-1]["test_accuracy"]) == res["accuracy"]
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "final-symbol.json").is_file() and (out / "final-0000.params").is_file()
     bad = subprocess.run(cmd[:3] + ["nosuchmodel", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown model" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--policy", "no_such_preset"], "unknown preset"),
+    (["--lr", "-1"], "--lr must be a number > 0"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--symbol", "/nonexistent/m-symbol.json", "--params", "/nonexistent/m-0000.params"],
+     "m-symbol.json"),
+])
+def test_qat_train_bad_input_is_one_line(extra, needle, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = extra if "--symbol" in extra else ["--model", "fmnist_resnet20", *extra]
+    r = subprocess.run([sys.executable, str(root / "utils" / "qat_train.py"), *args,
+                        "--train-limit", "64", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_qat_train_any_model_and_policy_file_on_an_image_folder(tmp_path):
+    """A user's own symbol + params, a policy file, an ImageNet-style folder (train/, val/)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import json
+    import mxnet as mx
+    from PIL import Image
+
+    from quant_ops.zoo import get_model
+
+    root = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 8)):
+        for c in range(2):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n // 2):
+                px = rng.integers(0, 100, (16, 16, 3)) + 150 * c
+                Image.fromarray(px.astype(np.uint8)).save(d / f"{i}.png")
+    net = get_model("cifar_resnet20_v1", classes=2)
+    net.initialize(mx.init.Xavier())
+    net.hybridize()
+    net(mx.nd.zeros((1, 3, 16, 16)))
+    net.export(str(tmp_path / "user"), epoch=0)
+    pol = tmp_path / "p.yaml"
+    pol.write_text("preset: trt_int8\nweight: {method: lsq, bits: 4, per_channel: true}\n"
+                   "skip: {first_layer: true}\n")
+    r = subprocess.run([sys.executable, str(root / "utils" / "qat_train.py"),
+                        "--symbol", str(tmp_path / "user-symbol.json"),
+                        "--params", str(tmp_path / "user-0000.params"),
+                        "--input-shape", "1,3,16,16", "--mean", "0.5", "--std", "0.25",
+                        "--data", str(tmp_path / "data"), "--policy", str(pol),
+                        "--calib-images", "16", "--batch-size", "8", "--no-progress",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "o" / "rank0" / "result.json").read_text())
+    assert res["train_images"] == 24 and res["test_images"] == 8 and res["steps"] == 3
+    assert res["recipe"]["lr"] == pytest.approx(0.1 / 20)     # 4-bit weights, no float lr
+    assert res["test"].endswith("val")

@@ -1,4 +1,9 @@
-"""``utils/qat_train.py``: QAT fine-tuning, float model -> policy -> fit -> params.
+"""``utils/qat_train.py``: QAT fine-tuning of any float model with any policy.
+
+float model (bundled, a checkpoint prefix, ``--symbol/--params``, or a gluoncv name) ->
+policy (a preset or a file) -> calibrated starting ranges -> fit -> the trained quantized
+model, ``result.json``, ``metrics.csv`` and ``curves.png``.  With no tuning flags the run
+follows ``quant_ops.train.recipe.default_recipe``: the defaults are the recipe.
 
 Runs alone (``--kvstore local|device``) or as one worker of a ``dist_sync`` /
 ``dist_device_sync`` job started by ``python -m quant_ops.cli.launch`` (or MXNet's ssh/mpi
@@ -9,6 +14,8 @@ launch modes on several machines, which set the same ``DMLC_*`` variables).
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import os
@@ -17,115 +24,231 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import QuantOpsError
-from .common import BUNDLED_MODELS, bundled_model, error
+from .common import error
+from .model_data import DATA_HELP, add_model_args, load_policy, model_source
 
 #: a model loader: () -> (float Gluon block, (input mean, std), the float training lr)
 ModelLoader = Callable[[], tuple]
 
 
-def load_bundled(name: str) -> tuple:
-    """A bundled float checkpoint as (SymbolBlock, (mean, std), float lr)."""
-    from mxnet import gluon
-
-    from ..ptq.common import read_model_info
-
-    prefix = bundled_model(name)
-    info = read_model_info(prefix)
-    if "lr" not in info:
-        raise QuantOpsError(f"{prefix}.json: has no \"lr\" (the float training lr)")
-    net = gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"], f"{prefix}-0000.params")
-    return net, (info["normalize"]["mean"], info["normalize"]["std"]), info["lr"]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="QAT fine-tuning: float model -> policy -> fit "
-                                             "-> params.")
+    ap = argparse.ArgumentParser(
+        description="QAT fine-tuning: float model -> policy -> calibrated ranges -> fit -> "
+                    "the quantized model, result.json, metrics.csv, curves.png.  Without "
+                    "tuning flags the recipe is the default one (quant_ops/train/recipe.py).")
+    add_model_args(ap, "fmnist_resnet20")
+    ap.add_argument("--policy", "--preset", dest="policy", default="trt_int8",
+                    help="a preset name or a policy file (.yaml/.json); default trt_int8")
+    d = ap.add_argument_group("data")
+    d.add_argument("--data", help=f"training data: {DATA_HELP}; a folder with train/ and "
+                                  "val/ (ImageNet layout) gives both sets (default: fmnist "
+                                  "for Fashion-MNIST models)")
+    d.add_argument("--test", help="evaluation data with labels (default: --data's val/ or "
+                                  "fmnist:test)")
+    d.add_argument("--train-limit", type=int, default=0, help="at most this many training "
+                                                              "images (0: all)")
+    d.add_argument("--test-limit", type=int, default=0, help="at most this many test images")
+    r = ap.add_argument_group("recipe (defaults: quant_ops/train/recipe.py)")
+    r.add_argument("--float-lr", type=float,
+                   help="the lr the float model was trained with (default: PREFIX.json's, "
+                        "else 0.1); the recipe's lr derives from it")
+    r.add_argument("--lr", type=float, help="peak lr (default: the recipe's)")
+    r.add_argument("--epochs", type=int, help="default: the recipe's (1)")
+    r.add_argument("--calib-images", type=int,
+                   help="images the starting ranges are calibrated on (0: none; default 512)")
+    r.add_argument("--calib-method", help="entropy, minmax, percentile or mse (default: "
+                                          "entropy at 8 bits, mse below)")
+    r.add_argument("--fold-bn", choices=("auto", "qat", "none"), default="auto",
+                   help="auto (default): folded with frozen statistics where the weight "
+                        "methods keep the weight scale")
+    r.add_argument("--freeze-bn-after", type=int, default=None,
+                   help="freeze BatchNorm statistics after N steps (BN not folded)")
+    r.add_argument("--batch-size", type=int, help="per worker (default: the recipe's, 128)")
     ap.add_argument("--kvstore", default="device",
-                    choices=("local", "device", "dist_sync", "dist_device_sync"))
-    ap.add_argument("--model", default="fmnist_resnet20")
-    ap.add_argument("--preset", default="trt_int8")
-    ap.add_argument("--fold-bn", choices=("qat",), default=None)
-    ap.add_argument("--epochs", type=int, default=2, help="seed recipe: 2")
-    ap.add_argument("--lr", type=float, default=None,
-                    help="peak lr (default, the seed recipe: the float model's lr / 2)")
-    ap.add_argument("--calib-images", type=int, default=0,
-                    help="start from ranges calibrated (MSE) on this many training images")
-    ap.add_argument("--freeze-bn-after", type=int, default=None,
-                    help="freeze BatchNorm statistics after this many steps")
-    ap.add_argument("--batch-size", type=int, default=64, help="per worker")
-    ap.add_argument("--train-limit", type=int, default=0)
-    ap.add_argument("--test-limit", type=int, default=0)
+                    help="local | device | dist_sync | dist_device_sync")
     ap.add_argument("--checkpoint-every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--out", type=Path, required=True)
     return ap
 
 
-def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
-        on_step: Callable[[int, int], None] | None = None) -> int:
-    """Fine-tune ``args.model`` (a bundled model, or one of ``models``); ``on_step(step,
-    rank)`` is called after every optimizer step.  Writes the trained model
-    (``rank<r>/final-symbol.json`` + ``final-0000.params``) and
-    ``rank<r>/result.json`` under ``args.out``; exit code 2 when the model or the data
-    cannot be loaded."""
+def _check_numbers(args: argparse.Namespace) -> None:
+    for flag, v, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
+                         ("--calib-images", args.calib_images, 0),
+                         ("--train-limit", args.train_limit, 0),
+                         ("--test-limit", args.test_limit, 0),
+                         ("--checkpoint-every", args.checkpoint_every, 1),
+                         ("--freeze-bn-after", args.freeze_bn_after, 0)):
+        if v is not None and v < low:
+            raise QuantOpsError(f"{flag} must be >= {low}, got {v}")
+    for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr)):
+        if v is not None and not (v > 0 and v < float("inf")):
+            raise QuantOpsError(f"{flag} must be a number > 0, got {v}")
+
+
+def _load_model(args, models: Mapping[str, ModelLoader]):
+    """(float QuantizedModel, normalization, float lr or None, name, Fashion-MNIST model)."""
     import mxnet as mx
 
-    from ..datasets import fashion_mnist
-    from ..fileio import atomic_write_text
     from ..model import QuantizedModel
-    from ..ops import set_training
-    from ..train.loop import FitConfig, fit
+
+    if args.model in models:      # test models: a Gluon block
+        net, norm, float_lr = models[args.model]()
+        return QuantizedModel.from_gluon(net, mx.nd.zeros((1, 1, 28, 28)), name=args.model), \
+            norm, float_lr, args.model, True
+    if args.model is not None and args.symbol is None and \
+            not Path(f"{args.model}-symbol.json").exists() and "/" not in args.model:
+        from .common import BUNDLED_MODELS
+
+        if args.model not in BUNDLED_MODELS:     # a gluoncv architecture (random weights)
+            if args.input_shape is None:
+                raise QuantOpsError(f"unknown model {args.model!r}: not bundled "
+                                    f"({', '.join(BUNDLED_MODELS)}), no checkpoint "
+                                    f"{args.model}-symbol.json; a gluoncv name needs "
+                                    "--input-shape")
+            m = QuantizedModel.from_zoo(args.model, args.input_shape)
+            norm = None if args.mean is None else (args.mean, args.std)
+            return m, norm, None, args.model, False
+    src = model_source(args, "fmnist_resnet20")
+    m = src.load()
+    float_lr = src.info.get("lr") if src.info else None
+    return m, src.normalize, float_lr, src.name, src.fmnist
+
+
+def _data_specs(args, fmnist: bool) -> tuple[str, str]:
+    from ..datasets import BUNDLED_SETS
+
+    train, test = args.data, args.test
+    if train is not None and Path(train).is_dir() and (Path(train) / "train").is_dir():
+        root = Path(train)
+        train = str(root / "train")
+        if test is None:
+            test = next((str(root / s) for s in ("val", "test") if (root / s).is_dir()), None)
+    if train is None:
+        if not fmnist:
+            raise QuantOpsError(f"the model's training data is unknown: pass --data "
+                                f"({DATA_HELP})")
+        train = "fmnist:train"
+    if train not in BUNDLED_SETS and not Path(train).exists():
+        raise QuantOpsError(f"{train}: no such file or folder (--data: {DATA_HELP})")
+    if test is None:
+        if train not in ("fmnist", "fmnist:train"):
+            raise QuantOpsError("no evaluation data: pass --test (or --data DIR with "
+                                "train/ and val/)")
+        test = "fmnist:test"
+    return train, test
+
+
+def _load_sets(args, model, norm, fmnist: bool, progress: bool):
+    from ..datasets import load_data
+
+    train_spec, test_spec = _data_specs(args, fmnist)
+    shape = args.input_shape or model.input_shape
+    train = load_data(train_spec, shape, split="train", normalize=norm,
+                      limit=args.train_limit or None, progress=progress)
+    test = load_data(test_spec, shape, split="test", normalize=norm,
+                     limit=args.test_limit or None, progress=progress)
+    for d in (train, test):
+        if d.y is None:
+            raise QuantOpsError(f"{d.source}: no labels (an .npz with 'y' or 'label', or "
+                                "an image folder with class subfolders)")
+    model.set_input_shape((1,) + tuple(train.x.shape[1:]))
+    return train, test
+
+
+def recipe_for(args, policy, float_lr):
+    """The default recipe with the user's explicit choices over it."""
+    from dataclasses import replace
+
+    from ..train.recipe import default_recipe
+
+    rec = default_recipe(policy, args.float_lr or float_lr)
+    over = {k: v for k, v in (("lr", args.lr), ("epochs", args.epochs),
+                              ("calib_images", args.calib_images),
+                              ("calib_method", args.calib_method),
+                              ("batch_size", args.batch_size)) if v is not None}
+    if args.fold_bn != "auto":
+        over["fold_bn"] = None if args.fold_bn == "none" else args.fold_bn
+    return replace(rec, **over)
+
+
+def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
+        on_step: Callable[[int, int], None] | None = None) -> int:
+    """Fine-tune the model; ``on_step(step, rank)`` is called after every optimizer step.
+    Writes ``rank<r>/`` under ``args.out`` (``final-symbol.json`` + ``final-0000.params``,
+    ``result.json``, ``metrics.csv``, ``curves.png``), all or none; exit code 2 with one
+    ``error:`` line on bad input."""
+    import mxnet as mx
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    loaders = {**{n: (lambda n=n: load_bundled(n)) for n in BUNDLED_MODELS}, **(models or {})}
+    progress_bars = not args.no_progress
     try:
-        if args.model not in loaders:
-            raise QuantOpsError(f"unknown model {args.model!r}: use one of "
-                                f"{', '.join(loaders)}")
-        net, (mean, std), float_lr = loaders[args.model]()
-        xtr, ytr = fashion_mnist("train")
-        xte, yte = fashion_mnist("test")
-    except (QuantOpsError, OSError) as e:
+        _check_numbers(args)
+        policy = load_policy(args.policy)
+        model, norm, float_lr, name, fmnist = _load_model(args, models or {})
+        rec = recipe_for(args, policy, float_lr)
+        train, test = _load_sets(args, model, norm, fmnist, progress_bars)
+        mx.random.seed(args.seed)
+        model.quantize(policy, fold_bn=rec.fold_bn)
+        if rec.calib_images:
+            model.calibrate(train.x[:rec.calib_images], rec.calib_method, batch_size=128,
+                            progress=progress_bars)
+        before = model.evaluate(test.x, test.y) if rec.calib_images else None
+        return _train(args, model, rec, train, test, before, name, on_step)
+    except (QuantOpsError, OSError, mx.base.MXNetError) as e:
         return error(e)
-    if args.train_limit:
-        xtr, ytr = xtr[:args.train_limit], ytr[:args.train_limit]
-    if args.test_limit:
-        xte, yte = xte[:args.test_limit], yte[:args.test_limit]
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    mx.random.seed(args.seed)
-    model = QuantizedModel.from_gluon(net, mx.nd.array(xtr[:1]), name=args.model)
-    model.quantize(args.preset, fold_bn=args.fold_bn)
-    if args.calib_images:
-        model.calibrate(xtr[:args.calib_images], "mse", batch_size=128, progress=False)
+
+
+def _train(args, model, rec, train, test, before, name, on_step) -> int:
+    from ..fileio import atomic_write_text, staged_dir
+    from ..ops import set_training
+    from ..train.loop import FitConfig, fit, plot_curve
+
     q = model.to_block()
     q.hybridize(static_alloc=True)
     kv_rank = int(os.environ.get("DMLC_WORKER_ID", "0")) if "dist" in args.kvstore else 0
-    lr = args.lr if args.lr is not None else float_lr / 2
-    cfg = FitConfig(epochs=args.epochs, lr=lr, batch_size=args.batch_size, seed=args.seed,
+    cfg = FitConfig(epochs=rec.epochs, lr=rec.lr, batch_size=rec.batch_size, wd=rec.wd,
+                    seed=args.seed,
                     freeze_bn_after=args.freeze_bn_after,
                     checkpoint_dir=str(args.out / "checkpoint"),
                     checkpoint_every=args.checkpoint_every, kvstore=args.kvstore,
-                    progress=False)
+                    progress=not args.no_progress)
     if on_step is not None:
         cfg.extra["on_step"] = on_step
-    progress = fit(q, (xtr, ytr), None, cfg)
+    progress = fit(q, (train.x, train.y), None, cfg)
     set_training(q, False)
     model.from_block(q)
     rank = progress.get("rank", kv_rank)
-    acc = model.evaluate(xte, yte)
-    out = args.out / f"rank{rank}"
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(out / "final")        # final-symbol.json + final-0000.params
-    atomic_write_text(out / "result.json", json.dumps(
-        {"rank": rank, "accuracy": acc, "steps": progress["step"], "kvstore": args.kvstore,
-         "history": progress["history"]}, indent=1))
-    print(f"rank {rank}: accuracy {acc:.2f}% after {progress['step']} steps", flush=True)
+    acc = model.evaluate(test.x, test.y)
+    result = {"model": name, "policy": args.policy, "rank": rank, "accuracy": acc,
+              "accuracy_before": before, "steps": progress["step"], "kvstore": args.kvstore,
+              "recipe": rec.to_dict(), "train": train.source, "train_images": len(train),
+              "test": test.source, "test_images": len(test), "history": progress["history"]}
+    with staged_dir(args.out / f"rank{rank}") as tmp:
+        model.save(tmp / "final")        # final-symbol.json + final-0000.params
+        atomic_write_text(tmp / "result.json", json.dumps(result, indent=1))
+        atomic_write_text(tmp / "metrics.csv", _metrics_csv(progress["curve"], acc))
+        plot_curve(progress["curve"], acc, before, tmp / "curves.png")
+    was = "" if before is None else f" (calibrated, before training: {before:.2f}%)"
+    print(f"rank {rank}: accuracy {acc:.2f}%{was} after {progress['step']} steps; wrote "
+          f"{args.out / f'rank{rank}'}/", flush=True)
     if "dist" in args.kvstore:
         # MXNet 1.9.1's kvstore teardown can hang or crash the server once the work is
         # done (seen with convolutional nets): results are written, leave without it
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _metrics_csv(curve: list, accuracy: float) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr", "test_accuracy"])
+    w.writeheader()
+    for i, row in enumerate(curve):
+        w.writerow({**{k: row[k] for k in ("step", "epoch", "loss", "lr")},
+                    "test_accuracy": accuracy if i == len(curve) - 1 else ""})
+    return buf.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,6 +290,10 @@ class Method:
     weight_attr: bool = True              # the operator takes ``is_weight``
     lr_mult: float = 1.0                  # learned inputs' learning-rate multiplier
     wd_mult: float = 1.0                  # and weight-decay multiplier
+    #: quantized weights stay on the float weight's scale, so BatchNorm can be folded into
+    #: them for QAT (False: the method maps weights to [-1, 1] or reshapes them, and BN
+    #: after the layer absorbs the new scale, as those papers train)
+    keeps_weight_scale: bool = True
     qdq_reason: str | None = None         # why there is no ONNX QDQ form (None: there is)
     range_input: str | None = None        # the input holding the range export reads
     linear: bool = False                  # y = clamp(rint(x / s)) * s, s = range / qmax

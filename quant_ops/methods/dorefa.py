@@ -31,6 +31,7 @@ class _DoReFa(Method):
 
 
 METHOD = _DoReFa(
+    keeps_weight_scale=False,
     name="dorefa", op="DoReFa", inputs=(), bits=(1, 16),
     qdq_reason="its levels are not an integer grid with zero point 0",
     seed_ops={"_contrib_DoReFa": ("data",), "Custom:DoReFa_PY": ("data",)},

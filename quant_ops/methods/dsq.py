@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..refs.dsq import init_range
+from ..calib.weights import mse_clip
 from .base import Input, Method, Param, f32, is_num, positive
 
 MIN_WIDTH = 1e-4   # smallest DSQ range kept
 
 
+def _grid(bits: int):
+    """DSQ's hard forward on [-a, a]: 2^bits levels from -a to a (no level at 0)."""
+    steps = 2 ** bits - 1
+
+    def fq(w, a):
+        d = 2 * a / steps
+        return np.rint((np.clip(w, -a, a) + a) / d) * d - a
+    return fq
+
+
 class _DSQ(Method):
     def initial(self, bits, per_channel, params, is_weight, channels, weight, axis):
-        if is_weight and weight is not None:
-            lo, hi = init_range(weight)
+        if is_weight and weight is not None:   # [-a, a] with the least error on its grid
+            hi = mse_clip(weight, _grid(bits))
+            lo = -hi
         else:  # activations: [0, init_range] until calibration or training moves it
             lo, hi = np.zeros(1, f32), np.array([params.get("init_range", 4.0)], f32)
         return {"dsq_lower": np.asarray(lo, f32).reshape(1),
@@ -40,6 +51,9 @@ class _DSQ(Method):
 
 
 METHOD = _DSQ(
+    # the paper's estimator sums over every element of the tensor: gradients of ~1e2-1e5
+    # at the first step; weight decay would pull the range itself to zero
+    lr_mult=0.01, wd_mult=0.0,
     name="dsq", op="DSQ",
     inputs=(Input("dsq_lower", "learned"), Input("dsq_upper", "learned"),
             Input("dsq_alpha", "learned", domain=(1e-3, 0.5 - 1e-3)),

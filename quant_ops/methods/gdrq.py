@@ -67,6 +67,7 @@ class _GDRQ(Method):
 
 
 METHOD = _GDRQ(
+    keeps_weight_scale=False,
     name="gdrq", op="GDRQ",
     inputs=(Input("gdrq_alpha", "state", "one", "(0,)"), Input("qstate", "state", 2, "(2,)")),
     bits=(1, 16),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..refs.lsq import LSQAttrs, bounds, init_step
+from ..calib.weights import int_grid, mse_clip
+from ..refs.lsq import LSQAttrs, bounds
 from .base import QDQ, Input, Method, boolean, f32, flag, positive
 
 TINY = 1e-8
@@ -15,8 +16,10 @@ class _LSQ(Method):
         attrs = LSQAttrs(nbits=bits, is_weight=is_weight,
                          is_weight_perchannel=is_weight and per_channel,
                          channel_axis=axis, signed=params.get("signed"))
-        if is_weight and weight is not None:
-            step = init_step(np.asarray(weight), attrs)
+        if is_weight and weight is not None:   # the step with the least error on its grid
+            qn, qp = bounds(bits, True)
+            step = mse_clip(weight, int_grid(-qn, qp), axis if attrs.is_weight_perchannel
+                            else None) / qp
         else:  # activations: from the expected range until calibration or training moves it
             qp = bounds(bits, attrs.is_signed)[1]
             step = np.full(channels, params.get("init_range", 4.0) / qp, f32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..refs.qil import QILAttrs, init_interval
+from ..calib.weights import int_grid, mse_clip
 from .base import Input, Method, SeedMapped, SeedNode, SeedState, boolean, f32, positive
 
 TINY = 1e-8
@@ -29,7 +29,10 @@ TINY = 1e-8
 class _QIL(Method):
     def initial(self, bits, per_channel, params, is_weight, channels, weight, axis):
         if is_weight and weight is not None:
-            c, d = init_interval(np.asarray(weight), QILAttrs(bits, True))
+            # the signed transform at gamma 1 is the integer grid on [-a, a] with
+            # L = 2^(bits-1) - 1 levels a side when c = d = a / 2: a by least error
+            levels = 2 ** (bits - 1) - 1
+            c = d = mse_clip(weight, int_grid(-levels, levels)) / 2
         else:  # activations: [0, init_range] until calibration or training moves it
             c = d = np.array([params.get("init_range", 4.0) / 2], f32)
         return {"center": np.asarray(c, f32), "distance": np.asarray(d, f32),
@@ -97,6 +100,10 @@ class _QIL(Method):
 
 
 METHOD = _QIL(
+    # the paper's estimator sums over every element of the tensor: gradients of ~1e2-1e5
+    # at the first step; weight decay would pull the range itself to zero
+    lr_mult=0.01, wd_mult=0.0,
+    keeps_weight_scale=False,
     name="qil", op="QIL",
     inputs=(Input("center", "learned"), Input("distance", "learned", domain=(TINY, None)),
             Input("gamma", "learned", domain=(TINY, None))),

@@ -51,6 +51,7 @@ class FitConfig:
     progress: bool = True
     freeze_bn_after: int | None = None    # steps: BN uses (and stops updating) running stats
     max_steps_per_epoch: int | None = None  # cap an epoch (smoke runs); the schedule follows
+    log_every: int = 20               # steps per row of progress["curve"] (mean loss, lr)
     num_workers: int = 0              # DataLoader worker processes for a Dataset
     extra: dict = field(default_factory=dict)
 
@@ -137,7 +138,7 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
     sync_state = StateSync(net, kv) if dist else None
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     track_training(net)
-    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [],
+    progress = {"epoch": 0, "batch": 0, "step": 0, "history": [], "curve": [],
                 "config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     if ckpt is not None and dist:
@@ -197,6 +198,14 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
                             run_n=run_n, rank=rank, last_loss=batch_loss / xb.shape[0])
             if cfg.progress:
                 bar.set_postfix(loss=f"{run_loss / run_n:.4f}", refresh=False)
+            window = progress.setdefault("window", [0.0, 0])
+            window[0] += batch_loss
+            window[1] += xb.shape[0]
+            if progress["step"] % max(cfg.log_every, 1) == 0:
+                progress.setdefault("curve", []).append(
+                    {"step": progress["step"], "epoch": ep + b / steps_per_epoch,
+                     "loss": window[0] / window[1], "lr": trainer.learning_rate})
+                progress["window"] = [0.0, 0]
             hook = cfg.extra.get("on_step")
             if hook is not None:
                 hook(progress["step"], rank)
@@ -210,6 +219,12 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
         if b < steps_per_epoch:
             raise QuantOpsError(f"the training data ran out after {b} of {steps_per_epoch} "
                                 f"batches in epoch {ep + 1}")
+        window = progress.get("window", [0.0, 0])
+        if window[1]:   # the epoch's last steps, when log_every does not divide it
+            progress.setdefault("curve", []).append(
+                {"step": progress["step"], "epoch": ep + 1.0, "loss": window[0] / window[1],
+                 "lr": trainer.learning_rate})
+            progress["window"] = [0.0, 0]
         row = {"epoch": ep + 1, "loss": run_loss / max(run_n, 1), "lr": trainer.learning_rate}
         if val is not None:
             row["val_accuracy"] = (evaluate(net, *val, progress=cfg.progress)
@@ -241,6 +256,31 @@ def plot_history(history: list, path: str | Path) -> Path:
         ax2.plot(ep, [h.get("val_accuracy") for h in history], "s-", color="tab:orange",
                  label="val accuracy")
         ax2.set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_curve(curve: list, after: float | None, before: float | None,
+               path: str | Path) -> Path:
+    """Training loss and lr by step, with the test accuracy before and after, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [c["step"] for c in curve]
+    ax.plot(steps, [c["loss"] for c in curve], ".-", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    acc = [f"{k} {v:.2f}%" for k, v in (("before", before), ("after", after)) if v is not None]
+    ax.set_title("test accuracy: " + ", ".join(acc) if acc else "training loss")
+    ax_lr.plot(steps, [c["lr"] for c in curve], ".-", color="tab:orange")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
     fig.tight_layout()
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

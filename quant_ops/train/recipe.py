@@ -1,0 +1,57 @@
+"""The fine-tuning recipe a policy gets by default: what a user who passes no tuning flags
+should get, measured on the bundled models (docs/results.md).
+
+* Starting point: a calibrated model, never empty ranges.  Activation ranges by entropy at
+  8 bits (TensorRT's calibrator) and by MSE at the layer's bit width below; weight ranges
+  start where each method's descriptor puts them (MSE on the method's grid).
+* Learning rate: QAT fine-tunes a trained net.  At 8 bits the calibrated model is already
+  within a few hundredths of a point of float and any real step only moves it away: the
+  peak lr is float lr / 400.  Below 8 bits the grid is coarse and the weights must move:
+  float lr / 20.  Both under the SineScheduler, for one epoch (the seed's schedule).
+* BatchNorm: folded into the weights with frozen statistics (as deployed) where every
+  weight method keeps the weight's scale; kept after the layer where one does not (DoReFa,
+  QIL, GDRQ map weights to [-1, 1]: BN absorbs the new scale, as in those papers).
+* Quantizer parameters: each method's lr / wd multipliers (descriptor), projected into
+  their domains after every step (``train.constraints``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import methods
+from ..policy import QuantPolicy
+
+#: the float training lr assumed for a model that does not say (SGD on ImageNet/CIFAR CNNs)
+DEFAULT_FLOAT_LR = 0.1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    lr: float                  #: peak learning rate (SineScheduler)
+    epochs: int                #: passes over the training set
+    calib_method: str          #: activation ranges before training
+    calib_images: int          #: images they are calibrated on
+    fold_bn: str | None        #: "qat" (folded, frozen statistics) or None (BN kept)
+    batch_size: int = 128
+    wd: float = 1e-4           #: weight decay (quantizer parameters: their method's multiplier)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lowest_bits(policy: QuantPolicy) -> int:
+    """The smallest bit width the policy's body uses (overrides mostly raise the first and
+    last layers, so the base weight and activation specs decide)."""
+    return min(policy.weight.bits, policy.activation.bits)
+
+
+def default_recipe(policy: QuantPolicy, float_lr: float | None = None) -> Recipe:
+    """The recipe for ``policy`` on a net trained with ``float_lr`` (default 0.1)."""
+    float_lr = DEFAULT_FLOAT_LR if float_lr is None else float(float_lr)
+    eight = lowest_bits(policy) >= 8
+    weight_methods = {policy.weight.method} | {o.weight.get("method", policy.weight.method)
+                                               for o in policy.overrides if o.weight}
+    fold = all(methods.get(m).keeps_weight_scale for m in weight_methods)
+    return Recipe(lr=float_lr / (400 if eight else 20), epochs=1,
+                  calib_method="entropy" if eight else "mse", calib_images=512,
+                  fold_bn="qat" if fold else None)
