@@ -208,6 +208,22 @@ def test_unknown_attribute_is_refused(m):
 
 
 @each_method
+def test_role_defaults_are_valid_policy_params_and_the_operator_takes_them(m):
+    for role, params in m.defaults.items():
+        assert role in m.roles, role
+        for k, v in params.items():
+            assert k in m.params and m.params[k].check(v), (role, k, v)
+        attrs = m.op_attrs(m.default_bits, False, {}, role == "weight")
+        args = [mx.nd.ones((4, 3))] + [mx.nd.ones(i.size(1)) for i in m.inputs]
+        getattr(mx.nd, m.op)(*args, **attrs).wait_to_read()
+        # a policy value wins over the default
+        k, v = next(iter(params.items()))
+        if isinstance(v, bool):
+            assert m.op_attrs(m.default_bits, False, {k: not v}, role == "weight")[k] == \
+                str(not v)
+
+
+@each_method
 def test_policy_params_refuse_bad_values_and_the_operator_takes_good_ones(m):
     role = m.roles[0]
     args = [mx.nd.ones((4, 3))] + [mx.nd.ones(i.size(1)) for i in m.inputs]

@@ -294,6 +294,9 @@ class Method:
     #: them for QAT (False: the method maps weights to [-1, 1] or reshapes them, and BN
     #: after the layer absorbs the new scale, as those papers train)
     keeps_weight_scale: bool = True
+    #: policy params the graph rewrite uses for a role ("weight"/"activation") unless the
+    #: policy sets them (the operator's own defaults serve seed graphs and direct calls)
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     qdq_reason: str | None = None         # why there is no ONNX QDQ form (None: there is)
     range_input: str | None = None        # the input holding the range export reads
     linear: bool = False                  # y = clamp(rint(x / s)) * s, s = range / qmax
@@ -315,7 +318,9 @@ class Method:
             attrs[self.channel_attr] = attr_str(per_channel)
         if per_channel:
             attrs["channel_axis"] = str(channel_axis)
-        attrs.update((k, attr_str(v)) for k, v in params.items() if self.params[k].attr)
+        role = self.defaults.get("weight" if is_weight else "activation", {})
+        attrs.update((k, attr_str(v)) for k, v in {**role, **params}.items()
+                     if self.params[k].attr)
         return attrs
 
     # -- starting values --------------------------------------------------------------

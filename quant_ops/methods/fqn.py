@@ -88,6 +88,10 @@ class _FQN(Method):
 
 
 METHOD = _FQN(
+    # activations: an EMA of the batch ranges from the calibrated start (the operator's own
+    # default, 0, takes each batch's min/max: at 2-3 bits, with BN frozen, a feedback loop
+    # grows them); weights keep their own range every step
+    defaults={"activation": {"ema_decay": 0.99}},
     name="fqn", op="FQN",
     inputs=(Input("fqn_min", "state", "channels", "(0,)"),
             Input("fqn_max", "state", "channels", "(0,)"),

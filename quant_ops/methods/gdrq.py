@@ -68,6 +68,9 @@ class _GDRQ(Method):
 
 METHOD = _GDRQ(
     keeps_weight_scale=False,
+    # quantize in training as in inference (the operator's own default, do_quant=False,
+    # kept for seed graphs, trains on the clip alone and deploys something else)
+    defaults={"weight": {"do_quant": True}, "activation": {"do_quant": True}},
     name="gdrq", op="GDRQ",
     inputs=(Input("gdrq_alpha", "state", "one", "(0,)"), Input("qstate", "state", 2, "(2,)")),
     bits=(1, 16),
