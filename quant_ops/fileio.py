@@ -62,22 +62,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 @contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
-    """A hidden folder inside ``out`` to write into; on success its files move into ``out``,
-    on failure it is removed (and ``out`` too when this call created it)."""
+    """A hidden folder to write into.  On success: when ``out`` did not exist the folder is
+    renamed to ``out`` (one atomic step: a kill leaves it whole or absent); otherwise its
+    files move into ``out``.  On failure it is removed, with ``out`` when this call would
+    have created it."""
     out = Path(out)
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
+        if created:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staged-"))
+        else:
+            tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
     except OSError as e:
         raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
     try:
         yield tmp
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    except BaseException:
         if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+            os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700: the usual folder mode
+            os.rename(tmp, out)
+        else:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -248,3 +248,32 @@ def test_outputs_get_the_umask_mode(saved, tmp_path):
     assert len(files) == 6
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} \
         == {f.name: "0o644" for f in files}
+
+
+@pytest.mark.parametrize("fold", [None, "qat", "deploy"])
+def test_3d_convolutions_and_a_repeated_op_name(fold, caplog):
+    """Video nets (3-D kernels) fold BatchNorm either way; a graph that repeats an operator
+    name (gluoncv xception, i3d) gets one quantizer state per tensor, not two of one name."""
+    d = mx.sym.var("data")
+    c = mx.sym.Convolution(d, num_filter=4, kernel=(3, 3, 3), pad=(1, 1, 1), name="c3")
+    r = mx.sym.Activation(mx.sym.BatchNorm(c, fix_gamma=False, name="bn"), act_type="relu",
+                          name="relu")
+    c2 = mx.sym.Convolution(r, num_filter=4, kernel=(1, 1, 1), name="c4")
+    r2 = mx.sym.Activation(c2, act_type="relu", name="relu")          # the same name again
+    out = mx.sym.FullyConnected(r2, num_hidden=3, name="fc")
+    shapes, _, aux = out.infer_shape(data=(2, 3, 4, 8, 8))
+    rng = np.random.default_rng(0)
+    params = {n: rng.normal(0, 0.3, s).astype(np.float32)
+              for n, s in zip(out.list_arguments(), shapes) if n != "data"}
+    params.update({n: np.abs(rng.normal(1, 0.2, s)).astype(np.float32)
+                   for n, s in zip(out.list_auxiliary_states(), aux)})
+    x = rng.normal(size=(2, 3, 4, 8, 8)).astype(np.float32)
+    want = QuantizedModel.from_symbol(out, params).predict(x)
+    m = QuantizedModel.from_symbol(out, params).quantize("trt_int8", fold_bn=fold)
+    m.calibrate(x, "minmax", progress=False)
+    names = [q.name for q in m.quantizers]
+    assert len(names) == len(set(names)) == 6
+    assert "share a name" in caplog.text
+    got = m.predict(x)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert np.array_equal(m.float_model().predict(x), want) if fold is None else True

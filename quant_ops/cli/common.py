@@ -89,15 +89,47 @@ def error(e: Exception | str) -> int:
     return 2
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: unwinds like an exception, so every staged output is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+def stoppable(body: Callable[[], int]) -> int:
+    """Run ``body`` with SIGTERM and SIGINT turned into ``Stopped``: staging folders are
+    removed on the way out (fileio.staged_dir) and the exit code is 128 + the signal's."""
+    import signal
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return body()
+    except Stopped as e:
+        name = signal.Signals(e.signum).name
+        print(f"stopped by {name}: nothing half-written was left", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
                 argv: list[str] | None) -> int:
-    """Parse ``argv`` and ``run`` it: bad input ends with one 'error:' line and exit 2."""
+    """Parse ``argv`` and ``run`` it: bad input ends with one 'error:' line and exit 2; a
+    SIGTERM or SIGINT leaves no half-written output."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import mxnet as mx
 
-    try:
-        run(args)
-    except (QuantOpsError, OSError, mx.base.MXNetError) as e:
-        return error(e)
-    return 0
+    def body() -> int:
+        try:
+            run(args)
+        except (QuantOpsError, OSError, mx.base.MXNetError) as e:
+            return error(e)
+        return 0
+    return stoppable(body)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import QuantOpsError
-from .common import error
+from .common import error, stoppable
 from .model_data import DATA_HELP, add_model_args, load_policy, model_source
 
 #: a model loader: () -> (float Gluon block, (input mean, std), the float training lr)
@@ -252,4 +252,5 @@ def _metrics_csv(curve: list, accuracy: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return stoppable(lambda: run(args))

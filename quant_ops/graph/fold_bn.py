@@ -8,6 +8,7 @@ statistics are frozen from then on (fold after the float statistics have settled
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 
@@ -91,6 +92,14 @@ def fold_batchnorm(graph: Graph, params: dict, mode: str = "deploy") -> tuple[Gr
     return Graph(out_nodes, heads, dict(graph.attrs), graph.source), params
 
 
+def _weight_rank(layer: Node) -> int:
+    """Rank of a layer's weight: 2 for FullyConnected, 2 + the kernel's dims for a
+    (de)convolution (1-D, 2-D or 3-D)."""
+    if layer.op == "FullyConnected":
+        return 2
+    return 2 + len(re.findall(r"\d+", layer.attrs.get("kernel", "(1, 1)")))
+
+
 def _weight_var(graph: Graph, idx: int) -> Node:
     """The weight variable behind a layer's weight input, through a quantizer (whose range
     follows the weight) and its gradient-sum copy."""
@@ -164,7 +173,7 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     std = emit(Node("_plus_scalar", f"{bn.name}_var_eps", {"scalar": repr(eps)}, [bn_in[3]]))
     std = emit(Node("sqrt", f"{bn.name}_std", {}, [[std, 0, 0]]))
     scale = emit(Node("elemwise_div", f"{bn.name}_scale", {}, [bn_in[0], [std, 0, 0]]))
-    w_shape = ["1"] * 4 if layer.op != "FullyConnected" else ["1", "1"]
+    w_shape = ["1"] * _weight_rank(layer)
     w_shape[axis] = "-1"
     rs = emit(Node("Reshape", f"{bn.name}_scale_w", {"shape": "(" + ", ".join(w_shape) + ")"},
                    [[scale, 0, 0]]))

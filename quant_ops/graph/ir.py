@@ -1,17 +1,20 @@
 """A small IR of MXNet symbol JSON: nodes, their inputs and attributes, the heads.
 
 Parsed as plain data (never evaluated); written back as JSON that ``mx.sym.load_json``
-takes.  Node and tensor names are kept exactly, so a rewrite that is undone gives back the
-original JSON.
+takes.  Node and tensor names are kept exactly (but for an operator whose name repeats an
+earlier one's: it gets a suffix), so a rewrite that is undone gives back the original JSON.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import QuantOpsError
+
+log = logging.getLogger(__name__)
 
 Entry = tuple  # (node index, output index, version)
 
@@ -78,7 +81,7 @@ class Graph:
         attrs = d.get("attrs", {})
         if not isinstance(attrs, dict):
             raise QuantOpsError(f"{source}: graph 'attrs' is not a mapping")
-        graph = cls(nodes, heads, dict(attrs), source)
+        graph = cls(_unique_op_names(nodes, source), heads, dict(attrs), source)
         graph.check_outputs()
         return graph
 
@@ -174,6 +177,30 @@ class Graph:
         old_to_new = {old: k for k, old in enumerate(order) if old is not None}
         heads = [[old_to_new[h[0]], h[1], h[2]] for h in self.heads]
         return Graph(new_nodes, heads, dict(self.attrs), self.source)
+
+
+def _unique_op_names(nodes: list, source: str) -> list:
+    """Operator nodes renamed where a name repeats (gluoncv's xception and i3d graphs have
+    such): every tensor and every quantizer state is named after its node, and two nodes
+    of one name make two states of one name, which MXNet's executor refuses (and Gluon
+    silently shares).  Variables keep their names: a repeated one is one shared parameter."""
+    taken = {n.name for n in nodes}
+    seen: set = set()
+    renamed = []
+    for n in nodes:
+        if n.op != "null":
+            if n.name in seen:
+                k = 1
+                while f"{n.name}_{k}" in taken:
+                    k += 1
+                renamed.append((n.name, f"{n.name}_{k}"))
+                n.name = f"{n.name}_{k}"
+                taken.add(n.name)
+            seen.add(n.name)
+    if renamed:
+        log.warning("%s: %d operator nodes share a name with an earlier one, renamed "
+                    "(first: '%s' -> '%s')", source, len(renamed), *renamed[0])
+    return nodes
 
 
 def flag(attrs: dict, key: str, default: bool = False) -> bool:
