@@ -27,6 +27,9 @@ SUPPORTED_MXNET = "1.9"
 BASE_FLAGS = ["-std=c++17", "-O3", "-fopenmp", "-fPIC", "-ffp-contract=off", "-Wall",
               "-Wno-unused-function"]
 ARCH_FLAGS = {"x86_64": ["-march=x86-64-v2"]}
+# lib_api.cc's error-message entry points under other names: operator_cxx/error_channel.cc
+# answers MXNet per thread and falls back to them
+LIB_API_FLAGS = ["-D_msgSize=qo_lib_api_msgSize", "-D_msgGet=qo_lib_api_msgGet"]
 
 
 def mxnet_dir() -> Path:
@@ -70,6 +73,7 @@ def sources(cxx_dir: Path) -> list[Path]:
 def source_digest(cxx_dir: Path, mx_dir: Path) -> str:
     """Hash of every source and header, plus the mxnet version: a stale library rebuilds."""
     h = hashlib.sha256(mxnet_version(mx_dir).encode())
+    h.update(" ".join(BASE_FLAGS + LIB_API_FLAGS).encode())   # how it is built, too
     for f in sorted(p for p in cxx_dir.rglob("*") if p.suffix in (".cc", ".h")):
         h.update(str(f.relative_to(cxx_dir)).encode())
         h.update(f.read_bytes())
@@ -104,8 +108,9 @@ def build(cxx_dir: Path, out_dir: Path, jobs: int | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="qo_build_") as tmp:
         objs = [Path(tmp) / f"{i}_{s.stem}.o" for i, s in enumerate(srcs)]
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
-            list(pool.map(lambda so: _run([cxx, *flags, *incs, "-c", str(so[0]), "-o",
-                                           str(so[1])]), zip(srcs, objs)))
+            list(pool.map(lambda so: _run(
+                [cxx, *flags, *(LIB_API_FLAGS if so[0].name == "lib_api.cc" else []), *incs,
+                 "-c", str(so[0]), "-o", str(so[1])]), zip(srcs, objs)))
         tmp_lib = out_dir / f".{LIB_NAME}.{os.getpid()}.tmp"
         try:
             _run([cxx, "-shared", "-fopenmp", *[str(o) for o in objs], "-o", str(tmp_lib)])

@@ -37,3 +37,35 @@ def test_the_same_call_with_sized_inputs_runs(m):
     y = getattr(mx.nd, m.op)(*_args(m, None)).asnumpy()
     assert y.shape == (6,) and np.isfinite(y).all()
     assert quant_ops.LIBRARY_PATH
+
+
+def test_errors_are_the_calling_threads_own_under_concurrent_calls():
+    """Six threads making failing calls at once: each gets its own message, whole, and a
+    message never repeats an earlier error (lib_api.cc kept one list for every thread)."""
+    import threading
+
+    import mxnet as mx
+    import numpy as np
+
+    bad: list = []
+
+    def work(k: int) -> None:
+        nbits = 17 + k                        # each thread's message names its own value
+        x, g = mx.nd.array([1.0, 2.0, 3.0]), mx.nd.array([2.0])
+        for _ in range(1000):
+            try:
+                mx.nd.PACT(x, g, nbits=nbits).wait_to_read()
+                bad.append((k, "no error"))
+            except mx.base.MXNetError as e:
+                text = str(e)
+                if f"'nbits' = {nbits} is out of range" not in text or text.count("nbits") != 1:
+                    bad.append((k, text[-300:]))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, bad[:3]
+    y = mx.nd.PACT(mx.nd.array([1.0, 2.0, 3.0]), mx.nd.array([2.0]), nbits=4).asnumpy()
+    assert np.isfinite(y).all()          # a good call after all that still works

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -15,26 +14,26 @@
 namespace qo {
 
 namespace detail {
-// lib_api.h keeps every error message ever raised and MXNet prints them all with each new
-// error, so a second mistake would be reported with the first one's text. MXerrorMsgs has no
-// clear(); its message list is reached through the member-pointer idiom below (explicit
-// template instantiation may name private members).
-using MsgList = std::vector<std::stringstream*>;
-MsgList mxnet::ext::MXerrorMsgs::*error_list_member();
-template <MsgList mxnet::ext::MXerrorMsgs::*M>
-struct ErrorListAccess {
-  friend MsgList mxnet::ext::MXerrorMsgs::*error_list_member() { return M; }
+// MXNet reads an extension's error through two calls it makes right after a failed call, on
+// the same thread (_msgSize, then _msgGet for each index). lib_api.cc keeps one list for all
+// threads, never cleared: every new error repeated the old ones, and with several threads a
+// call got another call's text or a freed one. error_channel.cc answers those two calls
+// from the calling thread's own last error instead; it is set here.
+struct ThreadError {
+  std::string text;
+  bool set = false;
 };
-template struct ErrorListAccess<&mxnet::ext::MXerrorMsgs::messages>;
 
-/*! \brief Report one error: drop the messages MXNet has already shown, then add this one. */
+inline ThreadError& thread_error() {
+  static thread_local ThreadError e;
+  return e;
+}
+
+/*! \brief Report one error: the calling thread's message for MXNet to read. */
 inline void report_error(const char* what) {
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  MsgList& msgs = mxnet::ext::MXerrorMsgs::get()->*error_list_member();
-  for (auto* m : msgs) delete m;
-  msgs.clear();
-  MX_ERROR_MSG << what;
+  ThreadError& e = thread_error();
+  e.text = what;
+  e.set = true;
 }
 }  // namespace detail
 
@@ -44,6 +43,7 @@ struct Reported : std::exception {};
 /*! \brief Run `body`; turn an AttrError (or any std::exception) into MXNet's error channel. */
 template <typename F>
 inline mxnet::ext::MXReturnValue guarded(F&& body) {
+  detail::thread_error().set = false;   // an earlier error of this thread is not this one's
   try {
     return body();
   } catch (const Reported&) {
