@@ -50,3 +50,16 @@ def test_bad_node_inputs_are_refused():
     j["nodes"][3]["inputs"] = "x"
     with pytest.raises(QuantOpsError, match="inputs that are not a list"):
         Graph.from_json(json.dumps(j), "net.json")
+
+
+def test_a_symbol_file_that_is_not_utf8_is_a_clear_error(tmp_path):
+    """Found by bench/fuzz_readers.py: a flipped byte made a UnicodeDecodeError traceback."""
+    import pytest
+
+    from quant_ops.errors import QuantOpsError
+    from quant_ops.graph.ir import load_graph
+
+    f = tmp_path / "m-symbol.json"
+    f.write_bytes(b'{"nodes": [{"op": "null", "name": "da\x84ta"}], "heads": [[0, 0, 0]]}')
+    with pytest.raises(QuantOpsError, match=r"m-symbol.json: not a symbol JSON \(not UTF-8"):
+        load_graph(f)

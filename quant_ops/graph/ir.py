@@ -235,7 +235,9 @@ def _num_outputs(node: Node) -> int | None:
 def load_graph(path: str | Path) -> Graph:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise QuantOpsError(f"{p}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise QuantOpsError(f"{p}: not a symbol JSON (not UTF-8 text: byte {e.start})") from None
     return Graph.from_json(text, str(p))
