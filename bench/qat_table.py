@@ -13,7 +13,7 @@ Each row is the library's default recipe (``quant_ops.train.recipe``), nothing t
 row; its budget is one epoch over ``--train-images`` images (default: the whole training
 set, about 4-5 minutes a row on 2 cores).  The JSON is written after every row; with
 ``--resume`` a later run keeps the rows measured with the same budget on the same code
-(``code_version``: a hash of quant_ops/ and operator_cxx/) and runs the others again.
+(``code_version``: a hash of the sources in ``MEASURED``) and runs the others again.
 The first convolution and the classifier stay INT8, as in the PACT, DoReFa and LSQ papers.
 """
 from __future__ import annotations
@@ -78,16 +78,31 @@ def policy(name: str, bits: str) -> dict:
                           for n in SIGNED_INPUT]}
 
 
+#: what a row measures: the kernels and operator registrations, the method descriptors and
+#: references, calibration, training, the rewrite passes and the model object (not the
+#: command lines, file writing, export or error plumbing)
+MEASURED = ("operator_cxx/kernels", "operator_cxx/*.cc", "quant_ops/methods", "quant_ops/refs",
+            "quant_ops/calib", "quant_ops/train", "quant_ops/graph/quantize.py",
+            "quant_ops/graph/fold_bn.py", "quant_ops/graph/sign.py",
+            "quant_ops/graph/quantizers.py", "quant_ops/graph/runner.py", "quant_ops/model.py",
+            "quant_ops/ops.py", "quant_ops/policy.py", "quant_ops/presets.yaml")
+SKIP = ("error_channel.cc",)
+
+
 def code_version() -> str:
-    """SHA-256 of the sources a row measures (library, kernels): a row measured on other
-    code is stale and is run again, never kept."""
+    """SHA-256 of the sources a row measures (``MEASURED``): a row measured on other code
+    is stale and is run again, never kept."""
     import hashlib
 
     h = hashlib.sha256()
-    for folder in ("quant_ops", "operator_cxx"):
-        for f in sorted((ROOT / folder).rglob("*")):
-            if f.suffix in (".py", ".h", ".cc") and "__pycache__" not in f.parts:
-                h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    for pattern in MEASURED:
+        hits = sorted(ROOT.glob(pattern)) if "*" in pattern else [ROOT / pattern]
+        for top in hits:
+            files = sorted(top.rglob("*")) if top.is_dir() else [top]
+            for f in files:
+                if f.is_file() and f.suffix in (".py", ".h", ".cc", ".yaml") \
+                        and f.name not in SKIP and "__pycache__" not in f.parts:
+                    h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -65,6 +65,14 @@ OUR_MAX_DELAY = 1 << 40
 
 
 class _Int8(Method):
+    def op_attrs(self, bits, per_channel, params, is_weight, channel_axis=0):
+        # below 8 bits a calibrated activation clip (MSE at the layer's width) sits well
+        # under the batch max; the EMA of the max would walk it back out in training, so
+        # the range stays where calibration put it unless the policy says otherwise
+        if not is_weight and bits < 8:
+            params = {"fix_act_scale": True, **params}
+        return super().op_attrs(bits, per_channel, params, is_weight, channel_axis)
+
     def from_range(self, attrs, amax, signed):
         return {"minmax": np.array([amax], f32)}
 
