@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> dict:
     """Export, check the alignment (``<name>.alignment.json``), all or none; the report."""
     import numpy as np
 
+    if args.trt_version <= 0:
+        raise QuantOpsError(f"--trt-version must be a positive integer (TensorRT's number "
+                            f"for itself, 8601 for 8.6.1), got {args.trt_version}")
     model = QuantizedModel.from_symbol(args.symbol, args.params)
     name = output_name(args.name) if args.name else model.name
     no_overwrite(args.out, [f"{name}{ext}" for ext in (".onnx", ".calib.cache", ".ranges.json",

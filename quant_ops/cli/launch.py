@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:
         return error("give the worker command after --")
+    for flag, v in (("--num-workers", args.num_workers), ("--num-servers", args.num_servers)):
+        if v < 1:
+            return error(f"{flag} must be >= 1, got {v}")
+    if not args.timeout > 0:
+        return error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     try:
         launch_local(cmd, args.num_workers, args.num_servers, args.timeout, args.log_dir,
                      interface=args.interface)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import QuantOpsError
 from ..policy import QuantPolicy
-from .common import BUNDLED_MODELS, model_prefix, shape
+from .common import BUNDLED_MODELS, model_prefix, no_overwrite, output_name, shape
 
 #: input shape of the bundled Fashion-MNIST checkpoints (and of any checkpoint whose
 #: ``PREFIX.json`` holds the normalization: the project's Fashion-MNIST format)
@@ -214,7 +214,11 @@ class PTQRun:
         self.model = self.src.load()
         if self.model.is_quantized:
             raise QuantOpsError(f"{self.src.label}: already quantized: give the float model")
-        self.name = args.name or self.src.name
+        self.name = output_name(args.name) if args.name else self.src.name
+        no_overwrite(args.out, [f"{self.name}-quant-symbol.json",
+                                f"{self.name}-quant-0000.params", "report.json", "report.md"],
+                     [self.src.symbol, self.src.params, args.calib, getattr(args, "test", None),
+                      getattr(args, "policy", None)])
         self.calib = self.test = None
         with self.stage("data"):
             if args.calib or calib_required:

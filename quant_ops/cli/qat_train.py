@@ -27,6 +27,7 @@ from ..errors import QuantOpsError
 from .common import error, stoppable
 from .model_data import DATA_HELP, add_model_args, load_policy, model_source
 
+KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
 #: a model loader: () -> (float Gluon block, (input mean, std), the float training lr)
 ModelLoader = Callable[[], tuple]
 
@@ -82,6 +83,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                          ("--freeze-bn-after", args.freeze_bn_after, 0)):
         if v is not None and v < low:
             raise QuantOpsError(f"{flag} must be >= {low}, got {v}")
+    if args.kvstore not in KVSTORES:
+        raise QuantOpsError(f"--kvstore {args.kvstore!r}: use one of {', '.join(KVSTORES)}")
     for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr)):
         if v is not None and not (v > 0 and v < float("inf")):
             raise QuantOpsError(f"{flag} must be a number > 0, got {v}")

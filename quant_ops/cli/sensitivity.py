@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import QuantOpsError
 from ..ptq.sensitivity import SensitivityReport, layer_sensitivity, write_reports
-from .common import run_command
+from .common import no_overwrite, run_command
 from .model_data import (DATA_HELP, add_model_args, check_fits, load_policy, load_set,
                          model_source, no_data_error)
 
@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> SensitivityReport:
         raise no_data_error(src)
     test_spec = args.test or ("fmnist" if src.fmnist else None)
     progress = not args.no_progress
+    no_overwrite(args.out, ["report.html", "report.json", "policy_skip.yaml"],
+                 [src.symbol, src.params, args.policy, calib_spec, test_spec])
     m = src.load()
     calib = load_set(calib_spec, src, "--calib", "train", args.calib_images or 512,
                      args.calib_images is not None, progress, labels=False)
