@@ -63,3 +63,24 @@ def test_a_symbol_file_that_is_not_utf8_is_a_clear_error(tmp_path):
     f.write_bytes(b'{"nodes": [{"op": "null", "name": "da\x84ta"}], "heads": [[0, 0, 0]]}')
     with pytest.raises(QuantOpsError, match=r"m-symbol.json: not a symbol JSON \(not UTF-8"):
         load_graph(f)
+
+
+def test_a_quantizer_node_without_its_inputs_is_refused_before_mxnet_sees_it(tmp_path):
+    """Found by bench/fuzz_readers.py: a variable turned into a Quantization_int8 node with
+    no inputs crashed MXNet (segfault) when the symbol was loaded."""
+    import json
+
+    import pytest
+
+    from quant_ops.errors import QuantOpsError
+    from quant_ops.graph.ir import load_graph
+
+    f = tmp_path / "q-symbol.json"
+    f.write_text(json.dumps({"nodes": [
+        {"op": "null", "name": "data", "inputs": []},
+        {"op": "Quantization_int8", "name": "w", "inputs": []},
+        {"op": "FullyConnected", "name": "fc", "attrs": {"num_hidden": "2", "no_bias": "True"},
+         "inputs": [[0, 0, 0], [1, 0, 0]]}], "heads": [[2, 0, 0]], "arg_nodes": [0]}))
+    with pytest.raises(QuantOpsError, match=r"node 'w' \(Quantization_int8\) has 0 inputs; "
+                                            r"the operator takes 3 \(data, minmax, qstate\)"):
+        load_graph(f)

@@ -82,8 +82,22 @@ class Graph:
         if not isinstance(attrs, dict):
             raise QuantOpsError(f"{source}: graph 'attrs' is not a mapping")
         graph = cls(_unique_op_names(nodes, source), heads, dict(attrs), source)
+        graph.check_quantizer_inputs()
         graph.check_outputs()
         return graph
+
+    def check_quantizer_inputs(self) -> None:
+        """Each of this library's operators has exactly the inputs it declares: MXNet 1.9.1
+        sizes its buffers from the declaration and crashes on a node with fewer (found by
+        bench/fuzz_readers.py)."""
+        from .. import methods
+
+        for n in self.nodes:
+            m = methods.of_op(n.op)
+            if m is not None and len(n.inputs) != len(m.input_names):
+                raise QuantOpsError(
+                    f"{self.source}: node '{n.name}' ({n.op}) has {len(n.inputs)} inputs; "
+                    f"the operator takes {len(m.input_names)} ({', '.join(m.input_names)})")
 
     def check_outputs(self) -> None:
         """Every input and head names an output its node has (MXNet 1.9.1 crashes on a
