@@ -282,7 +282,7 @@ class QuantizedModel:
         """Set every activation quantizer's range from ``data`` (an (N, ...) array, a list of
         batches, or a DataLoader of (x, y)): ``minmax``, ``percentile``, ``mse``,
         ``entropy`` (TensorRT's), observed on the float network; or ``ema``, the quantizers'
-        own running observation in training mode.  Learned ranges (PACT clip, LSQ step, ...)
+        own running observation in training mode.  Learned ranges (a clip, a step, ...)
         start from the calibrated range."""
         from .calib.graph_calib import calibrate_graph
 

@@ -113,7 +113,7 @@ class QuantSpec:
         return QuantSpec(**fields)
 
     def op_attrs(self, is_weight: bool, channel_axis: int = 0) -> dict[str, str]:
-        """Attributes for the operator (``Quantization_int8``), all strings as MXNet wants them."""
+        """Attributes for the method's operator, all strings as MXNet wants them."""
         if self.per_channel and not is_weight:
             raise QuantOpsError("QuantSpec: per_channel is for weights only (an activation has one scale)")
         if self.per_channel and (not is_int(channel_axis) or channel_axis < 0):

@@ -73,8 +73,8 @@ def quantize_graph(graph: Graph, params: dict, policy: QuantPolicy | str | dict 
 
 def _computed_weights(graph: Graph, params: dict, policy: QuantPolicy) -> dict:
     """Values of weights computed in-graph from params alone (BN folded for QAT:
-    ``<layer>_weight_folded``), so learned weight quantizers (LSQ step, QIL interval, DSQ
-    range) start from the weights they will see, not from a generic default."""
+    ``<layer>_weight_folded``), so learned weight quantizers (a step, an interval, a range)
+    start from the weights they will see, not from a generic default."""
     internals, out = None, {}
     for _, n in graph.ops():
         if n.op not in policy.quantize_ops or len(n.inputs) < 2:

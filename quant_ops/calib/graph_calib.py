@@ -3,10 +3,10 @@
 The statistics are those of the float network (as TensorRT calibrates): the quantizers are
 stripped, the tensors they read become outputs, and each batch feeds one observer per
 tensor.  Histogram methods take two passes (the first finds each tensor's max, so the
-histograms are exact).  The ranges go into the quantizers' state (``_minmax`` of INT8
-quantizers), so the result is an ordinary checkpoint that QAT can start from; learned-range
-quantizers start from the calibrated range too (PACT clip, LSQ step, QIL interval, DSQ
-range), instead of a generic default.
+histograms are exact).  The ranges go into the quantizers' state (each descriptor's
+``from_range`` says which input), so the result is an ordinary checkpoint that QAT can start
+from; learned-range quantizers start from the calibrated range too (a clip, a step, an
+interval), instead of a generic default.
 
 Network inputs are calibrated by min/max unless asked otherwise: their range is fixed by
 the input pipeline, and clipping it (what entropy does to an image whose background is one
@@ -35,7 +35,7 @@ BITS_AWARE = ("entropy", "mse")      # observers whose answer depends on the bit
 
 def activation_tensors(graph: Graph) -> dict:
     """{activation quantizer name: (name of the tensor it reads, name of its range
-    variable)} for quantizers whose range is state calibration sets (INT8's ``minmax``)."""
+    variable)} for quantizers whose range is state calibration sets (not a learned input)."""
     return {q.name: (q.tensor, q.range_var) for q in activation_quantizers(graph)
             if q.range_var is not None and not q.method.input(q.method.range_input).learned}
 

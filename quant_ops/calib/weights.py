@@ -1,8 +1,8 @@
 """Starting weight ranges searched at the layer's bit width.
 
-A weight quantizer that learns its range (DSQ, QIL, LSQ) trains from where it starts.  The
-whole range [-max|w|, max|w|] wastes most levels on a few outliers, and at 2-3 bits it
-rounds nearly every weight to zero (QIL's ternary weights prune everything below max/2);
+A weight quantizer that learns its range trains from where it starts.  The whole range
+[-max|w|, max|w|] wastes most levels on a few outliers, and at 2-3 bits it rounds nearly
+every weight to zero (ternary weights on [0, max|w|] prune everything below max/2);
 the clip with the least squared error on the layer's own grid keeps the bulk of the
 distribution representable.  Each method supplies its grid; this module only searches.
 """

@@ -34,7 +34,7 @@ CODE_TYPES = {(8, True): (TensorProto.INT8, 10), (8, False): (TensorProto.UINT8,
 
 def qdq_form(op: str, attrs: dict, value) -> tuple[np.ndarray, bool, bool]:
     """(scale, signed, per_axis) of an exportable quantizer, from its range input's value
-    (e.g. int8: the range amax; PACT: the clip alpha; LSQ: the step), in float32 as the
+    (a range amax, a clip, a step: the descriptor's ``qdq`` says), in float32 as the
     kernels compute it."""
     m = methods.of_op(op)
     if m is None or not m.exportable:

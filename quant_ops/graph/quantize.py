@@ -118,7 +118,7 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
 
     ``shapes`` maps variable names to shapes (e.g. from the params file); a quantized weight
     needs one, as MXNet 1.9 cannot infer a shape backwards through an external operator.
-    ``values`` (name -> array) lets learned quantizer inputs start from the weights (LSQ).
+    ``values`` (name -> array) lets learned quantizer inputs start from the weights.
     """
     shapes = shapes or {}
     values = values or {}

@@ -1,44 +1,27 @@
 """Convert symbol files of the seed toolkit to quant_ops operators.
 
-The seed toolkit (XiaotaoChen/mx_quant_op, ``operator_cxx/contrib/*``; an older copy of its
-INT8 operator is in tusen-ai/simpledet) compiled its quantizers into a custom MXNet build as
-``_contrib_Quantization_int8``, ``_contrib_PACT``, ``_contrib_DoReFa``, ``_contrib_QIL``,
-``_contrib_GDRQ`` and ``_contrib_FQN`` (and, for prototyping, Python ``CustomOp`` s such as
-``Custom(op_type="Quantization_int8_PY")``).  Their symbol files do not load into a stock
-MXNet 1.9.1; :func:`convert_seed_graph` rewrites them to the operators of this toolkit.
+The seed toolkit (XiaotaoChen/mx_quant_op, ``operator_cxx/contrib/*``) compiled its
+quantizers into a custom MXNet build as ``_contrib_<Op>`` operators (and, for prototyping,
+Python ``CustomOp`` s, ``Custom(op_type="<Op>_PY")``).  Their symbol files do not load into
+a stock MXNet 1.9.1; :func:`convert_seed_graph` rewrites them to the operators of this
+toolkit.
 
 This module knows graphs, not methods: each method descriptor (quant_ops/methods/) lists
 the seed operators it imports (``Method.seed_ops``: ``_contrib_X`` or ``Custom:<op_type>``,
 with the seed operator's inputs) and maps one node (``Method.from_seed``: attributes parsed
 as the seed's dmlc parameters parsed them, bit-count conventions, stored state checked and
-carried over or re-made).  What the descriptors do today, in short:
-
-* ``_contrib_Quantization_int8``, ``Quantization_int8_PY``: ``Quantization_int8`` at nbits
-  ``n + 1`` (the seed's ``nbits=n`` counts ``2^n - 1`` levels each side), its ``minmax``
-  kept, a ``qstate`` added; ``QUANT_STE_PY`` on a weight: ``Quantization_int8`` at ``n``;
-* ``_contrib_PACT``, ``PACT_V2_PY``: ``PACT(signed=True)`` at ``n + 1`` (the seed clipped to
-  [-gamma, gamma]), on a ReLU's output the unsigned ``PACT`` at ``n`` (the same values);
-  ``PACT_PY`` (clipped above only) on a ReLU's output and ``CLIP_RELU_PY`` (a fixed clip
-  [0, threshold]): the unsigned ``PACT`` at ``n``;
-* ``_contrib_DoReFa``, ``DoReFa_PY``: ``DoReFa(is_weight=True)`` at ``n`` (the seed's tanh
-  form on every tensor);
-* ``_contrib_QIL``, ``QIL_PY``: ``QIL`` with the seed's signed transform
-  (``is_weight=True``) at ``n + 1``, ``fix_gamma``; ``QIL_PY``'s pruning and clipping points
-  become center and distance;
-* ``_contrib_GDRQ``, ``GDRQ_PY``: ``GDRQ`` (the seed's attributes and bit count), ``alpha``
-  kept as ``gdrq_alpha``, a ``qstate`` added;
-* ``_contrib_FQN``, ``FQN_PY``: ``FQN(seed_grid=True)`` at ``n`` (the seed's grid: no zero
-  point, no saturation), a ``qstate`` added where the seed kept none.
+carried over or re-made); each descriptor's docstring gives its mapping and where the
+seed's arithmetic differs.  Here: which nodes are seed nodes, what the descriptors need to
+know about each (its inputs and their stored values, whether its data can be negative,
+whether it feeds a layer's weight), and the rewiring.
 
 Where a seed operator computed something no quant_ops operator reproduces, the conversion
 raises :class:`QuantOpsError` naming the node and why (and before anything is converted);
-what is only a rounding detail (quant_ops rounds half to even, the seed half away from zero)
-or a documented fix of the seed (quant_ops/refs/*.py list them) is logged as a note.  A
-checkpoint given with the graph must hold the state arrays the seed's PACT, QIL and GDRQ
-nodes read, with the seed's shape and finite values (an INT8 range it lacks takes the
-declared shape; a weight's is recomputed from the weight anyway).  State the seed kept keeps its variable (and name); a
-new input is a variable ``<quantizer>_<input>`` whose starting value is returned.  Values
-are parsed as data (never evaluated).  Converting a converted graph changes nothing.
+what is only a rounding detail or a documented fix of the seed is logged as a note.  A
+checkpoint given with the graph must hold the state arrays the seed's nodes read, with the
+seed's shape and finite values.  State the seed kept keeps its variable (and name); a new
+input is a variable ``<quantizer>_<input>`` whose starting value is returned.  Values are
+parsed as data (never evaluated).  Converting a converted graph changes nothing.
 """
 from __future__ import annotations
 

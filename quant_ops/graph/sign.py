@@ -1,7 +1,7 @@
 """Which tensors of a graph can never be negative, from the ops alone.
 
-An unsigned activation quantizer (PACT, QIL, DSQ, DoReFa, unsigned LSQ) represents [0, a]
-only: put on a tensor that can be negative (a network input, a linear bottleneck, a
+An unsigned activation quantizer (a method whose descriptor says ``unsigned``) represents
+[0, a] only: put on a tensor that can be negative (a network input, a linear bottleneck, a
 pre-activation) it silently zeroes half of it.  The rewrite asks this module before it
 places one; a tensor not proven non-negative gets the method's signed form or is refused.
 """

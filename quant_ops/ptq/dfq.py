@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import mxnet as mx
 import numpy as np
 from tqdm import tqdm
 
@@ -40,14 +41,13 @@ from ..graph.params import as_numpy
 from ..graph.relu6 import _is_relu6, relu6_to_relu
 from ..policy import QuantPolicy, QuantSpec
 from ..prepare import as_policy
-from ..reference import Int8Attrs, quantization_int8_forward
 from .common import runner
 
 log = logging.getLogger(__name__)
 
 LAYERS = ("Convolution", "FullyConnected")
 #: the paper's default weight quantizer: one INT8 scale per tensor (where DFQ matters most)
-DEFAULT_POLICY = {"weight": {"method": "int8", "bits": 8, "per_channel": False}}
+DEFAULT_POLICY = {"preset": "trt_int8", "weight": {"per_channel": False}}
 ADD_OPS = ("elemwise_add", "_Plus", "_plus", "_add")
 BIAS_CORRECTION_MODES = ("data_free", "empirical", None)
 
@@ -495,13 +495,14 @@ def _measured_means(graph: Graph, params: dict, layers: Sequence, batches, data_
 
 
 def quantized_weight(w: np.ndarray, spec: QuantSpec, channel_axis: int = 0) -> np.ndarray:
-    """What the graph's weight quantizer computes from ``w`` (``Quantization_int8`` with
-    ``is_weight``: range max|w| per tensor or channel, narrow symmetric rounding)."""
-    attrs = Int8Attrs(nbits=spec.bits, is_weight=True, is_weight_perchannel=spec.per_channel,
-                      channel_axis=channel_axis)
-    n = w.shape[channel_axis] if spec.per_channel else 1
-    return quantization_int8_forward(np.asarray(w, np.float32), np.zeros(n, np.float32),
-                                     np.zeros(2, np.float32), attrs)[0]
+    """What the graph's weight quantizer computes from ``w``: its own operator, in
+    inference, from the state its descriptor starts it with."""
+    w = np.asarray(w, np.float32)
+    channels = w.shape[channel_axis] if spec.per_channel else 1
+    init = spec.initial(True, channels, w, channel_axis)
+    args = [mx.nd.array(w)] + [mx.nd.array(init[i.name]) for i in spec.descriptor.inputs]
+    op = getattr(mx.nd, spec.op_name)
+    return op(*args, **spec.op_attrs(is_weight=True, channel_axis=channel_axis)).asnumpy()
 
 
 def correct_bias(graph: Graph, params: dict, *, mode: str = "data_free",

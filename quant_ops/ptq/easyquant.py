@@ -87,7 +87,7 @@ class _Layer:
     geo: _Geometry
     weight: str                      # param name of the weight
     bias: str | None
-    act_q: str | None = None         # input quantizer (Quantization_int8) and its state
+    act_q: str | None = None         # input quantizer (a linear one) and its state
     minmax: str | None = None
     tensor: str | None = None        # the tensor the input quantizer reads
     act_bits: int = 8
@@ -566,7 +566,7 @@ def easyquant(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
 
     ``graph``/``params``: the output of ``quantize_graph`` with activation ranges filled by
     ``calibrate_graph``; they are not modified.  ``batches``: calibration inputs.  Each
-    layer (Convolution, FullyConnected, Deconvolution with a ``Quantization_int8`` input),
+    layer (Convolution, FullyConnected, Deconvolution with a linear quantizer on its input),
     in topological order, gets ``rounds`` alternations of a weight-scale search (per channel
     when its weight quantizer is) and a search of its input activation's amax, over
     ``points`` factors in ``search`` times the current scale, maximizing the cosine between
@@ -585,7 +585,8 @@ def easyquant(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
     layers, skipped = _find_layers(graph)
     if not layers:
         raise QuantOpsError(f"{graph.source}: no Convolution/FullyConnected/Deconvolution "
-                            "with a Quantization_int8 input to search")
+                            f"with a linear quantizer ({', '.join(sorted(LINEAR_OPS))}) on its "
+                            "input to search")
     bits = _check_params(graph, params, layers, nbits)
     run_params = _inference_params(graph, params)
     new_params = dict(params)

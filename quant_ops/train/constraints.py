@@ -1,10 +1,11 @@
 """Learned quantizer parameters as their methods train them.
 
-SGD knows nothing of domains: DSQ's softness ``alpha`` must stay in (0, 0.5) (beyond it the
-soft staircase is undefined and training diverges; seen at 2-3 bits), a clip, step or
-interval must stay positive, and a DSQ range must keep ``upper > lower``.  ``fit`` projects
-the parameters back after every optimizer step (the DSQ paper clips alpha the same way),
-and gives them their method's learning-rate and weight-decay multipliers.  Both come from
+SGD knows nothing of domains: a softness must stay inside the interval where the soft
+staircase is defined (beyond it training diverges; seen at 2-3 bits), a clip, step or
+interval must stay positive, a learned range must keep ``upper > lower``.  ``fit`` projects
+the parameters back after every optimizer step (each descriptor's ``project``, as the
+papers clip them) and gives them their method's learning-rate and weight-decay
+multipliers.  Both come from
 each method's descriptor (``quant_ops.methods``), found through the net's graph.
 """
 from __future__ import annotations

@@ -9,8 +9,9 @@ should get, measured on the bundled models (docs/results.md).
   peak lr is float lr / 400.  Below 8 bits the grid is coarse and the weights must move:
   float lr / 20.  Both under the SineScheduler, for one epoch (the seed's schedule).
 * BatchNorm: folded into the weights with frozen statistics (as deployed) where every
-  weight method keeps the weight's scale; kept after the layer where one does not (DoReFa,
-  QIL, GDRQ map weights to [-1, 1]: BN absorbs the new scale, as in those papers).
+  weight method keeps the weight's scale (``Method.keeps_weight_scale``); kept after the
+  layer where one does not (a method that maps weights to [-1, 1] or reshapes them: BN
+  absorbs the new scale, as those papers train).
 * Quantizer parameters: each method's lr / wd multipliers (descriptor), projected into
   their domains after every step (``train.constraints``).
 """
