@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import QuantOpsError
-from .common import error, stoppable
+from .common import BUNDLED_MODELS, error, stoppable
 from .model_data import DATA_HELP, add_model_args, load_policy, model_source
 
 KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
@@ -100,19 +100,17 @@ def _load_model(args, models: Mapping[str, ModelLoader]):
         net, norm, float_lr = models[args.model]()
         return QuantizedModel.from_gluon(net, mx.nd.zeros((1, 1, 28, 28)), name=args.model), \
             norm, float_lr, args.model, True
-    if args.model is not None and args.symbol is None and \
-            not Path(f"{args.model}-symbol.json").exists() and "/" not in args.model:
-        from .common import BUNDLED_MODELS
-
-        if args.model not in BUNDLED_MODELS:     # a gluoncv architecture (random weights)
-            if args.input_shape is None:
-                raise QuantOpsError(f"unknown model {args.model!r}: not bundled "
-                                    f"({', '.join(BUNDLED_MODELS)}), no checkpoint "
-                                    f"{args.model}-symbol.json; a gluoncv name needs "
-                                    "--input-shape")
-            m = QuantizedModel.from_zoo(args.model, args.input_shape)
-            norm = None if args.mean is None else (args.mean, args.std)
-            return m, norm, None, args.model, False
+    if args.model is not None and args.symbol is None and args.model not in BUNDLED_MODELS \
+            and "/" not in args.model and not Path(f"{args.model}-symbol.json").exists():
+        # neither bundled nor a checkpoint prefix: a gluoncv architecture (random weights)
+        if args.input_shape is None:
+            raise QuantOpsError(f"unknown model {args.model!r}: not bundled "
+                                f"({', '.join(BUNDLED_MODELS)}), no checkpoint "
+                                f"{args.model}-symbol.json; a gluoncv name needs "
+                                "--input-shape")
+        m = QuantizedModel.from_zoo(args.model, args.input_shape)
+        norm = None if args.mean is None else (args.mean, args.std)
+        return m, norm, None, args.model, False
     src = model_source(args, "fmnist_resnet20")
     m = src.load()
     float_lr = src.info.get("lr") if src.info else None
