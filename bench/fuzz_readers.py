@@ -61,8 +61,13 @@ def mutate_json(text: str, rng: random.Random) -> bytes:
 
 def mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     b = bytearray(data)
-    kind = rng.randrange(3)
-    if kind == 0:                          # flip bytes (the header more often)
+    kind = rng.randrange(4)
+    if kind == 3:                          # a size field (count, rank, dim) set to a weird int
+        i = rng.randrange(len(b) - 8)
+        width = rng.choice((4, 8))
+        v = rng.choice([-1, 0, 1, 7, 33, 2 ** 31 - 1, 2 ** 40, 2 ** 62]) % (1 << (8 * width))
+        b[i:i + width] = v.to_bytes(width, "little")
+    elif kind == 0:                          # flip bytes (the header more often)
         for _ in range(rng.randint(1, 16)):
             i = rng.randrange(min(len(b), 256)) if rng.random() < 0.5 else rng.randrange(len(b))
             b[i] = rng.randrange(256)

@@ -166,7 +166,9 @@ def _check_images(x: np.ndarray, source: str, input_shape, notes: list) -> np.nd
     return x
 
 
-def _check_labels(y, n: int, source: str) -> np.ndarray | None:
+def check_labels(y, n: int, source: str) -> np.ndarray | None:
+    """``y`` as int64 class indices (one per image, none negative), or an error naming
+    ``source``."""
     if y is None:
         return None
     y = np.asarray(y)
@@ -335,7 +337,7 @@ def load_data(spec: str | Path, input_shape=None, *, split: str = "train", norma
     x, y = _read_array_file(path)
     source, notes = str(path), []
     x = _check_images(np.asarray(x), source, input_shape, notes)
-    y = _check_labels(y, len(x), source)
+    y = check_labels(y, len(x), source)
     if limit is not None:
         x, y = x[:limit], (None if y is None else y[:limit])
     x = _as_inputs(x, source, normalize, notes)

@@ -12,6 +12,16 @@ from typing import Callable, Iterator
 from .errors import QuantOpsError
 
 
+def plain_name(name: str, what: str = "name") -> str:
+    """A file-name stem for outputs: no folder part and no leading '.', so what is written
+    with it stays in its output folder."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name \
+            or name.startswith(".") or "\0" in name:
+        raise QuantOpsError(f"{what} {name!r}: give a plain file name (no '/', no leading "
+                            "'.'); outputs go into the output folder")
+    return name
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

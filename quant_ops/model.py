@@ -29,7 +29,7 @@ from mxnet import gluon
 from tqdm import tqdm
 
 from .errors import QuantOpsError, mxnet_message
-from .fileio import atomic_write_text, staged_dir
+from .fileio import atomic_write_text, plain_name, staged_dir
 from .graph.heads import label_names, without_loss
 from .graph.ir import Graph, load_graph
 from .graph.params import as_numpy, check_arrays, load_params, save_params
@@ -143,6 +143,11 @@ class QuantizedModel:
                    data_names: Sequence[str] = ("data",), name: str | None = None) -> QuantizedModel:
         """From a Gluon block (``sample``, an input batch, completes deferred
         initialization)."""
+        uninitialized = [p.name for p in block.collect_params().values()
+                         if p._data is None and p._deferred_init == ()]
+        if uninitialized:
+            raise QuantOpsError(f"{block.name}: parameter {uninitialized[0]} is not "
+                                "initialized: call block.initialize() first")
         if sample is not None:
             block(*(sample if isinstance(sample, (list, tuple)) else [sample]))
         try:
@@ -188,6 +193,12 @@ class QuantizedModel:
     def set_input_shape(self, shape: Sequence[int]) -> QuantizedModel:
         """Record the input shape, after checking that the graph and its params take it
         (the error says which layer does not fit)."""
+        self.check_input_shape(shape)
+        self.input_shape = tuple(shape)
+        return self
+
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        """Refuse an input shape the graph and its params do not take, naming the layer."""
         sym = self.run_graph.to_symbol()
         args = set(sym.list_arguments())
         shapes = {k: v.shape for k, v in self.params.items() if k in args}
@@ -434,9 +445,10 @@ class QuantizedModel:
         if not shape:
             raise QuantOpsError(f"{self.name}: give input_shape (or calibrate first, which "
                                 "records it)")
+        name = plain_name(name or self.name, "export name")
+        self.check_input_shape(shape)
         x = (as_numpy(check_input).astype(np.float32) if check_input is not None else
              np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
-        name = name or self.name
         out = Path(out_dir)
         with staged_dir(out) as tmp:
             ex = export_model(self.run_graph, self.params, tmp, name, {self.data_names[0]: shape},

@@ -73,6 +73,11 @@ def _wrap(raw, method: methods.Method):
     @functools.wraps(raw)
     def quantizer(*args, **kwargs):
         args = list(args) + [kwargs.pop(k) for k in inputs[len(args):] if k in kwargs]
+        if args and isinstance(args[0], mx.nd.NDArray) and len(args) < len(inputs):
+            # (a symbol may leave inputs out: MXNet makes variables for them)
+            missing = ", ".join(f"'{k}'" for k in inputs[len(args):])
+            raise OperatorError(f"{method.op}: input {missing} missing (it takes "
+                                f"{', '.join(inputs)})")
         for i, v in enumerate(args[:len(inputs)]):
             if i and isinstance(v, mx.nd.NDArray) and v.size == 0:
                 # MXNet takes a 0 in a shape for "unknown": say so here, not at the next sync

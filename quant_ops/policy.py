@@ -255,7 +255,8 @@ class QuantPolicy:
         except (OSError, UnicodeDecodeError) as e:
             fail(f"cannot read the file: {e}")
         try:
-            data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+            data = (json.loads(text, object_pairs_hook=_unique_json_keys) if suffix == ".json"
+                    else yaml.load(text, Loader=_UniqueKeyLoader))
         except (ValueError, yaml.YAMLError) as e:
             fail(f"malformed {'JSON' if suffix == '.json' else 'YAML'}: {e}")
         return cls.from_dict(data, source=str(path))
@@ -330,10 +331,34 @@ PRESETS: dict[str, QuantPolicy] = {
 }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader (data only) that refuses a key given twice in one mapping: the
+    first value would be dropped without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_json_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key {twice[0]!r} appears twice in one object")
+    return dict(pairs)
+
+
 def _load_presets() -> None:
     """The presets shipped as policy files (``presets.yaml``, data only)."""
     source = Path(__file__).with_name("presets.yaml")
-    for name, d in yaml.safe_load(source.read_text(encoding="utf-8")).items():
+    for name, d in yaml.load(source.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader).items():
         p = QuantPolicy.from_dict(d, f"{source}: {name}")
         PRESETS[name] = dataclasses.replace(p, preset=name)
 

@@ -28,7 +28,15 @@ def import_gluoncv():
 def get_model(name: str, **kwargs):
     """A gluoncv model-zoo network with random weights (``pretrained=False``)."""
     gcv = import_gluoncv()
+    if name.lower() not in gcv.model_zoo.get_model_list():
+        raise QuantOpsError(f"unknown gluoncv model {name!r}: see "
+                            "gluoncv.model_zoo.get_model_list()")
+    # detection, segmentation and pose nets download ImageNet weights for their backbone
+    # unless told not to; the nets that do not know the flag refuse it
     try:
-        return gcv.model_zoo.get_model(name, pretrained=False, **kwargs)
-    except ValueError as e:
-        raise QuantOpsError(f"unknown gluoncv model {name!r}: {e}") from None
+        return gcv.model_zoo.get_model(name, pretrained=False,
+                                       **{"pretrained_base": False, **kwargs})
+    except TypeError as e:
+        if "pretrained_base" not in str(e) or "pretrained_base" in kwargs:
+            raise
+    return gcv.model_zoo.get_model(name, pretrained=False, **kwargs)

@@ -104,3 +104,19 @@ def test_a_broken_record_is_refused(tmp_path):
     with pytest.raises(QuantOpsError, match="progress.json: not a readable checkpoint"):
         fit(_net(), (x, y), None, _cfg(tmp_path))
     assert checkpoint.PARTS == ("net.params", "optimizer.npz")
+
+
+def test_a_spliced_params_file_with_a_matching_record_is_refused_not_crashed(tmp_path):
+    """The digests guard against mixed saves, not against a planted record: the params
+    file itself is read by the bounds-checked reader before MXNet's loader sees it."""
+    x, y = _data()
+    fit(_net(), (x, y), None, _cfg(tmp_path, stop_after_steps=2))
+    ck = tmp_path / "ck"
+    data = bytearray((ck / "net.params").read_bytes())
+    data[36:44] = (2 ** 40).to_bytes(8, "little")     # the first array's first dimension
+    (ck / "net.params").write_bytes(bytes(data))
+    record = json.loads((ck / "progress.json").read_text())
+    record["parts"]["net.params"] = checkpoint._digest(ck / "net.params")
+    (ck / "progress.json").write_text(json.dumps(record))
+    with pytest.raises(QuantOpsError, match="net.params: not an MXNet params file"):
+        fit(_net(), (x, y), None, _cfg(tmp_path))

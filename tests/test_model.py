@@ -277,3 +277,14 @@ def test_3d_convolutions_and_a_repeated_op_name(fold, caplog):
     got = m.predict(x)
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     assert np.array_equal(m.float_model().predict(x), want) if fold is None else True
+
+
+def test_from_zoo_builds_detection_nets_without_downloading_their_backbone():
+    """gluoncv's detectors fetch ImageNet backbone weights unless told not to; offline that
+    was a network error from graph_optimize --model ssd_..."""
+    from quant_ops.zoo import get_model
+
+    net = get_model("ssd_300_mobilenet0.25_voc")
+    assert type(net).__name__ == "SSD"
+    with pytest.raises(QuantOpsError, match="unknown gluoncv model 'resnet9'"):
+        get_model("resnet9")

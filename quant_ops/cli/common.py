@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import QuantOpsError, mxnet_message
+from ..fileio import plain_name
 from ..graph.ir import Graph
 from ..graph.params import check_params
 
@@ -64,10 +65,7 @@ def checked_symbol(graph: Graph, params: dict, params_source: str | Path):
 def output_name(name: str) -> str:
     """A file-name stem given on the command line: no folder part, so outputs stay in
     ``--out``."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
-        raise QuantOpsError(f"--name {name!r}: give a plain file name (no '/', no leading "
-                            "'.'); outputs go into --out")
-    return name
+    return plain_name(name, "--name")
 
 
 def no_overwrite(out: Path, names: list[str], inputs: list) -> None:

@@ -27,7 +27,6 @@ from ..errors import QuantOpsError
 from .common import BUNDLED_MODELS, error, stoppable
 from .model_data import DATA_HELP, add_model_args, load_policy, model_source
 
-KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
 #: a model loader: () -> (float Gluon block, (input mean, std), the float training lr)
 ModelLoader = Callable[[], tuple]
 
@@ -75,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
+    from ..train.loop import KVSTORES
+
     for flag, v, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                          ("--calib-images", args.calib_images, 0),
                          ("--train-limit", args.train_limit, 0),

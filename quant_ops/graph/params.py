@@ -7,8 +7,9 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from ..errors import QuantOpsError, mxnet_message
+from ..errors import QuantOpsError
 from ..fileio import atomic_write
+from .params_file import read_params_file
 
 
 def as_numpy(v, dtype=None) -> np.ndarray:
@@ -42,14 +43,11 @@ def load_params(path: str | Path, cast: bool = False) -> dict:
     p = Path(path)
     if not p.is_file():
         raise QuantOpsError(f"{p}: params file not found")
-    try:
-        raw = mx.nd.load(str(p))
-    except mx.base.MXNetError as e:
-        raise QuantOpsError(f"{p}: not an MXNet params file ({mxnet_message(e)})") from None
+    raw = read_params_file(p)     # (not mx.nd.load: a spliced file can crash it)
     if not isinstance(raw, dict):
         raise QuantOpsError(f"{p}: holds unnamed arrays, not parameters")
     return check_arrays({k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k:
-                         v.asnumpy() for k, v in raw.items()}, str(p), cast)
+                         v for k, v in raw.items()}, str(p), cast)
 
 
 def check_params(sym, params: dict, source: str, data_names=("data",)) -> None:

@@ -22,6 +22,7 @@ from mxnet import gluon
 
 from ..errors import QuantOpsError, mxnet_message
 from ..fileio import _umask, atomic_write
+from ..graph.params_file import read_params_file
 
 PARTS = ("net.params", "optimizer.npz")
 PROGRESS = "progress.json"
@@ -159,6 +160,7 @@ def load(ckpt: Path, net: gluon.Block, trainer: gluon.Trainer) -> dict:
         if _digest(path) != parts.get(name):
             raise QuantOpsError(f"{path}: does not belong to the checkpoint of step "
                                 f"{progress['step']} (changed or from another save)")
+    read_params_file(ckpt / "net.params")   # well-formed before MXNet's reader sees it
     try:
         net.load_parameters(str(ckpt / "net.params"))
     except (mx.base.MXNetError, AssertionError, ValueError) as e:

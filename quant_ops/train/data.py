@@ -24,6 +24,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+from ..datasets import check_labels
 from ..errors import QuantOpsError
 
 
@@ -59,10 +60,12 @@ class Source:
         self.x = self.y = self.dataset = self.loader = None
         if isinstance(train, (tuple, list)) and len(train) == 2 \
                 and hasattr(train[0], "shape"):
-            self.x, self.y = train
-            if len(self.x) != len(self.y):
+            self.x, y = train
+            if len(self.x) != len(y):
                 raise QuantOpsError(f"the training set has {len(self.x)} inputs but "
-                                    f"{len(self.y)} labels")
+                                    f"{len(y)} labels")
+            self.y = check_labels(y.asnumpy() if isinstance(y, mx.nd.NDArray) else y,
+                                  len(y), "the training set")
             self.n = len(self.x)
         elif isinstance(train, gluon.data.Dataset):
             self.dataset, self.n = train, len(train)

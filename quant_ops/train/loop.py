@@ -55,6 +55,45 @@ class FitConfig:
     num_workers: int = 0              # DataLoader worker processes for a Dataset
     extra: dict = field(default_factory=dict)
 
+    def check(self) -> None:
+        """Refuse settings that would fail deep inside MXNet, or train nothing, naming the
+        field the caller gave."""
+        def bad(name: str, want: str) -> QuantOpsError:
+            return QuantOpsError(f"FitConfig.{name} must be {want}, got {getattr(self, name)!r}")
+
+        for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise bad(name, "an integer >= 1")
+        for name in ("stop_after_steps", "max_steps_per_epoch"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                                  or v < 1):
+                raise bad(name, "None or an integer >= 1")
+        v = self.freeze_bn_after
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                              or v < 0):
+            raise QuantOpsError(f"freeze_bn_after must be >= 0 steps, got {v}")
+        if not isinstance(self.num_workers, (int, np.integer)) or self.num_workers < 0:
+            raise bad("num_workers", "an integer >= 0")
+        for name, low_ok in (("lr", False), ("momentum", True), ("wd", True)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) \
+                    or not np.isfinite(v) or v < 0 or (v == 0 and not low_ok):
+                raise bad(name, "a finite number > 0" if not low_ok else
+                          "a finite number >= 0")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", " or ".join(map(repr, SCHEDULES)))
+        if self.kvstore not in KVSTORES:
+            raise bad("kvstore", "one of " + ", ".join(KVSTORES))
+        if not isinstance(self.optimizer, str) \
+                or self.optimizer.lower() not in mx.optimizer.Optimizer.opt_registry:
+            raise bad("optimizer", "an MXNet optimizer name (sgd, nag, adam, ...)")
+
+
+SCHEDULES = ("sine", "constant")
+KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
+
 
 # settings that decide the run: resuming with other values continues a different run
 RUN_KEYS = ("epochs", "lr", "batch_size", "optimizer", "schedule", "seed", "freeze_bn_after",
@@ -114,8 +153,7 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
     resumed run sees with each.
     """
     cfg = cfg or FitConfig()
-    if cfg.freeze_bn_after is not None and cfg.freeze_bn_after < 0:
-        raise QuantOpsError(f"freeze_bn_after must be >= 0 steps, got {cfg.freeze_bn_after}")
+    cfg.check()
     source = Source(train, cfg.num_workers)
     kv = mx.kv.create(cfg.kvstore)
     dist = "dist" in kv.type
