@@ -95,38 +95,12 @@ MEASURED = ("operator_cxx/kernels", "operator_cxx/*.cc", "quant_ops/methods", "q
 SKIP = ("error_channel.cc",)
 
 
-def _code_text(f: Path) -> bytes:
-    """What a file computes: a Python module's syntax tree without its docstrings (a
-    reworded docstring measures nothing new); other sources as they are."""
-    import ast
-
-    if f.suffix != ".py":
-        return f.read_bytes()
-    tree = ast.parse(f.read_text())
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) \
-                and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree).encode()
-
-
 def code_version(root: Path = ROOT) -> str:
     """SHA-256 of the code a row measures (``MEASURED``, comments and docstrings left out):
     a row measured on other code is stale and is run again, never kept."""
-    import hashlib
+    from code_version import expand, hash_files
 
-    h = hashlib.sha256()
-    for pattern in MEASURED:
-        hits = sorted(root.glob(pattern)) if "*" in pattern else [root / pattern]
-        for top in hits:
-            files = sorted(top.rglob("*")) if top.is_dir() else [top]
-            for f in files:
-                if f.is_file() and f.suffix in (".py", ".h", ".cc", ".yaml") \
-                        and f.name not in SKIP and "__pycache__" not in f.parts:
-                    h.update(str(f.relative_to(root)).encode() + b"\0" + _code_text(f))
-    return h.hexdigest()[:16]
+    return hash_files(expand(MEASURED, SKIP, root), root)
 
 
 def step_time(net, x, y, steps=20) -> float:

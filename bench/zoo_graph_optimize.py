@@ -9,8 +9,8 @@ error against the unfolded float network is reported beside it).
     python bench/zoo_graph_optimize.py --models resnet18_v1,i3d_resnet50_v1_kinetics400
     python bench/zoo_graph_optimize.py --limit 40            # the next 40 rows not yet run
 
-Rows are kept in ``--json`` with the tree's code hash (``git rev-parse HEAD:quant_ops``)
-and re-run when the library changed.  Each (model, fold) runs in a forked process with a
+Each row keeps the hash of the code it ran (every ``quant_ops`` module the row's process
+imported, and the operator sources) and is run again when any of it changed.  Each (model, fold) runs in a forked process with a
 time limit, so a crash or a hang is a row, not the end of the sweep.  Status per row:
 ``ok``; ``FAIL`` (the toolkit's fault: a traceback, an error on a net that builds, a
 mismatch); ``not-offline`` (gluoncv cannot build the net without downloads or extra
@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,9 +31,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 FOLDS = ("deploy", "qat")
 # more than one input, or not a network of images: graph_optimize takes one `data`
 SEVERAL_INPUTS = ("siamrpn_", "monodepth2_resnet18_posenet")
+OPERATOR_SOURCES = ("operator_cxx",)
 
 
 def input_shape(name: str) -> tuple[int, ...]:
@@ -161,6 +162,10 @@ def _worker(name: str, fold: str, shape: tuple, q) -> None:
         except Exception as e:  # noqa: BLE001  (a traceback is a FAIL row with its place)
             row = {"status": "FAIL", "reason": f"{type(e).__name__}: {e}"[:400],
                    "where": traceback.format_exc().splitlines()[-3][:200]}
+    row["code_files"] = sorted(
+        str(Path(m.__file__).resolve().relative_to(ROOT)) for m in list(sys.modules.values())
+        if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(
+            ROOT / "quant_ops"))
     q.put(row)
     q.close()
     q.join_thread()
@@ -195,12 +200,11 @@ def run_row(name: str, fold: str, timeout: float) -> dict:
             "seconds": round(time.time() - t0, 1), **row}
 
 
-def code_hash() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD:quant_ops"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()[:16]
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def row_code(files: list[str]) -> str:
+    """The hash of what a row ran: its modules and the operator sources."""
+    from code_version import expand, hash_files
+
+    return hash_files([ROOT / f for f in files] + expand(OPERATOR_SOURCES))
 
 
 def _save(path: Path, result: dict) -> None:
@@ -241,10 +245,10 @@ def main(argv=None) -> int:
     names = round_robin(list(import_gluoncv().model_zoo.get_model_list()))
     if args.models:
         names = [n for n in args.models.split(",")]
-    h = code_hash()
     old = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    code_sets = {k: v for k, v in old.get("code_sets", {}).items() if row_code(v) == k}
     rows = {(r["model"], r["fold"]): r for r in old.get("rows", [])
-            if r.get("code") == h}
+            if r.get("code") in code_sets}
     done = 0
     for name in names:
         for fold in FOLDS:
@@ -258,11 +262,16 @@ def main(argv=None) -> int:
                      if name.endswith("_int8") else "takes more than one input"}
             else:
                 r = run_row(name, fold, args.timeout)
-            r["code"] = h
+            files = r.pop("code_files", None) or sorted(
+                str(Path(f).relative_to(ROOT)) for f in (ROOT / "quant_ops").glob("*.py"))
+            r["code"] = row_code(files)
+            code_sets[r["code"]] = files
             rows[(name, fold)] = r
             done += 1
             print(json.dumps(r), flush=True)
-            _save(args.json, {"code": h, "rows": list(rows.values())})
+            used = {x["code"] for x in rows.values()}
+            _save(args.json, {"rows": list(rows.values()),
+                              "code_sets": {k: v for k, v in code_sets.items() if k in used}})
     ordered = [rows[(n, f)] for n in names for f in FOLDS if (n, f) in rows]
     print(table(ordered))
     left = sum((n, f) not in rows for n in names for f in FOLDS)

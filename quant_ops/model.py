@@ -431,6 +431,16 @@ class QuantizedModel:
             save_params(tmp / par_name, self.graph.to_symbol(), self.params)
         return prefix.parent / sym_name, prefix.parent / par_name
 
+    def to_mxnet_int8(self, data: ArrayLike | None = None):
+        """MXNet's own INT8 graph (oneDNN kernels) with this model's ranges and weights,
+        which a stock mxnet runs without this package; ``data`` (a few calibration images)
+        gives ranges to the tensors MXNet quantizes that this model keeps in float.  See
+        ``quant_ops.export.mxnet_int8`` for where it differs from the simulation."""
+        from .export.mxnet_int8 import to_mxnet_int8
+
+        x = None if data is None else as_numpy(data).astype(np.float32)
+        return to_mxnet_int8(self.run_graph, self.params, self.data_names[0], x)
+
     def export(self, out_dir: str | Path, name: str | None = None,
                input_shape: Sequence[int] | None = None, opset: int = 13,
                trt_version: int = 8601, check_input: ArrayLike | None = None):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 from .errors import QuantOpsError
 
@@ -33,10 +34,32 @@ def get_model(name: str, **kwargs):
                             "gluoncv.model_zoo.get_model_list()")
     # detection, segmentation and pose nets download ImageNet weights for their backbone
     # unless told not to; the nets that do not know the flag refuse it
+    with _reset_ctx_skips_uninitialized():
+        try:
+            return gcv.model_zoo.get_model(name, pretrained=False,
+                                           **{"pretrained_base": False, **kwargs})
+        except TypeError as e:
+            if "pretrained_base" not in str(e) or "pretrained_base" in kwargs:
+                raise
+        return gcv.model_zoo.get_model(name, pretrained=False, **kwargs)
+
+
+@contextmanager
+def _reset_ctx_skips_uninitialized():
+    """gluoncv's action-recognition constructors (``vgg16_ucf101`` and kin) move every
+    parameter to ``ctx`` at the end, which fails on the backbone that
+    ``pretrained_base=False`` leaves for the caller to initialize; skip those."""
+    from mxnet.gluon.parameter import Parameter
+
+    original = Parameter.reset_ctx
+
+    def reset_ctx(self, ctx):
+        if self._data is None and self._deferred_init == ():
+            return None
+        return original(self, ctx)
+
+    Parameter.reset_ctx = reset_ctx
     try:
-        return gcv.model_zoo.get_model(name, pretrained=False,
-                                       **{"pretrained_base": False, **kwargs})
-    except TypeError as e:
-        if "pretrained_base" not in str(e) or "pretrained_base" in kwargs:
-            raise
-    return gcv.model_zoo.get_model(name, pretrained=False, **kwargs)
+        yield
+    finally:
+        Parameter.reset_ctx = original
