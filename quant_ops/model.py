@@ -431,22 +431,28 @@ class QuantizedModel:
             save_params(tmp / par_name, self.graph.to_symbol(), self.params)
         return prefix.parent / sym_name, prefix.parent / par_name
 
-    def to_mxnet_int8(self, data: ArrayLike | None = None):
+    def to_mxnet_int8(self, data: ArrayLike | None = None, method: str = "entropy"):
         """MXNet's own INT8 graph (oneDNN kernels) with this model's ranges and weights,
-        which a stock mxnet runs without this package; ``data`` (a few calibration images)
-        gives ranges to the tensors MXNet quantizes that this model keeps in float.  See
-        ``quant_ops.export.mxnet_int8`` for where it differs from the simulation."""
+        which a stock mxnet runs without this package (``.block()``, ``.save(prefix)``).
+        ``data`` (a few calibration images) gives ranges, by ``method``, to the tensors
+        MXNet quantizes that this model keeps in float (residual branches, a pooled
+        output).  ``quant_ops.export.mxnet_int8`` says where it differs from the simulation."""
         from .export.mxnet_int8 import to_mxnet_int8
 
         x = None if data is None else as_numpy(data).astype(np.float32)
-        return to_mxnet_int8(self.run_graph, self.params, self.data_names[0], x)
+        return to_mxnet_int8(self.run_graph, self.params, self.data_names[0], x, method)
 
     def export(self, out_dir: str | Path, name: str | None = None,
                input_shape: Sequence[int] | None = None, opset: int = 13,
-               trt_version: int = 8601, check_input: ArrayLike | None = None):
+               trt_version: int = 8601, check_input: ArrayLike | None = None,
+               activations: str = "s8", mxnet_int8: bool = False,
+               data: ArrayLike | None = None):
         """ONNX QDQ, TensorRT calibration cache, ranges JSON and the alignment report
         (MXNet against onnxruntime on ``check_input``, default uniform noise), all or none.
-        Returns the ``Exported`` record with ``alignment`` (the report) set."""
+        ``activations="u8"`` writes activation codes as uint8 with zero point 128 (the same
+        values; onnxruntime's fast kernels on x86).  ``mxnet_int8`` adds MXNet's native INT8
+        model (``<name>-int8-symbol.json`` and ``-0000.params``, see ``to_mxnet_int8``;
+        ``data`` as there).  Returns the ``Exported`` record with ``alignment`` set."""
         from .export import export_model
         from .export.align import check_alignment
 
@@ -462,9 +468,11 @@ class QuantizedModel:
         out = Path(out_dir)
         with staged_dir(out) as tmp:
             ex = export_model(self.run_graph, self.params, tmp, name, {self.data_names[0]: shape},
-                              opset, trt_version)
+                              opset, trt_version, activations)
             report = check_alignment(ex.onnx, ex.graph, ex.params, {self.data_names[0]: x})
             atomic_write_text(tmp / f"{name}.alignment.json", json.dumps(report, indent=1))
+            if mxnet_int8:
+                self.to_mxnet_int8(data).save(tmp / f"{name}-int8")
         ex.onnx, ex.cache, ex.ranges_json = (out / ex.onnx.name, out / ex.cache.name,
                                              out / ex.ranges_json.name)
         ex.alignment = report

@@ -27,15 +27,16 @@ class Exported:
 
 def export_model(graph: Graph, params: dict, out_dir: str | Path, name: str,
                  input_shapes: dict | None = None, opset: int = 13,
-                 trt_version: int = 8601) -> Exported:
-    """Write the three files into ``out_dir`` all or none."""
+                 trt_version: int = 8601, activations: str = "s8") -> Exported:
+    """Write the three files into ``out_dir`` all or none (``activations``: see
+    ``export_onnx``)."""
     from .onnx_qdq import activation_ranges, export_onnx
     from .trt_cache import write_cache, write_ranges_json
 
     out = Path(out_dir)
     with staged_dir(out) as tmp:
         _, dgraph, dparams = export_onnx(graph, params, tmp / f"{name}.onnx", input_shapes,
-                                         opset)
+                                         opset, activations=activations)
         ranges = activation_ranges(dgraph, dparams)
         write_cache(tmp / f"{name}.calib.cache", ranges, trt_version=trt_version,
                     algorithm="EntropyCalibration2")

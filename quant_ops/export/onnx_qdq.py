@@ -26,6 +26,7 @@ from ..graph.quantizers import quantizers
 from ..graph.deploy import deploy_graph
 
 log = logging.getLogger(__name__)
+ACTIVATION_CODES = ("s8", "u8")
 OPSETS = (13, 14, 15, 16, 17, 18, 19, 20, 21)
 # (bits, signed) -> (ONNX element type of the codes, first opset that has it)
 CODE_TYPES = {(8, True): (TensorProto.INT8, 10), (8, False): (TensorProto.UINT8, 10),
@@ -130,13 +131,39 @@ def _prune_initializers(model: onnx.ModelProto) -> None:
     model.graph.input.extend(inputs)
 
 
+def activations_as_uint8(model: onnx.ModelProto) -> int:
+    """Rewrite every 8-bit activation QDQ pair as uint8 with zero point 128 and the same
+    scale; returns how many.  uint8 codes ``clamp(round(x/s) + 128, 0, 255)`` dequantize to
+    exactly the values of int8's ``clamp(round(x/s), -128, 127)`` (bit-identical), and
+    onnxruntime runs U8S8 integer kernels on them, its fast path on x86, where S8S8 is
+    slower than float.  (uint8 with zero point 0 on non-negative tensors would saturate at
+    255 s, not 127 s: other values wherever the calibrated range clips.)  Weights stay int8."""
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits:
+            continue
+        zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+        if zp is None or zp.data_type != TensorProto.INT8:
+            continue
+        codes = numpy_helper.to_array(zp).astype(np.int16) + 128
+        zp.CopyFrom(numpy_helper.from_array(codes.astype(np.uint8), zp.name))
+        done += 1
+    return done
+
+
 def export_onnx(graph: Graph, params: dict, path: str | Path,
                 input_shapes: dict | None = None, opset: int = 13,
-                deploy: bool = True) -> tuple[Path, Graph, dict]:
+                deploy: bool = True, activations: str = "s8") -> tuple[Path, Graph, dict]:
     """Write ``path`` (.onnx) atomically; returns it with the deployment graph and params
-    that MXNet runs to match it.  ``input_shapes`` maps input names to shapes."""
+    that MXNet runs to match it.  ``input_shapes`` maps input names to shapes;
+    ``activations`` "s8" (TensorRT's convention) or "u8" (``activations_as_uint8``: the
+    same values, onnxruntime's fast kernels on CPUs)."""
     if opset not in OPSETS:
         raise QuantOpsError(f"opset {opset} is not supported (use one of {OPSETS})")
+    if activations not in ACTIVATION_CODES:
+        raise QuantOpsError(f"activations {activations!r}: use one of "
+                            f"{', '.join(ACTIVATION_CODES)}")
     input_shapes = input_shapes or {"data": (1, 3, 224, 224)}
     check_exportable(graph, None, opset)  # formats first: name the node before any work
     if deploy:
@@ -161,6 +188,8 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
                               producer_name="quant_ops")
     model.ir_version = 8  # what onnxruntime and TensorRT 8.x read
     _prune_initializers(model)
+    if activations == "u8":
+        activations_as_uint8(model)
     onnx.checker.check_model(model)
     p = atomic_write_bytes(path, model.SerializeToString())
     return p, graph, params
