@@ -152,13 +152,87 @@ def activations_as_uint8(model: onnx.ModelProto) -> int:
     return done
 
 
+#: ops a layer's output may pass on its way to the next quantizer without changing which
+#: code it gets: elementwise non-decreasing maps that keep the grid (Relu, a Clip with
+#: constant bounds), a max over values (MaxPool) and value-preserving reshapes
+_MONOTONE = ("Relu", "Clip", "MaxPool", "Flatten", "Reshape")
+_FUSABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def quantize_layer_outputs(model: onnx.ModelProto) -> list[str]:
+    """Give each layer (Conv, Gemm, MatMul) whose inputs are dequantized an output
+    QuantizeLinear/DequantizeLinear pair with the scale and zero point of the quantizer its
+    output reaches, when it reaches only such quantizers (all with the same parameters)
+    through the ops of ``_MONOTONE``; returns the layers.
+
+    The values do not change: rounding and saturation are non-decreasing, so
+    ``Q(f(DQ(Q(y)))) = Q(f(y))`` for each such ``f``.  What changes is that onnxruntime
+    now sees DQ -> layer -> Q, which it runs as one integer kernel (QLinearConv...)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    used_by: dict = {}
+    for n in g.node:
+        for i in n.input:
+            used_by.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def reaches(tensor: str) -> list | None:
+        """The QuantizeLinear nodes ``tensor`` reaches through monotone ops, or None."""
+        qs, todo = [], [tensor]
+        while todo:
+            t = todo.pop()
+            if t in outputs or not used_by.get(t):
+                return None
+            for c in used_by[t]:
+                if c.op_type == "QuantizeLinear" and c.input[0] == t:
+                    qs.append(c)
+                elif c.op_type in _MONOTONE and c.input[0] == t \
+                        and all(i in inits for i in c.input[1:] if i):
+                    todo.append(c.output[0])
+                else:
+                    return None
+        return qs
+
+    def params_of(q) -> tuple:
+        return tuple(numpy_helper.to_array(inits[i]).tobytes() + bytes([inits[i].data_type])
+                     for i in q.input[1:3])
+
+    done, new_nodes = [], []
+    for n in g.node:
+        if n.op_type not in _FUSABLE or len(n.input) < 2 \
+                or any(made_by.get(i) is None or made_by[i].op_type != "DequantizeLinear"
+                       for i in n.input[:2]):
+            continue
+        qs = reaches(n.output[0])
+        if not qs or any(inits[q.input[1]].dims for q in qs) \
+                or len({params_of(q) for q in qs}) != 1:
+            continue
+        y, name = n.output[0], f"{n.name or n.output[0]}_outq"
+        for c in used_by[y]:
+            c.input[:] = [f"{name}" if i == y else i for i in c.input]
+        scale, zero = qs[0].input[1], qs[0].input[2]
+        new_nodes.append((n, [
+            helper.make_node("QuantizeLinear", [y, scale, zero], [f"{name}_quantized"],
+                             name=f"{name}_quantize"),
+            helper.make_node("DequantizeLinear", [f"{name}_quantized", scale, zero], [name],
+                             name=name)]))
+        done.append(n.name)
+    for n, pair in new_nodes:       # keep the node list in topological order
+        at = list(g.node).index(n) + 1
+        for k, node in enumerate(pair):
+            g.node.insert(at + k, node)
+    return done
+
+
 def export_onnx(graph: Graph, params: dict, path: str | Path,
                 input_shapes: dict | None = None, opset: int = 13,
                 deploy: bool = True, activations: str = "s8") -> tuple[Path, Graph, dict]:
     """Write ``path`` (.onnx) atomically; returns it with the deployment graph and params
     that MXNet runs to match it.  ``input_shapes`` maps input names to shapes;
-    ``activations`` "s8" (TensorRT's convention) or "u8" (``activations_as_uint8``: the
-    same values, onnxruntime's fast kernels on CPUs)."""
+    ``activations`` "s8" (TensorRT's convention) or "u8" (``activations_as_uint8`` and
+    ``quantize_layer_outputs``: the same values, laid out for onnxruntime's integer
+    kernels on CPUs)."""
     if opset not in OPSETS:
         raise QuantOpsError(f"opset {opset} is not supported (use one of {OPSETS})")
     if activations not in ACTIVATION_CODES:
@@ -190,6 +264,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     _prune_initializers(model)
     if activations == "u8":
         activations_as_uint8(model)
+        quantize_layer_outputs(model)
     onnx.checker.check_model(model)
     p = atomic_write_bytes(path, model.SerializeToString())
     return p, graph, params

@@ -1,0 +1,329 @@
+"""What a quantized model buys in speed on this CPU: float32 against INT8 in MXNet (oneDNN)
+and in onnxruntime, with MXNet's own INT8 quantization as the peer.
+
+Per model and batch size (2 threads, median of repeated runs, each path timed in its own
+process so that no path inherits another's caches or thread pools):
+
+- ``mx_fp32``: the float model in MXNet with oneDNN fusion (``MKLDNN`` backend);
+- ``mx_int8``: ``QuantizedModel.to_mxnet_int8()``, this project's ranges as thresholds;
+- ``mx_int8_peer``: MXNet's ``quantize_net_v2`` (its own entropy calibration, same images);
+- ``ort_fp32``: the float model exported to ONNX, onnxruntime with optimizations on;
+- ``ort_s8`` / ``ort_u8``: this project's QDQ export with int8 activations (TensorRT's
+  convention) and with uint8 activations (zero point 128, the same values).
+
+The table gives each INT8 path's speed-up over its own float path (float ms / INT8 ms),
+and, for onnxruntime, the layers that stayed in float after its optimizations (from the
+optimized model it writes).  On the bundled Fashion-MNIST models it also gives test
+accuracy of every path and the top-1 agreement with the simulated model.  gluoncv models
+have random weights (speed only) and are calibrated on random images.  Every model is
+quantized with ``POLICY`` and BatchNorm folded.
+
+    python bench/bench_int8_speed.py                        # every model, batch 1 and 32
+    python bench/bench_int8_speed.py --models fmnist_resnet20 --batches 1 --repeat 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+THREADS = 2
+#: TensorRT's INT8 with residual-add inputs on one scale: what an engine fuses (the int8
+#: residual add) and what lets onnxruntime run every convolution as QLinearConv
+POLICY = "trt_int8_shared"
+PATHS = ("mx_fp32", "mx_int8", "mx_int8_peer", "ort_fp32", "ort_s8", "ort_u8")
+PEERS = {"mx_int8": "mx_fp32", "mx_int8_peer": "mx_fp32", "ort_s8": "ort_fp32",
+         "ort_u8": "ort_fp32"}
+# name -> input shape (batch 1); bundled models come with their Fashion-MNIST test set
+MODELS = {"fmnist_resnet20": (1, 1, 28, 28), "fmnist_mobilenetv2": (1, 1, 28, 28),
+          "resnet18_v1": (1, 3, 224, 224), "mobilenetv2_1.0": (1, 3, 224, 224),
+          "ssd_512_mobilenet1.0_voc": (1, 3, 512, 512)}
+INTEGER_OPS = ("QLinear", "ConvInteger", "MatMulInteger", "DynamicQuantize")
+FLOAT_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+# -- timing, in a child process ------------------------------------------------------------
+
+def _time_mxnet(prefix: str, shape: tuple, repeat: int, fuse: bool) -> dict:
+    import mxnet as mx
+    import numpy as np
+
+    sym, args, aux = mx.model.load_checkpoint(prefix, 0)
+    if fuse:
+        sym = sym.get_backend_symbol("MKLDNN")
+    args = {k: v for k, v in args.items() if k in sym.list_arguments()}
+    args["data"] = mx.nd.array(np.random.default_rng(0).uniform(0, 1, shape))
+    exe = sym.bind(mx.cpu(), args, aux_states={k: v for k, v in aux.items()
+                                                if k in sym.list_auxiliary_states()})
+    times = []
+    for i in range(repeat + 3):
+        t = time.perf_counter()
+        for o in exe.forward(is_train=False):
+            o.wait_to_read()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return {"ms": 1e3 * float(np.median(times))}
+
+
+def _time_ort(path: str, shape: tuple, repeat: int) -> dict:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    optimized = str(Path(path).with_suffix(".opt.onnx"))
+    so.optimized_model_filepath = optimized
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name:
+            np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)}
+    times = []
+    for i in range(repeat + 3):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    ops: dict = {}
+    float_layers = []
+    for n in onnx.load(optimized).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        if n.op_type in FLOAT_LAYERS:
+            float_layers.append(n.name)
+    integer = sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS))
+    return {"ms": 1e3 * float(np.median(times)), "integer_nodes": integer,
+            "float_layers": float_layers, "ops": ops}
+
+
+def child(argv: list[str]) -> None:
+    path, file, shape, repeat = argv[0], argv[1], tuple(json.loads(argv[2])), int(argv[3])
+    if path.startswith("ort"):
+        r = _time_ort(file, shape, repeat)
+    else:
+        r = _time_mxnet(file, shape, repeat, fuse=path == "mx_fp32")
+    print("RESULT " + json.dumps(r))
+
+
+def timed(path: str, file: Path, shape: tuple, repeat: int, timeout: float = 900) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MXNET_SUBGRAPH_VERBOSE": "0"}
+    try:
+        p = subprocess.run([sys.executable, __file__, "--child", path, str(file),
+                            json.dumps(list(shape)), str(repeat)], env=env, text=True,
+                           capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1][:300]}
+
+
+# -- building the models --------------------------------------------------------------------
+
+def _data(name: str, shape: tuple):
+    """(calibration images, test images, test labels or None)."""
+    import numpy as np
+
+    if name.startswith("fmnist_"):
+        from quant_ops.datasets import load_data
+
+        meta = json.loads((ROOT / "examples" / "models" / f"{name}.json").read_text())
+        norm = ((meta["normalize"]["mean"],), (meta["normalize"]["std"],))
+        cal = load_data("fmnist", shape, split="train", normalize=norm, limit=512,
+                        progress=False)
+        test = load_data("fmnist", shape, split="test", normalize=norm, progress=False)
+        return cal.x, test.x, test.y
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 1, (16,) + shape[1:]).astype(np.float32), None, None
+
+
+def _peer(float_model, calib, work: Path) -> Path:
+    """MXNet's own INT8 (quantize_net_v2, entropy, channel-wise), saved as a checkpoint."""
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_net_v2
+
+    net = float_model.to_block()
+    loader = mx.io.NDArrayIter(data={"data": calib}, batch_size=16)
+    qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full",
+                           quantize_granularity="channel-wise", calib_data=loader,
+                           calib_mode="entropy", num_calib_examples=len(calib))
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    qnet(mx.nd.array(calib[:1]))
+    prefix = work / "peer"
+    qnet.export(str(prefix), 0)
+    return prefix
+
+
+def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
+    """Every path's files, the accuracy of each on the test set (bundled models)."""
+    import mxnet as mx
+    import numpy as np
+
+    from quant_ops import QuantizedModel
+    from quant_ops.export.onnx_qdq import export_onnx
+
+    if name.startswith("fmnist_"):
+        m = QuantizedModel.load(ROOT / "examples" / "models" / name)
+    else:
+        m = QuantizedModel.from_zoo(name, shape)
+    calib, xt, yt = _data(name, shape)
+    q = m.copy().quantize(POLICY, fold_bn="deploy")
+    q.calibrate(calib, "entropy", progress=False)
+    files: dict = {}
+    errors: dict = {}
+
+    def attempt(key, fn):
+        try:
+            files[key] = fn()
+        except Exception as e:  # noqa: BLE001  (a path that fails is a row that says why)
+            errors[key] = f"{type(e).__name__}: {e}"[:300]
+
+    attempt("mx_fp32", lambda: (m.save(work / "fp32"), work / "fp32")[1])
+    native = {}
+
+    def make_native():
+        native["n"] = q.to_mxnet_int8(calib)
+        native["n"].save(work / "int8")
+        return work / "int8"
+
+    attempt("mx_int8", make_native)
+    attempt("mx_int8_peer", lambda: _peer(m, calib, work))
+    for b in batches:
+        s = (b,) + tuple(shape[1:])
+        attempt(f"ort_fp32@{b}", lambda s=s, b=b: export_onnx(
+            m.run_graph, m.params, work / f"fp32_{b}.onnx", {"data": s})[0])
+        for act in ("s8", "u8"):
+            attempt(f"ort_{act}@{b}", lambda s=s, b=b, act=act: export_onnx(
+                q.run_graph, q.params, work / f"{act}_{b}.onnx", {"data": s},
+                activations=act)[0])
+    acc = {}
+    if xt is not None:
+        sim = q.predict(xt).argmax(1)
+        acc["float"] = float((m.predict(xt).argmax(1) == yt).mean() * 100)
+        acc["simulated"] = float((sim == yt).mean() * 100)
+        agree = {}
+        for key in ("mx_int8", "mx_int8_peer"):
+            if key in files:
+                sym, args, aux = mx.model.load_checkpoint(str(files[key]), 0)
+                blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
+                for k, v in {**args, **aux}.items():
+                    if k in blk.collect_params():
+                        blk.collect_params()[k]._load_init(v, mx.cpu(), cast_dtype=True,
+                                                           dtype_source="saved")
+                pred = np.concatenate([blk(mx.nd.array(xt[i:i + 500])).asnumpy().argmax(1)
+                                       for i in range(0, len(xt), 500)])
+                acc[key] = float((pred == yt).mean() * 100)
+                agree[key] = float((pred == sim).mean() * 100)
+        for act in ("s8", "u8"):
+            key = f"ort_{act}@1"
+            if key in files:
+                import onnxruntime as ort
+
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = THREADS
+                sess = ort.InferenceSession(str(files[key]), so,
+                                            providers=["CPUExecutionProvider"])
+                inp = sess.get_inputs()[0].name
+                pred = np.array([sess.run(None, {inp: xt[i:i + 1]})[0].argmax(1)[0]
+                                 for i in range(len(xt))])
+                acc[f"ort_{act}"] = float((pred == yt).mean() * 100)
+                agree[f"ort_{act}"] = float((pred == sim).mean() * 100)
+        acc["agreement_with_simulated"] = agree
+    return {"files": {k: str(v) for k, v in files.items()}, "errors": errors,
+            "accuracy": acc,
+            "native_report": {k: v for k, v in native["n"].report.items()
+                              if k != "thresholds"} if "n" in native else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--repeat", type=int, default=20, help="timed runs per path (median)")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "int8_speed.json")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
+    batches = [int(b) for b in args.batches.split(",")]
+    results = []
+    for name in args.models.split(","):
+        shape = MODELS[name]
+        with tempfile.TemporaryDirectory(prefix="int8_speed_") as d:
+            work = Path(d)
+            t0 = time.time()
+            built = build(name, shape, work, batches)
+            row = {"model": name, "input_shape": list(shape), "accuracy": built["accuracy"],
+                   "errors": built["errors"], "native_report": built["native_report"],
+                   "build_s": round(time.time() - t0, 1), "batches": {}}
+            for b in batches:
+                s = (b,) + tuple(shape[1:])
+                per = {}
+                for path in PATHS:
+                    key = f"{path}@{b}" if path.startswith("ort") else path
+                    if key not in built["files"]:
+                        per[path] = {"error": built["errors"].get(key, "not built")}
+                        continue
+                    per[path] = timed(path, Path(built["files"][key]), s, args.repeat)
+                for path, peer in PEERS.items():
+                    if "ms" in per[path] and "ms" in per[peer]:
+                        per[path]["speedup"] = per[peer]["ms"] / per[path]["ms"]
+                row["batches"][str(b)] = per
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    print(table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=args.json.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"threads": THREADS, "repeat": args.repeat, "rows": results}, f, indent=1)
+    os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def table(rows: list) -> str:
+    head = (f"{'model':<26} {'batch':>5} {'mx fp32 ms':>10} {'mx int8':>8} {'mx peer':>8} "
+            f"{'ort fp32 ms':>11} {'ort s8':>7} {'ort u8':>7}  float layers left (ort u8)")
+    lines = [head, "(INT8 columns: speed-up over the same engine's float32; >1 is faster)"]
+    for r in rows:
+        for b, per in r["batches"].items():
+            def ms(p):
+                return f"{per[p]['ms']:.2f}" if "ms" in per[p] else "fail"
+
+            def up(p):
+                return f"{per[p]['speedup']:.2f}x" if "speedup" in per[p] else "fail"
+
+            left = per["ort_u8"].get("float_layers")
+            lines.append(f"{r['model']:<26} {b:>5} {ms('mx_fp32'):>10} {up('mx_int8'):>8} "
+                         f"{up('mx_int8_peer'):>8} {ms('ort_fp32'):>11} {up('ort_s8'):>7} "
+                         f"{up('ort_u8'):>7}  "
+                         + (", ".join(left[:4]) + (" ..." if len(left) > 4 else "")
+                            if left else ("none" if left is not None else "-")))
+    acc = [r for r in rows if r["accuracy"]]
+    if acc:
+        lines.append("")
+        lines.append(f"{'model':<26} {'float':>6} {'sim':>6} {'mx int8':>8} {'mx peer':>8} "
+                     f"{'ort s8':>7} {'ort u8':>7}  top-1 agreement with sim (mx int8 / "
+                     "peer / ort s8 / u8)")
+        for r in acc:
+            a, g = r["accuracy"], r["accuracy"].get("agreement_with_simulated", {})
+
+            def f(k, src=a):
+                return f"{src[k]:.2f}" if k in src else "-"
+            lines.append(f"{r['model']:<26} {f('float'):>6} {f('simulated'):>6} "
+                         f"{f('mx_int8'):>8} {f('mx_int8_peer'):>8} {f('ort_s8'):>7} "
+                         f"{f('ort_u8'):>7}  {f('mx_int8', g)} / {f('mx_int8_peer', g)} / "
+                         f"{f('ort_s8', g)} / {f('ort_u8', g)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    else:
+        sys.exit(main())

@@ -1,0 +1,183 @@
+"""Real INT8 execution: MXNet's native INT8 graph from a calibrated model, and the uint8
+ONNX export for onnxruntime's integer kernels (same values as the int8 export)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import onnx
+import pytest
+
+from quant_ops import QuantizedModel, QuantOpsError
+from quant_ops.datasets import load_data
+from quant_ops.export.onnx_qdq import export_onnx, quantize_layer_outputs
+from quant_ops.export.ort import dequantized_outputs, session
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "examples" / "models"
+
+
+def _bundled(name: str, policy: str, n_test: int = 2000):
+    meta = json.loads((MODELS / f"{name}.json").read_text())["normalize"]
+    norm = ((meta["mean"],), (meta["std"],))
+    cal = load_data("fmnist", (1, 1, 28, 28), split="train", normalize=norm, limit=256,
+                    progress=False)
+    test = load_data("fmnist", (1, 1, 28, 28), split="test", normalize=norm, limit=n_test,
+                     progress=False)
+    q = QuantizedModel.load(MODELS / name).quantize(policy, fold_bn="deploy")
+    q.calibrate(cal.x, "entropy", progress=False)
+    return q, cal.x, test.x, test.y
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return _bundled("fmnist_resnet20", "trt_int8_shared")
+
+
+def _predict(native, x) -> np.ndarray:
+    blk = native.block()
+    return np.concatenate([blk(mx.nd.array(x[i:i + 500])).asnumpy()
+                           for i in range(0, len(x), 500)])
+
+
+def test_native_int8_agrees_with_the_simulation(resnet20):
+    q, cal, x, y = resnet20
+    native = q.to_mxnet_int8(cal)
+    sim = q.predict(x).argmax(1)
+    got = _predict(native, x).argmax(1)
+    assert (got == sim).mean() >= 0.985          # top-1 agreement (bench: 99.3% on 10k)
+    assert abs((got == y).mean() - (sim == y).mean()) <= 0.005
+    assert native.report["from_model"] and not native.report["excluded"]
+    assert native.report["weights"] == "channel-wise"
+    ops = {n["op"] for n in json.loads(native.symbol.tojson())["nodes"]}
+    assert "_sg_mkldnn_conv" in ops and not any(o.startswith("Quantization") for o in ops)
+
+
+def test_native_int8_needs_data_for_tensors_the_model_keeps_in_float(resnet20):
+    q, cal, _, _ = resnet20
+    with pytest.raises(QuantOpsError, match=r"also quantizes \d+ tensor\(s\) this model "
+                                            r"keeps in float .*pass `data`"):
+        q.to_mxnet_int8()
+    with pytest.raises(QuantOpsError, match="do not fit the model"):
+        q.to_mxnet_int8(np.zeros((4, 3, 28, 28), np.float32))
+
+
+def test_saved_native_int8_runs_in_a_stock_mxnet(resnet20, tmp_path):
+    q, cal, x, _ = resnet20
+    native = q.to_mxnet_int8(cal)
+    native.save(tmp_path / "m")
+    np.save(tmp_path / "x.npy", x[:64])
+    code = f"""
+import sys, numpy as np, mxnet as mx
+sym, args, aux = mx.model.load_checkpoint({str(tmp_path / 'm')!r}, 0)
+blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
+for k, v in {{**args, **aux}}.items():
+    blk.collect_params()[k]._load_init(v, mx.cpu(), cast_dtype=True, dtype_source="saved")
+np.save({str(tmp_path / 'y.npy')!r}, blk(mx.nd.array(np.load({str(tmp_path / 'x.npy')!r}))).asnumpy())
+assert not [m for m in sys.modules if m.startswith("quant_ops")]
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
+                   env={"MXNET_SUBGRAPH_VERBOSE": "0", "PATH": "/usr/bin:/bin"})
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _predict(native, x[:64]))
+
+
+def test_layers_the_policy_skips_stay_float_in_mxnet(resnet20):
+    _, cal, x, _ = resnet20
+    q = QuantizedModel.load(MODELS / "fmnist_resnet20").quantize(
+        {"preset": "trt_int8_shared", "skip": {"first_layer": True}}, fold_bn="deploy")
+    q.calibrate(cal, "entropy", progress=False)
+    native = q.to_mxnet_int8(cal)
+    assert len(native.report["excluded"]) == 1
+    assert (_predict(native, x[:500]).argmax(1) == q.predict(x[:500]).argmax(1)).mean() > 0.98
+
+
+def test_export_with_mxnet_int8_is_all_or_none(resnet20, tmp_path):
+    q, cal, _, _ = resnet20
+    ex = q.export(tmp_path / "ok", input_shape=(1, 1, 28, 28), mxnet_int8=True, data=cal[:64])
+    names = sorted(p.name for p in (tmp_path / "ok").iterdir())
+    assert f"{q.name}-int8-symbol.json" in names and f"{q.name}-int8-0000.params" in names
+    assert ex.alignment["identical_all"] == 1.0
+    with pytest.raises(QuantOpsError, match="pass `data`"):
+        q.export(tmp_path / "none", input_shape=(1, 1, 28, 28), mxnet_int8=True)
+    assert not (tmp_path / "none").exists()
+
+
+# -- the uint8 export -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, policy", [("fmnist_resnet20", "trt_int8"),
+                                          ("fmnist_mobilenetv2", "trt_int8_shared")])
+def test_u8_export_dequantizes_to_the_int8_exports_values(name, policy, tmp_path):
+    """At every DequantizeLinear of the int8 export the uint8 export gives the same floats,
+    on inputs far outside the calibrated range (saturation included)."""
+    q, _, x, _ = _bundled(name, policy, n_test=16)
+    x = np.concatenate([x, 4 * x]).astype(np.float32)
+    s8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "s8.onnx", {"data": x.shape})
+    u8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "u8.onnx", {"data": x.shape},
+                           activations="u8")
+    a = dequantized_outputs(s8, {"data": x})
+    b = dequantized_outputs(u8, {"data": x})
+    assert a and set(a) <= set(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert np.abs(a["data_int8"]).max() < np.abs(x).max()      # the input range clips
+    ya = session(s8).run(None, {"data": x})[0]
+    yb = session(u8).run(None, {"data": x})[0]
+    np.testing.assert_array_equal(ya, yb)
+    zps = [t for t in onnx.load(str(u8)).graph.initializer if t.name.endswith("_zero_point")
+           and t.data_type == onnx.TensorProto.UINT8]
+    assert zps and all(onnx.numpy_helper.to_array(t).max() == 128 for t in zps)
+
+
+def test_u8_export_runs_every_conv_as_an_integer_kernel(tmp_path):
+    """With residual-add inputs quantized (trt_int8_shared), onnxruntime's optimized u8
+    model has no float convolution left."""
+    import onnxruntime as ort
+
+    q, _, x, _ = _bundled("fmnist_resnet20", "trt_int8_shared", n_test=8)
+    u8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "u8.onnx", {"data": (8, 1, 28, 28)},
+                           activations="u8")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(u8), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 21 and "Conv" not in ops and "FusedConv" not in ops
+
+
+def test_layer_output_quantizers_keep_values_through_relu6_and_maxpool(tmp_path):
+    """Q(f(DQ(Q(y)))) = Q(f(y)) for the monotone ops the pass looks through."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (4, 2, 3, 3)).astype(np.float32)
+    init = [numpy_helper.from_array(np.float32(0.05), "s"),
+            numpy_helper.from_array(np.uint8(128), "z"),
+            numpy_helper.from_array(np.full(4, 0.02, np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(4, np.int8), "wz"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.float32(0.0), "lo"),
+            numpy_helper.from_array(np.float32(6.0), "hi")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("QuantizeLinear", ["w", "ws", "wz"], ["wq"], axis=0),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["y", "lo", "hi"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2]),
+             helper.make_node("QuantizeLinear", ["p", "s", "z"], ["pq"]),
+             helper.make_node("DequantizeLinear", ["pq", "s", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 6, 6])], [helper.make_tensor_value_info(
+            "out", TensorProto.FLOAT, None)], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    before = model.SerializeToString()
+    assert quantize_layer_outputs(model) == ["conv"]
+    x = rng.normal(0, 4, (1, 2, 6, 6)).astype(np.float32)
+    a = session(before).run(None, {"x": x})[0]
+    b = session(model.SerializeToString()).run(None, {"x": x})[0]
+    assert np.abs(a).max() == pytest.approx(6.0, abs=0.05)   # the clip and saturation bite
+    np.testing.assert_array_equal(a, b)
