@@ -173,7 +173,10 @@ class QuantizedModel:
         mx.random.seed(seed)
         with _fresh_names():   # the zoo's own node names, whatever was built before
             net = get_model(name, **kwargs)
-        net.initialize(mx.init.Xavier())
+        for p in net.collect_params().values():   # a parameter's own initializer wins
+            p.initialize(default_init=mx.init.Xavier() if p.name.endswith("weight") else
+                         mx.init.One() if p.name.endswith(("gamma", "running_var",
+                                                           "moving_var")) else mx.init.Zero())
         net.hybridize()
         return cls.from_gluon(net, mx.nd.zeros(tuple(input_shape)), name=name)
 

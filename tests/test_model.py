@@ -286,5 +286,8 @@ def test_from_zoo_builds_detection_nets_without_downloading_their_backbone():
 
     net = get_model("ssd_300_mobilenet0.25_voc")
     assert type(net).__name__ == "SSD"
+    # its extra BatchNorm layers carry no initializer of their own (Xavier refused them)
+    m = QuantizedModel.from_zoo("ssd_300_mobilenet0.25_voc", (1, 3, 300, 300))
+    assert m.params["ssd0_expand_trans_bn0_gamma"].min() == 1.0
     with pytest.raises(QuantOpsError, match="unknown gluoncv model 'resnet9'"):
         get_model("resnet9")
