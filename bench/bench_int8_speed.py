@@ -46,7 +46,8 @@ MODELS = {"fmnist_resnet20": (1, 1, 28, 28), "fmnist_mobilenetv2": (1, 1, 28, 28
           "resnet18_v1": (1, 3, 224, 224), "mobilenetv2_1.0": (1, 3, 224, 224),
           "ssd_512_mobilenet1.0_voc": (1, 3, 512, 512)}
 INTEGER_OPS = ("QLinear", "ConvInteger", "MatMulInteger", "DynamicQuantize")
-FLOAT_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+FLOAT_LAYERS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
+                "ConvTranspose")
 
 
 # -- timing, in a child process ------------------------------------------------------------
@@ -96,7 +97,7 @@ def _time_ort(path: str, shape: tuple, repeat: int) -> dict:
     for n in onnx.load(optimized).graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
         if n.op_type in FLOAT_LAYERS:
-            float_layers.append(n.name)
+            float_layers.append(n.name or n.output[0])
     integer = sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS))
     return {"ms": 1e3 * float(np.median(times)), "integer_nodes": integer,
             "float_layers": float_layers, "ops": ops}

@@ -156,18 +156,19 @@ def activations_as_uint8(model: onnx.ModelProto) -> int:
 #: code it gets: elementwise non-decreasing maps that keep the grid (Relu, a Clip with
 #: constant bounds), a max over values (MaxPool) and value-preserving reshapes
 _MONOTONE = ("Relu", "Clip", "MaxPool", "Flatten", "Reshape")
-_FUSABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+_FUSABLE = ("Conv", "Gemm", "MatMul", "ConvTranspose", "Add")
 
 
 def quantize_layer_outputs(model: onnx.ModelProto) -> list[str]:
-    """Give each layer (Conv, Gemm, MatMul) whose inputs are dequantized an output
+    """Give each layer (Conv, Gemm, MatMul, Add) whose inputs are dequantized an output
     QuantizeLinear/DequantizeLinear pair with the scale and zero point of the quantizer its
     output reaches, when it reaches only such quantizers (all with the same parameters)
     through the ops of ``_MONOTONE``; returns the layers.
 
     The values do not change: rounding and saturation are non-decreasing, so
     ``Q(f(DQ(Q(y)))) = Q(f(y))`` for each such ``f``.  What changes is that onnxruntime
-    now sees DQ -> layer -> Q, which it runs as one integer kernel (QLinearConv...)."""
+    now sees DQ -> layer -> Q, which it runs as one integer kernel (QLinearConv,
+    QLinearAdd...)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     made_by = {o: n for n in g.node for o in n.output}
