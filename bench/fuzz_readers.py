@@ -37,6 +37,8 @@ def mutate_json(text: str, rng: random.Random) -> bytes:
     for _ in range(rng.randint(1, 4)):
         nodes = d["nodes"]
         n = rng.choice(nodes)
+        if not isinstance(n.get("inputs", []), list):
+            n["inputs"] = []
         kind = rng.randrange(7)
         if kind == 0 and n.get("inputs"):
             e = rng.choice(n["inputs"])
@@ -44,7 +46,9 @@ def mutate_json(text: str, rng: random.Random) -> bytes:
         elif kind == 1:
             d["heads"] = [[rng.choice(WEIRD), rng.choice(WEIRD), 0]]
         elif kind == 2:
-            attrs = n.setdefault("attrs", {})
+            if not isinstance(n.get("attrs"), dict):   # an earlier edit made it something else
+                n["attrs"] = {}
+            attrs = n["attrs"]
             key = rng.choice(list(attrs) or ["kernel", "num_filter", "nbits"])
             attrs[key] = str(rng.choice(WEIRD))
         elif kind == 3:
@@ -126,6 +130,17 @@ def run_case(reader: str, sym: Path, params: Path, timeout: float = 60) -> str:
     return q.get() if p.exitcode == 0 and not q.empty() else f"crash (exit {p.exitcode})"
 
 
+def _write(path: Path, case: int, t0: float, seed: int, counts: dict, found: list) -> dict:
+    """The result so far, replaced atomically (a long run leaves its counts if stopped)."""
+    result = {"cases": case, "seconds": round(time.time() - t0), "seed": seed,
+              "outcomes": counts, "toolkit_failures": found}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=120)
@@ -162,10 +177,9 @@ def main(argv=None) -> int:
                 (keep / "m-symbol.json").write_bytes(sym.read_bytes())
                 (keep / "m-0000.params").write_bytes(params.read_bytes())
                 found.append({"case": case, "outcome": out, "saved": str(keep)})
-    result = {"cases": case, "seconds": round(time.time() - t0), "seed": args.seed,
-              "outcomes": counts, "toolkit_failures": found}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+        if case % 50 == 0:
+            _write(args.json, case, t0, args.seed, counts, found)
+    result = _write(args.json, case, t0, args.seed, counts, found)
     print(f"{case} mutated (symbol, params) pairs in {result['seconds']} s")
     print(f"{'reader':<8} " + " ".join(f"{k:>8}" for k in ("ok", "error", "other", "crash",
                                                            "hang")))
