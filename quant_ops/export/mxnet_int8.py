@@ -90,7 +90,8 @@ def _ranges_and_weights(graph: Graph, params: dict) -> tuple[dict, dict]:
                                              state).astype(np.float32)
             continue
         form = q.method.qdq(q.attrs, params[q.range_var])
-        amax = np.float32(form.scale.reshape(-1)[0]) * np.float32(2 ** (q.bits - 1) - 1)
+        qmax = 2 ** (q.bits - 1) - 1 if form.signed else 2 ** q.bits - 1   # unsigned: 0..255
+        amax = np.float32(form.scale.reshape(-1)[0]) * np.float32(qmax)
         ranges[graph.nodes[q.node.inputs[0][0]].name] = float(amax)
     return ranges, weights
 
