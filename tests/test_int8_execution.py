@@ -197,3 +197,24 @@ def test_native_int8_takes_unsigned_learned_ranges_at_their_full_width(resnet20)
     got = _predict(native, x).argmax(1)
     assert (got == sim).mean() >= 0.985
     assert (got == y).mean() >= (sim == y).mean() - 0.006
+
+
+def test_adaround_lowers_each_layers_error_and_keeps_the_weight_scales(resnet20):
+    """AdaRound at 4-bit weights: every layer's reconstruction error on the sample is at
+    most the nearest rounding's, and the rounded weights sit on the grid of the scale the
+    weight quantizer derives from them (max|W| per channel unchanged)."""
+    from quant_ops.ptq.adaround import adaround
+
+    _, cal, _, _ = resnet20
+    q = QuantizedModel.load(MODELS / "fmnist_resnet20").quantize(
+        {"preset": "trt_int8", "weight": {"bits": 4}}, fold_bn="deploy")
+    q.calibrate(cal, "entropy", progress=False)
+    new, rep = adaround(q.run_graph, q.params, [cal[:128]], iters=100, progress=False)
+    assert rep["layers"] and all(r["mse_adaround"] <= r["mse_nearest"] for r in rep["layers"])
+    assert any(r["kept_learned"] for r in rep["layers"])
+    for r in rep["layers"]:
+        w0, w = q.params[r["weight"]], new[r["weight"]]
+        m0 = np.abs(w0).reshape(len(w0), -1).max(1)
+        np.testing.assert_allclose(np.abs(w).reshape(len(w), -1).max(1), m0, rtol=1e-6)
+        codes = w.reshape(len(w), -1) / (m0[:, None] / 7)
+        np.testing.assert_allclose(codes, np.rint(codes), atol=1e-3)

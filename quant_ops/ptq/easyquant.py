@@ -30,181 +30,23 @@ a 7-bit policy, e.g. ``{"preset": "trt_int8", "weight": {"bits": 7}, "activation
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from ..calib.graph_calib import activation_tensors
 from ..errors import QuantOpsError
-from ..graph.ir import Graph, flag
+from ..graph.ir import Graph
 from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
-from .. import methods
-from ..graph.quantizers import through_copies
 from ..reference import abs_max, fake_quant, qrange, scale_of
-from .common import runner
+from .layers import (LINEAR_OPS, Layer, as_conv, channel_view, find_layers, float_outputs,
+                     inference_params, quantized_inputs, scale_channel)
 
 log = logging.getLogger(__name__)
 
 f32 = np.float32
-LAYER_OPS = ("Convolution", "FullyConnected", "Deconvolution")
-#: quantizers whose scale EasyQuant searches: y = clamp(rint(x / s)) * s, s = range / qmax
-LINEAR_OPS = frozenset(m.op for m in methods.REGISTRY.values() if m.linear)
-
-
-# -- what a layer is ------------------------------------------------------------------------
-@dataclass
-class _Geometry:
-    """A layer as a convolution: patches of ``groups * k`` values give ``groups * og``
-    outputs.  A deconvolution is the convolution of its zero-dilated, padded input with
-    the flipped, transposed kernel; a fully connected layer is a 1x1 convolution."""
-
-    op: str
-    kernel: tuple = ()
-    stride: tuple = ()
-    dilate: tuple = ()
-    pad: tuple = ()
-    adj: tuple = ()
-    groups: int = 1
-    flatten: bool = True
-
-    def out_spatial(self, spatial: tuple) -> tuple:
-        if self.op == "Deconvolution":
-            return tuple((h - 1) * s - 2 * p + d * (k - 1) + 1 + a for h, s, p, d, k, a in
-                         zip(spatial, self.stride, self.pad, self.dilate, self.kernel,
-                             self.adj))
-        return tuple((h + 2 * p - d * (k - 1) - 1) // s + 1 for h, s, p, d, k in
-                     zip(spatial, self.stride, self.pad, self.dilate, self.kernel))
-
-
-@dataclass
-class _Layer:
-    index: int
-    name: str
-    op: str
-    geo: _Geometry
-    weight: str                      # param name of the weight
-    bias: str | None
-    act_q: str | None = None         # input quantizer (a linear one) and its state
-    minmax: str | None = None
-    tensor: str | None = None        # the tensor the input quantizer reads
-    act_bits: int = 8
-    w_q: str | None = None           # weight quantizer
-    w_bits: int = 8
-    w_axis: int | None = None        # channel axis of a per-channel weight quantizer
-    w_search: bool = False           # weight is a plain variable read by this layer only
-    # filled while searching
-    per_image: int = 1               # output rows per image
-    out_spatial: tuple = ()
-    flat: np.ndarray | None = None   # sampled rows, flat over (image, out position)
-    rows: list = field(default_factory=list)     # per batch: rows in _patches' form
-    out: np.ndarray | None = None    # float outputs at the sampled rows, (groups, rows, og),
-    #                                  float64 (the cosine's sums)
-    x: np.ndarray | None = None      # quantized-network inputs there, (rows, groups, k)
-
-
-def _ints(text: str | None, n: int, default: int) -> tuple:
-    """An MXNet tuple attribute such as ``(1, 1)``; missing or empty: ``n`` defaults."""
-    vals = tuple(int(v) for v in (text or "").strip("()[] ").replace(" ", "").split(",") if v)
-    return vals if vals else (default,) * n
-
-
-def _geometry(node) -> _Geometry | str:
-    """The layer's geometry, or why it cannot be simulated."""
-    a = node.attrs
-    if node.op == "FullyConnected":
-        return _Geometry("FullyConnected", flatten=flag(a, "flatten", True))
-    if a.get("layout") not in (None, "None", "NCW", "NCHW", "NCDHW"):
-        return f"layout {a.get('layout')} (only channels-first is simulated)"
-    kernel = _ints(a.get("kernel"), 0, 1)
-    nd = len(kernel)
-    if nd == 0:
-        return "no kernel attribute"
-    if node.op == "Deconvolution" and a.get("target_shape", "").strip("()[] ,0") != "":
-        return "target_shape is set (the padding is then implicit)"
-    geo = _Geometry(node.op, kernel, _ints(a.get("stride"), nd, 1), _ints(a.get("dilate"), nd, 1),
-                    _ints(a.get("pad"), nd, 0), _ints(a.get("adj"), nd, 0),
-                    int(a.get("num_group", "1")))
-    if any(len(v) != nd for v in (geo.stride, geo.dilate, geo.pad, geo.adj)):
-        return "stride/dilate/pad/adj do not match the kernel's dimensions"
-    return geo
-
-
-def _source_var(graph: Graph, entry) -> int | None:
-    """Index of the variable behind ``entry`` (through a gradient-sum copy), else None."""
-    entry = through_copies(graph, entry)
-    return entry[0] if graph.nodes[entry[0]].is_var else None
-
-
-def _tensor_name(graph: Graph, entry, names: set) -> str:
-    """MXNet's internal name of the tensor at ``entry`` (a gradient-sum copy looked through)."""
-    entry = through_copies(graph, entry)
-    node = graph.nodes[entry[0]]
-    if node.is_var:
-        return node.name
-    for key in (f"{node.name}_output", f"{node.name}_output{entry[1]}"):
-        if key in names:
-            return key
-    raise QuantOpsError(f"{graph.source}: no tensor for output {entry[1]} of node '{node.name}'")
-
-
-def _find_layers(graph: Graph) -> tuple[list, list]:
-    """The layers to search (in topological order) and [(name, why)] of those skipped."""
-    acts = activation_tensors(graph)
-    names = set(graph.to_symbol().get_internals().list_outputs())
-    weight_users: dict = {}
-    for n in graph.nodes:
-        if n.op in LAYER_OPS and len(n.inputs) > 1:
-            weight_users.setdefault(n.inputs[1][0], []).append(n.name)
-    layers, skipped = [], []
-    for i, n in graph.ops():
-        if n.op not in LAYER_OPS or len(n.inputs) < 2:
-            continue
-        dq, wq = graph.nodes[n.inputs[0][0]], graph.nodes[n.inputs[1][0]]
-        ops = (dq.op, wq.op)
-        if not LINEAR_OPS.intersection(ops):
-            if any(methods.is_quantizer(op) for op in ops):
-                skipped.append((n.name, f"its quantizers are not linear ({', '.join(sorted(LINEAR_OPS))})"))
-            continue
-        geo = _geometry(n)
-        if isinstance(geo, str):
-            skipped.append((n.name, geo))
-            continue
-        w_var = _source_var(graph, wq.inputs[0] if wq.op in LINEAR_OPS else n.inputs[1])
-        if w_var is None:
-            skipped.append((n.name, "its weight is computed in the graph, not a parameter"))
-            continue
-        no_bias = flag(n.attrs, "no_bias", n.op == "Deconvolution")
-        bias = None
-        if not no_bias and len(n.inputs) > 2:
-            b_var = _source_var(graph, n.inputs[2])
-            if b_var is None:
-                skipped.append((n.name, "its bias is computed in the graph, not a parameter"))
-                continue
-            bias = graph.nodes[b_var].name
-        layer = _Layer(i, n.name, n.op, geo, graph.nodes[w_var].name, bias)
-        data_entry = n.inputs[0]
-        if dq.op in LINEAR_OPS:
-            layer.act_q = dq.name
-            layer.minmax = acts[dq.name][1]
-            layer.act_bits = int(dq.attrs.get("nbits", "8"))
-            data_entry = dq.inputs[0]
-        layer.tensor = _tensor_name(graph, data_entry, names)
-        if wq.op in LINEAR_OPS:
-            layer.w_q = wq.name
-            layer.w_bits = int(wq.attrs.get("nbits", "8"))
-            wm = methods.of_op(wq.op)
-            layer.w_axis = int(wq.attrs.get("channel_axis", "0")) if wm.per_axis(wq.attrs) \
-                else None
-            users = weight_users.get(n.inputs[1][0], [])
-            layer.w_search = len(users) == 1
-            if not layer.w_search:
-                log.info("easyquant: weight quantizer '%s' is read by %s: its scale is kept",
-                         wq.name, ", ".join(users))
-        layers.append(layer)
-    return layers, skipped
 
 
 # -- numerics -------------------------------------------------------------------------------
@@ -224,15 +66,10 @@ def _act_quant(x: np.ndarray, amax, nbits: int, out: np.ndarray | None = None) -
     return np.multiply(out, s, out=out)
 
 
-def _channel_view(w: np.ndarray, axis: int | None) -> np.ndarray:
-    """The weight as (scale channels, rest)."""
-    return w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-
-
 def _quant_weights(w: np.ndarray, amax: np.ndarray, nbits: int, axis: int | None) -> np.ndarray:
     """Clip then fake-quantize ``w`` for each row of ``amax`` (candidates x scale channels):
     returns (candidates, *w.shape), what the weight quantizer gives for the clipped weight."""
-    view = _channel_view(w, axis)                          # (S, rest)
+    view = channel_view(w, axis)                          # (S, rest)
     p, s = amax.shape
     t = amax[:, :, None]
     clipped = np.clip(view[None], -t, t)
@@ -242,66 +79,6 @@ def _quant_weights(w: np.ndarray, amax: np.ndarray, nbits: int, axis: int | None
         return q.reshape((p,) + w.shape)
     moved = (w.shape[axis],) + tuple(d for i, d in enumerate(w.shape) if i != axis)
     return np.moveaxis(q.reshape((p,) + moved), 1, axis + 1)
-
-
-def _as_conv(w: np.ndarray, geo: _Geometry) -> np.ndarray:
-    """Weights (candidates, *layout) as convolution matrices (candidates, groups, og, k)."""
-    p = w.shape[0]
-    if geo.op == "FullyConnected":
-        return w.reshape(p, 1, w.shape[1], -1)
-    g = geo.groups
-    if geo.op == "Convolution":
-        return w.reshape(p, g, w.shape[1] // g, -1)
-    cin, og = w.shape[1], w.shape[2]                       # deconv: (in, out/groups, *k)
-    w = w.reshape((p, g, cin // g, og) + w.shape[3:]).swapaxes(2, 3)
-    w = np.flip(w, axis=tuple(range(4, w.ndim)))
-    return w.reshape(p, g, og, -1)
-
-
-def _scale_channel(layer: _Layer, out_channels: int) -> np.ndarray:
-    """Which weight scale each output channel uses."""
-    if layer.w_axis is None:
-        return np.zeros(out_channels, np.int64)
-    if layer.op == "Deconvolution":                        # axis 1 holds out/groups channels
-        return np.arange(out_channels) % (out_channels // layer.geo.groups)
-    return np.arange(out_channels)
-
-
-def _patches(x: np.ndarray, rows, geo: _Geometry) -> np.ndarray:
-    """The layer's input patches at the sampled output rows: (rows, groups, k)."""
-    if geo.op == "FullyConnected":
-        m = x.reshape(len(x), -1) if geo.flatten else x.reshape(-1, x.shape[-1])
-        return m[rows][:, None, :]
-    img, pos = rows
-    nd = len(geo.kernel)
-    if geo.op == "Deconvolution":
-        z = np.zeros(x.shape[:2] + tuple((h - 1) * s + 1 for h, s in
-                                         zip(x.shape[2:], geo.stride)), x.dtype)
-        z[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.stride)] = x
-        lo = [d * (k - 1) - p for d, k, p in zip(geo.dilate, geo.kernel, geo.pad)]
-        hi = [v + a for v, a in zip(lo, geo.adj)]
-        z = np.pad(z, [(0, 0), (0, 0)] + [(max(a, 0), max(b, 0)) for a, b in zip(lo, hi)])
-        x = z[(slice(None), slice(None)) + tuple(slice(max(-a, 0), z.shape[2 + i] - max(-b, 0))
-                                                 for i, (a, b) in enumerate(zip(lo, hi)))]
-        stride = (1,) * nd
-    else:
-        x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in geo.pad])
-        stride = geo.stride
-    taps = np.stack(np.meshgrid(*[np.arange(k) for k in geo.kernel], indexing="ij"),
-                    -1).reshape(-1, nd)                    # (T, nd), kernel order
-    coords = pos[:, None, :] * np.array(stride) + taps[None] * np.array(geo.dilate)
-    p = x[(img[:, None], slice(None)) + tuple(coords[..., d] for d in range(nd))]  # (R, T, C)
-    r, t, c = p.shape
-    return np.ascontiguousarray(p.transpose(0, 2, 1)).reshape(r, geo.groups, (c // geo.groups) * t)
-
-
-def _out_rows(y: np.ndarray, rows, geo: _Geometry) -> np.ndarray:
-    """The layer's outputs at the sampled rows: (rows, channels)."""
-    if geo.op == "FullyConnected":
-        m = y.reshape(len(y), -1) if geo.flatten else y.reshape(-1, y.shape[-1])
-        return m[rows]
-    img, pos = rows
-    return y[(img, slice(None)) + tuple(pos[:, d] for d in range(pos.shape[1]))]
 
 
 def _cosine(x: np.ndarray, wc: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> float:
@@ -333,21 +110,21 @@ class _State:
                 * self.wmax[None]).astype(f32)
 
 
-def _weight_conv(layer: _Layer, st: _State, factors=None) -> np.ndarray:
+def _weight_conv(layer: Layer, st: _State, factors=None) -> np.ndarray:
     """The quantized weight under ``factors`` (default: current) as (groups, og, k)."""
     if layer.w_q is None:
-        return _as_conv(st.w0[None].astype(f32), layer.geo)[0]
+        return as_conv(st.w0[None].astype(f32), layer.geo)[0]
     q = _quant_weights(st.w0, st.amax(factors), layer.w_bits, layer.w_axis)
-    return _as_conv(q, layer.geo)[0]
+    return as_conv(q, layer.geo)[0]
 
 
-def _quant_x(layer: _Layer, amax) -> np.ndarray:
+def _quant_x(layer: Layer, amax) -> np.ndarray:
     if layer.act_q is None:
         return layer.x
     return fake_quant(layer.x, amax, layer.act_bits)   # the reference itself, for reports
 
 
-def _weight_step(layer: _Layer, st: _State, amax, ratios: np.ndarray,
+def _weight_step(layer: Layer, st: _State, amax, ratios: np.ndarray,
                  chunk_elems: int = 1 << 23) -> None:
     """Search the weight factors (each scale channel on its own output channels' cosine),
     all candidates and channels at once through the Gram matrix of the quantized rows."""
@@ -361,7 +138,7 @@ def _weight_step(layer: _Layer, st: _State, amax, ratios: np.ndarray,
     gvec = np.matmul(xa.transpose(0, 2, 1), o)                   # (g, k+1, og)
     og = o.shape[2]
     oo = (o * o).sum(1).reshape(-1)                              # (channels,)
-    chan = _scale_channel(layer, g * og)
+    chan = scale_channel(layer, g * og)
     nscale = len(st.wmax)
     onehot = np.zeros((g * og, nscale))
     onehot[np.arange(g * og), chan] = 1.0
@@ -370,7 +147,7 @@ def _weight_step(layer: _Layer, st: _State, amax, ratios: np.ndarray,
     step = max(1, chunk_elems // max(st.w0.size, 1))
     num, den = [], []
     for i in range(0, len(cand), step):
-        wc = _as_conv(_quant_weights(st.w0, st.amax(cand[i:i + step]), layer.w_bits,
+        wc = as_conv(_quant_weights(st.w0, st.amax(cand[i:i + step]), layer.w_bits,
                                      layer.w_axis), layer.geo).astype(np.float64)
         wc = np.concatenate([wc, np.broadcast_to(bias[None, :, :, None],
                                                  wc.shape[:3] + (1,))], axis=3)
@@ -412,15 +189,6 @@ def _act_step(layers: list, states: list, amax: f32, ratios: np.ndarray, nbits: 
     for j, st in enumerate(states):
         st.cos = float(cos[best, j])
     return amaxes[best]
-
-
-def _sample_rows(total: int, k: int, rng, max_rows: int, max_elements: int) -> np.ndarray:
-    """Sorted flat indices of the sampled output rows: at most ``max_rows`` rows and about
-    ``max_elements`` patch values (never fewer than 256 rows)."""
-    want = int(min(total, max_rows, max(256, max_elements // max(k, 1))))
-    if want >= total:
-        return np.arange(total)
-    return np.sort(rng.choice(total, want, replace=False))
 
 
 def _check_args(batches, rounds, points, search) -> tuple[list, float, float]:
@@ -466,87 +234,6 @@ def _check_params(graph: Graph, params: dict, layers: list, nbits: int | None) -
     return bits
 
 
-def _inference_params(graph: Graph, params: dict) -> dict:
-    """Params as numpy with every quantizer in inference mode (a QAT checkpoint may hold
-    training = 1 in its ``qstate``, which would move the ranges while we run)."""
-    run = {k: _np(v) for k, v in params.items()}
-    for n in graph.nodes:
-        if n.op in LINEAR_OPS and len(n.inputs) > 2:
-            key = graph.nodes[n.inputs[2][0]].name
-            if key in run:
-                qs = np.array(run[key], f32).reshape(-1)
-                qs[1:2] = 0
-                run[key] = qs
-    return run
-
-
-def _split_rows(ly: _Layer, start: int, n: int):
-    """The sampled rows that fall in images [start, start + n), in ``_patches``' form."""
-    lo, hi = np.searchsorted(ly.flat, [start * ly.per_image, (start + n) * ly.per_image])
-    local = ly.flat[lo:hi] - start * ly.per_image
-    if ly.op == "FullyConnected":
-        return local
-    loc = np.unravel_index(local, (n,) + tuple(ly.out_spatial))
-    return loc[0], np.stack(loc[1:], 1)
-
-
-def _float_outputs(layers: list, fgraph: Graph, run_params: dict, batches: list,
-                   data_name: str, rng, max_rows: int, max_elements: int,
-                   progress: bool) -> None:
-    """Sample each layer's output rows and keep the float network's outputs there."""
-    n_images = sum(len(b) for b in batches)
-    runners: dict = {}
-    names = [f"{ly.name}_output" for ly in layers]
-    parts: list = [[] for _ in layers]
-    start = 0
-    for b in tqdm(batches, desc="easyquant: float outputs", leave=False, disable=not progress):
-        if b.shape not in runners:
-            runners[b.shape] = runner(fgraph, run_params, b.shape, data_name, names)
-        for j, (ly, y) in enumerate(zip(layers, runners[b.shape](b))):
-            if ly.flat is None:
-                if ly.op == "FullyConnected":
-                    ly.per_image = 1 if ly.geo.flatten else int(np.prod(y.shape[1:-1]))
-                else:
-                    ly.out_spatial = tuple(y.shape[2:])
-                    ly.per_image = int(np.prod(ly.out_spatial))
-                w = _np(run_params[ly.weight])          # k: input values per output row
-                k = w.size // w.shape[1] if ly.op == "Deconvolution" else \
-                    (w.size // w.shape[0]) * (ly.geo.groups if ly.op == "Convolution" else 1)
-                ly.flat = _sample_rows(n_images * ly.per_image, k, rng, max_rows, max_elements)
-            ly.rows.append(_split_rows(ly, start, len(b)))
-            parts[j].append(_out_rows(y, ly.rows[-1], ly.geo))
-        start += len(b)
-    for ly, p in zip(layers, parts):
-        o = np.concatenate(p).astype(np.float64)                 # (R, channels)
-        g = 1 if ly.op == "FullyConnected" else ly.geo.groups
-        ly.out = np.ascontiguousarray(o.reshape(len(o), g, -1).transpose(1, 0, 2))
-
-
-def _quantized_inputs(unit: list, graph: Graph, run_params: dict, batches: list,
-                      data_name: str) -> None:
-    """Each layer's input patches at its sampled rows, from the quantized network with the
-    params as optimized so far."""
-    tensors = sorted({ly.tensor for ly in unit if ly.tensor != data_name})
-    runners: dict = {}
-    parts: list = [[] for _ in unit]
-    for bi, b in enumerate(batches):
-        vals = {data_name: b}
-        if tensors:
-            if b.shape not in runners:
-                runners[b.shape] = runner(graph, run_params, b.shape, data_name, tensors)
-            vals.update(zip(tensors, runners[b.shape](b)))
-        for j, ly in enumerate(unit):
-            x = vals[ly.tensor]
-            if bi == 0 and ly.op != "FullyConnected" and \
-                    ly.geo.out_spatial(x.shape[2:]) != ly.out_spatial:
-                raise QuantOpsError(f"easyquant: layer '{ly.name}': the simulated output "
-                                    f"{ly.geo.out_spatial(x.shape[2:])} differs from "
-                                    f"MXNet's {ly.out_spatial}")
-            parts[j].append(_patches(np.asarray(x, f32), ly.rows[bi], ly.geo))
-    for ly, p in zip(unit, parts):
-        ly.x = np.concatenate(p).astype(f32)
-
-
 def _clipped(st: _State, axis: int | None) -> np.ndarray:
     """The given weight clipped to the current factors' ranges (what realizes the scale)."""
     t = st.amax()[0]
@@ -582,16 +269,16 @@ def easyquant(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
     with the reason, and the settings.
     """
     batches, lo, hi = _check_args(batches, rounds, points, search)
-    layers, skipped = _find_layers(graph)
+    layers, skipped = find_layers(graph, "easyquant")
     if not layers:
         raise QuantOpsError(f"{graph.source}: no Convolution/FullyConnected/Deconvolution "
                             f"with a linear quantizer ({', '.join(sorted(LINEAR_OPS))}) on its "
                             "input to search")
     bits = _check_params(graph, params, layers, nbits)
-    run_params = _inference_params(graph, params)
+    run_params = inference_params(graph, params)
     new_params = dict(params)
-    _float_outputs(layers, strip_quantizers(graph), run_params, batches, data_name,
-                   np.random.default_rng(seed), max_rows, max_elements, progress)
+    float_outputs(layers, strip_quantizers(graph), run_params, batches, data_name,
+                  np.random.default_rng(seed), max_rows, max_elements, progress, "easyquant")
 
     # layers reading one activation range are searched together, at the first of them
     units: list = []
@@ -607,7 +294,7 @@ def easyquant(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
     ratios = np.concatenate([[1.0], np.linspace(lo, hi, points)])   # row 0: keep
     report_rows = []
     for unit in tqdm(units, desc="easyquant: layers", disable=not progress):
-        _quantized_inputs(unit, graph, run_params, batches, data_name)
+        quantized_inputs(unit, graph, run_params, batches, data_name, "easyquant")
         states = []
         for ly in unit:
             w0 = _np(params[ly.weight]).astype(f32)
