@@ -110,11 +110,6 @@ def _round_layer(x: np.ndarray, out: np.ndarray, wc: np.ndarray, s: np.ndarray,
         "flipped": float((learned != nearest).mean()) if keep else 0.0}
 
 
-def _from_conv(wc: np.ndarray, shape: tuple) -> np.ndarray:
-    """Conv matrices (g, og, k) back to the weight's layout (Convolution, FullyConnected)."""
-    return wc.reshape(shape)
-
-
 def adaround(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
              iters: int = 1000, reg: float = 0.01, beta: tuple[float, float] = (20.0, 2.0),
              warmup: float = 0.2, lr: float = 0.01, data_name: str = "data",
@@ -176,7 +171,7 @@ def adaround(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
         codes, rep = _round_layer(x, ly.out, wc, s, top, bias, ly.w_bits, iters, reg, beta,
                                   warmup, lr)
         if rep["kept_learned"]:
-            w = _from_conv((s * codes).astype(f32), w0.shape)
+            w = (s * codes).astype(f32).reshape(w0.shape)   # conv matrices: the same order
             new_params[ly.weight] = run_params[ly.weight] = w
         rows.append({"layer": ly.name, "weight": ly.weight, "bits": ly.w_bits,
                      "rows": int(len(x)), **rep})

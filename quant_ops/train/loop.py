@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..errors import QuantOpsError
 from ..fileio import atomic_write
+from ..methods.base import is_int
 from ..ops import track_training
 from . import checkpoint
 from .bn import count_bn, freeze_bn
@@ -61,20 +62,19 @@ class FitConfig:
         def bad(name: str, want: str) -> QuantOpsError:
             return QuantOpsError(f"FitConfig.{name} must be {want}, got {getattr(self, name)!r}")
 
+        def count(v, low: int, optional: bool = False) -> bool:
+            return (optional and v is None) or (
+                (is_int(v) or isinstance(v, np.integer)) and v >= low)
+
         for name in ("epochs", "batch_size", "checkpoint_every", "log_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            if not count(getattr(self, name), 1):
                 raise bad(name, "an integer >= 1")
         for name in ("stop_after_steps", "max_steps_per_epoch"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                                  or v < 1):
+            if not count(getattr(self, name), 1, optional=True):
                 raise bad(name, "None or an integer >= 1")
-        v = self.freeze_bn_after
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                              or v < 0):
-            raise QuantOpsError(f"freeze_bn_after must be >= 0 steps, got {v}")
-        if not isinstance(self.num_workers, (int, np.integer)) or self.num_workers < 0:
+        if not count(self.freeze_bn_after, 0, optional=True):
+            raise QuantOpsError(f"freeze_bn_after must be >= 0 steps, got {self.freeze_bn_after}")
+        if not count(self.num_workers, 0):
             raise bad("num_workers", "an integer >= 0")
         for name, low_ok in (("lr", False), ("momentum", True), ("wd", True)):
             v = getattr(self, name)
