@@ -47,6 +47,8 @@ setup(
                                       "qo-export-onnx=quant_ops.cli.export_onnx:main",
                                       "qo-dfq=quant_ops.cli.dfq:main",
                                       "qo-easyquant=quant_ops.cli.easyquant:main",
+                                      "qo-adaround=quant_ops.cli.adaround:main",
+                                      "qo-mixed-precision=quant_ops.cli.mixed_precision:main",
                                       "qo-sensitivity=quant_ops.cli.sensitivity:main",
                                       "qo-qat-train=quant_ops.cli.qat_train:main"]},
     zip_safe=False,

@@ -9,7 +9,10 @@ process so that no path inherits another's caches or thread pools):
 - ``mx_int8_peer``: MXNet's ``quantize_net_v2`` (its own entropy calibration, same images);
 - ``ort_fp32``: the float model exported to ONNX, onnxruntime with optimizations on;
 - ``ort_s8`` / ``ort_u8``: this project's QDQ export with int8 activations (TensorRT's
-  convention) and with uint8 activations (zero point 128, the same values).
+  convention) and with uint8 activations (zero point 128, the same values);
+- ``ort_peer``: onnxruntime's own ``quantize_static`` of the float ONNX model (QDQ, U8S8:
+  asymmetric uint8 activations, per-channel int8 weights, min/max on the same images),
+  onnxruntime's best case on x86 and the peer of ``ort_u8``.
 
 The table gives each INT8 path's speed-up over its own float path (float ms / INT8 ms),
 and, for onnxruntime, the layers that stayed in float after its optimizations (from the
@@ -38,9 +41,9 @@ THREADS = 2
 #: TensorRT's INT8 with residual-add inputs on one scale: what an engine fuses (the int8
 #: residual add) and what lets onnxruntime run every convolution as QLinearConv
 POLICY = "trt_int8_shared"
-PATHS = ("mx_fp32", "mx_int8", "mx_int8_peer", "ort_fp32", "ort_s8", "ort_u8")
+PATHS = ("mx_fp32", "mx_int8", "mx_int8_peer", "ort_fp32", "ort_s8", "ort_u8", "ort_peer")
 PEERS = {"mx_int8": "mx_fp32", "mx_int8_peer": "mx_fp32", "ort_s8": "ort_fp32",
-         "ort_u8": "ort_fp32"}
+         "ort_u8": "ort_fp32", "ort_peer": "ort_fp32"}
 # name -> input shape (batch 1); bundled models come with their Fashion-MNIST test set
 MODELS = {"fmnist_resnet20": (1, 1, 28, 28), "fmnist_mobilenetv2": (1, 1, 28, 28),
           "resnet18_v1": (1, 3, 224, 224), "mobilenetv2_1.0": (1, 3, 224, 224),
@@ -162,6 +165,25 @@ def _peer(float_model, calib, work: Path) -> Path:
     return prefix
 
 
+def _ort_peer(float_onnx: Path, calib, out: Path) -> Path:
+    """onnxruntime's own static quantization (U8S8 QDQ, per-channel weights, MinMax)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([calib[i:i + 1] for i in range(len(calib))])
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"data": x}
+
+    quantize_static(str(float_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
 def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
     """Every path's files, the accuracy of each on the test set (bundled models)."""
     import mxnet as mx
@@ -169,6 +191,7 @@ def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
 
     from quant_ops import QuantizedModel
     from quant_ops.export.onnx_qdq import export_onnx
+    from quant_ops.graph.fold_bn import fold_batchnorm
 
     if name.startswith("fmnist_"):
         m = QuantizedModel.load(ROOT / "examples" / "models" / name)
@@ -204,6 +227,10 @@ def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
             attempt(f"ort_{act}@{b}", lambda s=s, b=b, act=act: export_onnx(
                 q.run_graph, q.params, work / f"{act}_{b}.onnx", {"data": s},
                 activations=act)[0])
+        attempt(f"ort_peer@{b}", lambda s=s, b=b: _ort_peer(
+            export_onnx(*fold_batchnorm(m.run_graph, m.params, "deploy"),
+                        work / f"fp32_folded_{b}.onnx", {"data": s})[0],
+            calib, work / f"peer_{b}.onnx"))
     acc = {}
     if xt is not None:
         sim = q.predict(xt).argmax(1)
@@ -222,7 +249,7 @@ def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
                                        for i in range(0, len(xt), 500)])
                 acc[key] = float((pred == yt).mean() * 100)
                 agree[key] = float((pred == sim).mean() * 100)
-        for act in ("s8", "u8"):
+        for act in ("s8", "u8", "peer"):
             key = f"ort_{act}@1"
             if key in files:
                 import onnxruntime as ort
@@ -289,7 +316,8 @@ def main(argv=None) -> int:
 
 def table(rows: list) -> str:
     head = (f"{'model':<26} {'batch':>5} {'mx fp32 ms':>10} {'mx int8':>8} {'mx peer':>8} "
-            f"{'ort fp32 ms':>11} {'ort s8':>7} {'ort u8':>7}  float layers left (ort u8)")
+            f"{'ort fp32 ms':>11} {'ort s8':>7} {'ort u8':>7} {'ort peer':>8}  "
+            "float layers left (ort u8)")
     lines = [head, "(INT8 columns: speed-up over the same engine's float32; >1 is faster)"]
     for r in rows:
         for b, per in r["batches"].items():
@@ -302,15 +330,15 @@ def table(rows: list) -> str:
             left = per["ort_u8"].get("float_layers")
             lines.append(f"{r['model']:<26} {b:>5} {ms('mx_fp32'):>10} {up('mx_int8'):>8} "
                          f"{up('mx_int8_peer'):>8} {ms('ort_fp32'):>11} {up('ort_s8'):>7} "
-                         f"{up('ort_u8'):>7}  "
+                         f"{up('ort_u8'):>7} {up('ort_peer'):>8}  "
                          + (", ".join(left[:4]) + (" ..." if len(left) > 4 else "")
                             if left else ("none" if left is not None else "-")))
     acc = [r for r in rows if r["accuracy"]]
     if acc:
         lines.append("")
         lines.append(f"{'model':<26} {'float':>6} {'sim':>6} {'mx int8':>8} {'mx peer':>8} "
-                     f"{'ort s8':>7} {'ort u8':>7}  top-1 agreement with sim (mx int8 / "
-                     "peer / ort s8 / u8)")
+                     f"{'ort s8':>7} {'ort u8':>7} {'ort peer':>8}  top-1 agreement with "
+                     "sim (mx int8 / peer / ort s8 / u8)")
         for r in acc:
             a, g = r["accuracy"], r["accuracy"].get("agreement_with_simulated", {})
 
@@ -318,7 +346,8 @@ def table(rows: list) -> str:
                 return f"{src[k]:.2f}" if k in src else "-"
             lines.append(f"{r['model']:<26} {f('float'):>6} {f('simulated'):>6} "
                          f"{f('mx_int8'):>8} {f('mx_int8_peer'):>8} {f('ort_s8'):>7} "
-                         f"{f('ort_u8'):>7}  {f('mx_int8', g)} / {f('mx_int8_peer', g)} / "
+                         f"{f('ort_u8'):>7} {f('ort_peer'):>8}  {f('mx_int8', g)} / "
+                         f"{f('mx_int8_peer', g)} / "
                          f"{f('ort_s8', g)} / {f('ort_u8', g)}")
     return "\n".join(lines)
 

@@ -165,7 +165,7 @@ def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -
     lines = ["## QAT on Fashion-MNIST (ResNet-20, test set of 10,000 images)", "",
              f"Float: **{acc_float:.2f}%**. Each row fine-tunes the float checkpoint with the "
              "library's default recipe (`quant_ops/train/recipe.py`, nothing tuned per row): "
-             "ranges calibrated first (entropy at 8 bits, MSE at the layer's width below; "
+             "ranges calibrated first (the `auto` calibrator at the layer's bit width; "
              "weight ranges by MSE on each method's grid), one epoch over the row's budget of "
              "training images (batch 128, SGD momentum 0.9, SineScheduler, peak lr float lr "
              "/ 400 at 8 bits and / 20 below), quantizer parameters with their method's lr "

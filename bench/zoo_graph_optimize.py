@@ -14,12 +14,17 @@ imported, and the operator sources) and is run again when any of it changed.  Ea
 time limit, so a crash or a hang is a row, not the end of the sweep.  Status per row:
 ``ok``; ``FAIL`` (the toolkit's fault: a traceback, an error on a net that builds, a
 mismatch); ``not-offline`` (gluoncv cannot build the net without downloads or extra
-arguments: the reason is kept); ``skip`` (not a float network: the zoo's ``*_int8``
+arguments: the reason is kept); ``not-symbolic`` (MXNet itself cannot build the block as
+a graph, so neither ``hybridize`` nor ``export`` works: gluoncv's GroupNorm calls
+``reshape`` with positional sizes, which the symbol API reads as other arguments);
+``skip`` (not a float network: the zoo's ``*_int8``
 entries are MXNet-quantized graphs; several inputs); ``timeout``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -63,7 +68,9 @@ def input_shape(name: str) -> tuple[int, ...]:
     if n.startswith(("psp_", "deeplab_", "danet_", "icnet_")) or n.endswith("_s") \
             and n.startswith("hrnet"):
         return (1, 3, 480, 480)
-    if n.startswith(("fcn_", "fastscnn")):
+    if n.startswith("fastscnn"):        # built for its crop size (fixed upsampling sizes)
+        return (1, 3, 1024, 1024)
+    if n.startswith("fcn_"):
         return (1, 3, 256, 256)
     if n.startswith(("nasnet_5", "nasnet_6")):
         return (1, 3, 331, 331)
@@ -101,6 +108,7 @@ def round_robin(names: list[str]) -> list[str]:
 
 
 def _check(name: str, fold: str, shape: tuple, work: Path) -> dict:
+    import mxnet as mx
     import numpy as np
 
     from quant_ops import QuantizedModel
@@ -111,9 +119,13 @@ def _check(name: str, fold: str, shape: tuple, work: Path) -> dict:
     from quant_ops.zoo import get_model
 
     try:
-        get_model(name)          # can gluoncv build it here at all?
+        net = get_model(name)    # can gluoncv build it here at all?
     except Exception as e:       # noqa: BLE001  (gluoncv's own errors, any type)
         return {"status": "not-offline", "reason": f"{type(e).__name__}: {e}"[:300]}
+    try:                         # can MXNet itself make it a graph (hybridize, export)?
+        net(mx.sym.var("data"))
+    except mx.base.MXNetError as e:
+        return {"status": "not-symbolic", "reason": str(e).splitlines()[0][:300]}
     rng = np.random.default_rng(0)
     calib = work / "calib.npy"
     np.save(calib, rng.uniform(0, 1, (2,) + shape[1:]).astype(np.float32))
@@ -122,10 +134,14 @@ def _check(name: str, fold: str, shape: tuple, work: Path) -> dict:
             "--calib", str(calib), "--calib-method", "minmax", "--calib-images", "2",
             "--no-draw", "--no-progress", "--name", "m", "--out", str(out)]
     t0 = time.perf_counter()
-    rc = graph_optimize.main(argv)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = graph_optimize.main(argv)
     seconds = time.perf_counter() - t0
     if rc != 0:
-        return {"status": "FAIL", "reason": f"graph_optimize exit {rc}", "argv": argv}
+        said = [ln for ln in err.getvalue().splitlines() if ln.startswith("error:")]
+        return {"status": "FAIL", "reason": f"graph_optimize exit {rc}: "
+                + (said[-1] if said else err.getvalue()[-300:]), "argv": argv}
     q = QuantizedModel.load(out / "m-quant")
     x = rng.uniform(0, 1, shape).astype(np.float32)
     yq = Runner(q.run_graph, q.params, shape)(x)

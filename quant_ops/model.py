@@ -5,7 +5,7 @@ arrays, and runs every stage of the pipeline on them in memory::
 
     m = QuantizedModel.from_symbol("net-symbol.json", "net-0000.params")
     m.quantize("trt_int8", fold_bn="deploy")
-    m.calibrate(images, "entropy")
+    m.calibrate(images)                # "auto": per tensor, the range its layer likes best
     m.evaluate(x_test, y_test)
     m.save("out/net-int8")             # symbol + params that SymbolBlock.imports reads
     m.export("out/deploy")             # ONNX QDQ, TensorRT cache, ranges, alignment
@@ -150,14 +150,22 @@ class QuantizedModel:
                                 "initialized: call block.initialize() first")
         if sample is not None:
             block(*(sample if isinstance(sample, (list, tuple)) else [sample]))
+        from .prepare import trace
+
         try:
-            params = {p.name: p.data().asnumpy() for p in block.collect_params().values()}
+            out, _ = trace(block, data_names)
+        except mx.base.MXNetError as e:
+            raise QuantOpsError(f"{block.name}: MXNet cannot build this block as a graph "
+                                f"(its export fails too): {mxnet_message(e)}") from None
+        # only what the graph reads: a block may hold layers its forward never runs (a
+        # backbone's classifier in a depth net), whose shapes nothing can infer
+        used = set(out.list_arguments()) | set(out.list_auxiliary_states())
+        try:
+            params = {p.name: p.data().asnumpy() for p in block.collect_params().values()
+                      if p.name in used}
         except gluon.parameter.DeferredInitializationError:
             raise QuantOpsError("the block's parameters are not initialized yet: pass "
                                 "`sample` (an input batch) or run the block once") from None
-        from .prepare import trace
-
-        out, _ = trace(block, data_names)
         m = cls(Graph.from_symbol(out), params, data_names, name or block.name)
         if sample is not None and not isinstance(sample, (list, tuple)):
             m.input_shape = tuple(sample.shape)
@@ -290,14 +298,15 @@ class QuantizedModel:
         self.table, self.notes = q.table, self.notes + q.notes
         return self
 
-    def calibrate(self, data, method: str = "entropy", batch_size: int = 64,
+    def calibrate(self, data, method: str = "auto", batch_size: int = 64,
                   input_method: str | None = "minmax", progress: bool = True,
                   **observer_params: Any) -> QuantizedModel:
         """Set every activation quantizer's range from ``data`` (an (N, ...) array, a list of
-        batches, or a DataLoader of (x, y)): ``minmax``, ``percentile``, ``mse``,
-        ``entropy`` (TensorRT's), observed on the float network; or ``ema``, the quantizers'
-        own running observation in training mode.  Learned ranges (a clip, a step, ...)
-        start from the calibrated range."""
+        batches, or a DataLoader of (x, y)): ``auto`` (default: per tensor, the range among
+        the four below that least disturbs the layer reading it), ``minmax``,
+        ``percentile``, ``mse``, ``entropy`` (TensorRT's), observed on the float network;
+        or ``ema``, the quantizers' own running observation in training mode.  Learned
+        ranges (a clip, a step, ...) start from the calibrated range."""
         from .calib.graph_calib import calibrate_graph
 
         batches = _batches(data, batch_size)
@@ -309,9 +318,27 @@ class QuantizedModel:
         if method == "ema":
             self.params = self._observe(batches, progress)
             return self
-        self.params, self.ranges = calibrate_graph(
-            self.run_graph, self.params, batches, method, data_name=self.data_names[0],
-            progress=progress, input_method=input_method, **observer_params)
+        def run(batches):
+            return calibrate_graph(self.run_graph, self.params, batches, method,
+                                   data_name=self.data_names[0], progress=progress,
+                                   input_method=input_method, **observer_params)
+
+        fixed = self.input_shape[0]
+        try:
+            self.params, self.ranges = run(batches)
+        except QuantOpsError as e:
+            if len(batches[0]) == fixed or "do not fit the model" not in str(e):
+                raise
+            # a graph built for one batch size (a detector's proposals per image): feed
+            # the images in batches of the size the model was given
+            images = np.concatenate(batches)
+            try:
+                self.params, self.ranges = run([images[i:i + fixed]
+                                                for i in range(0, len(images), fixed)])
+            except QuantOpsError:
+                raise e from None          # not the batch size: the first error says why
+            log.info("%s: calibrated %d images at a time: the graph takes no other batch "
+                     "size", self.name, fixed)
         return self
 
     def _observe(self, batches: list[np.ndarray], progress: bool) -> dict:
@@ -405,6 +432,41 @@ class QuantizedModel:
             self.run_graph, self.params, _batches(data, batch_size),
             data_name=self.data_names[0], **kwargs)
         return self
+
+    def adaround(self, data, batch_size: int = 64, **kwargs: Any) -> QuantizedModel:
+        """AdaRound's learned rounding of the weights (``quant_ops.ptq.adaround``) on a
+        quantized, calibrated model: the rounding is folded into the weights, so the model
+        stays an ordinary one.  Its per-layer report is kept in ``reports["adaround"]``."""
+        from .ptq.adaround import adaround
+
+        if not self.is_quantized or self.uncalibrated():
+            raise QuantOpsError(f"{self.name}: AdaRound rounds toward the quantized network's "
+                                "own outputs: quantize() and calibrate() first"
+                                + (f" ({len(self.uncalibrated())} activation quantizers have "
+                                   "no range)" if self.is_quantized else ""))
+        self.params, self.reports["adaround"] = adaround(
+            self.run_graph, self.params, _batches(data, batch_size),
+            data_name=self.data_names[0], **kwargs)
+        return self
+
+    def mixed_precision(self, data, budget: float, widths: Sequence[int] = (2, 3, 4, 6, 8),
+                        base: Mapping | None = None, fold_bn: str | None = "deploy",
+                        batch_size: int = 64, progress: bool = True) -> dict:
+        """A policy giving each layer's weights the bits that least hurt the output at an
+        average of ``budget`` bits per weight (``quant_ops.ptq.mixed``), for a float model:
+        ``m.quantize(m.mixed_precision(data, 4), fold_bn="deploy")``.  The per-layer
+        errors and choices are kept in ``reports["mixed_precision"]``."""
+        from .ptq.mixed import mixed_policy
+
+        if self.is_quantized:
+            raise QuantOpsError(f"{self.name}: mixed precision chooses bits for a float "
+                                "model: call it before quantize()")
+        base = dict(base or {"preset": "trt_int8"})
+        q = self.copy().quantize(base, fold_bn=fold_bn)
+        policy, self.reports["mixed_precision"] = mixed_policy(
+            q.run_graph, q.params, _batches(data, batch_size), budget, widths, base,
+            data_name=self.data_names[0], progress=progress)
+        return policy
 
     def dfq(self, **kwargs: Any) -> QuantizedModel:
         """Data-free quantization passes on the float network (``quant_ops.ptq.dfq``); run

@@ -228,7 +228,7 @@ def test_calibrates_from_data_and_keeps_float_accuracy(tmp_path):
             "--out", str(out))
     assert r.returncode == 0, r.stderr
     notes = json.loads((out / "summary.json").read_text())["notes"]
-    assert any("calibrated (entropy) on 128 images" in n for n in notes), notes
+    assert any("calibrated (auto) on 128 images" in n for n in notes), notes
     q = QuantizedModel.load(out / "fmnist_resnet20-quant")
     assert q.quantizers and not q.uncalibrated()
     x, y = fashion_mnist("test")

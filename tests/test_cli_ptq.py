@@ -1,4 +1,5 @@
-"""The PTQ command lines (utils/dfq.py, utils/easyquant.py, utils/sensitivity.py) on the
+"""The PTQ command lines (utils/dfq.py, utils/easyquant.py, utils/adaround.py,
+utils/sensitivity.py) on the
 bundled Fashion-MNIST model and on a user's symbol + params with an image folder, and the
 data loader behind them: outputs that load, and one-line errors with exit 2 that leave
 nothing behind."""
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quant_ops.cli import dfq, easyquant, sensitivity
+from quant_ops.cli import adaround, dfq, easyquant, sensitivity
 from quant_ops.datasets import FASHION_MNIST_DIR, fashion_mnist, load_data
 from quant_ops.errors import QuantOpsError
 from quant_ops.model import QuantizedModel
@@ -173,6 +174,48 @@ def test_easyquant_user_model_image_folder(tiny, tmp_path):
     assert rep["calibration"]["images"] == 8 and rep["accuracy"]["images"] == 8
 
 
+@needs_fmnist
+def test_adaround_bundled_w4a8(fmnist_npz, tmp_path):
+    calib, test = fmnist_npz
+    out = tmp_path / "out"
+    assert adaround.main(["--model", "fmnist_resnet20", "--calib", str(calib), "--test",
+                          str(test), "--iters", "50", "--no-progress", "--out", str(out)]) == 0
+    rep, m = _outputs(out, "fmnist_resnet20")
+    bits = {(q.is_weight, int(q.node.attrs["nbits"])) for q in m.quantizers}
+    assert bits == {(True, 4), (False, 8)}
+    layers = rep["rounding"]["layers"]
+    assert len(layers) == 22 and all(r["mse_adaround"] <= r["mse_nearest"] for r in layers)
+    assert any(r["kept_learned"] for r in layers)
+    acc = rep["accuracy"]
+    assert set(acc) == {"test", "images", "float", "calibrated", "adaround"}
+    # the saved model is what was measured: its weights are on the 4-bit grid already
+    info = json.loads(Path(f"{BUNDLED}.json").read_text())["normalize"]
+    xe, ye = fashion_mnist("test")
+    x = ((xe[:200] - info["mean"]) / info["std"]).astype(np.float32)
+    assert m.evaluate(x, ye[:200]) == pytest.approx(acc["adaround"])
+    assert "| nearest | AdaRound |" in (out / "report.md").read_text()
+
+
+def test_adaround_user_model_image_folder(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert adaround.main(_tiny_args(tiny) + [
+        "--weight-bits", "3", "--act-bits", "6", "--calib", str(tiny[2]), "--iters", "20",
+        "--no-progress", "--out", str(out)]) == 0
+    rep, m = _outputs(out, "tiny")
+    assert rep["policy"].startswith("W3A6") and len(rep["rounding"]["layers"]) == 3
+
+
+def test_adaround_needs_a_calibrated_model():
+    m = QuantizedModel.load(BUNDLED) if Path(f"{BUNDLED}.json").is_file() else None
+    if m is None:
+        pytest.skip("the bundled model is not in this checkout")
+    with pytest.raises(QuantOpsError, match="quantize\\(\\) and calibrate\\(\\) first"):
+        m.adaround(np.zeros((4, 1, 28, 28), np.float32))
+    m.quantize("trt_int8")
+    with pytest.raises(QuantOpsError, match="activation quantizers have no range"):
+        m.adaround(np.zeros((4, 1, 28, 28), np.float32))
+
+
 def test_sensitivity_user_model_image_folder(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert sensitivity.main(_tiny_args(tiny) + [
@@ -187,7 +230,7 @@ def test_sensitivity_user_model_image_folder(tiny, tmp_path, capsys):
 
 
 def test_wrappers_run():
-    for script in ("dfq.py", "easyquant.py"):
+    for script in ("dfq.py", "easyquant.py", "adaround.py"):
         r = subprocess.run([sys.executable, str(ROOT / "utils" / script), "--help"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "--calib" in r.stdout, r.stderr
@@ -226,6 +269,11 @@ CASES = {
     "no_data_sens": (sensitivity, ["@tiny"], "pass --calib DATA"),
     "no_data_dfq": (dfq, ["@tiny"], "give --calib DATA"),
     "no_calib_eq": (easyquant, ["@tiny"], "give --calib DATA"),
+    "no_calib_ada": (adaround, ["@tiny"], "give --calib DATA"),
+    "ada_lr": (adaround, ["@tiny", "--calib", "{tiny}", "--lr", "nan"],
+               "--lr must be a finite number > 0, got nan"),
+    "ada_iters": (adaround, ["@tiny", "--calib", "{tiny}", "--iters", "0"],
+                  "--iters must be >= 1, got 0"),
     "folder_shape": (dfq, ["--symbol", "{sym}", "--params", "{par}", "--calib", "{tiny}"],
                      "images: an image folder needs the input shape"),
     "late_bits": (easyquant, ["@tiny", "--bits", "7", "--policy", "{pol}", "--calib",

@@ -8,6 +8,7 @@ import pytest
 from quant_ops.calib.graph_calib import activation_tensors, calibrate_graph
 from quant_ops.errors import QuantOpsError
 from quant_ops.graph.ir import Graph
+from quant_ops.graph.quantize import strip_quantizers
 from quant_ops.prepare import quantize_graph
 from quant_ops.zoo import get_model
 
@@ -43,6 +44,29 @@ def test_minmax_ranges_are_the_float_tensors_max(model):
         assert qp[mm][0] == pytest.approx(want, rel=1e-6) == ranges[qname]
     # the network input's range is the max over the calibration images
     assert ranges["data_int8"] == pytest.approx(max(float(np.abs(b).max()) for b in batches))
+
+
+def test_residual_add_inputs_are_calibrated_on_their_own_values(model):
+    """A conv output read by a residual add: with MXNet's MKL-DNN fusion on, the executor
+    that returns inner tensors hands back conv + add (the fused sum) for the conv's output,
+    so calibration must run unfused.  Reference: each tensor alone as a graph's head."""
+    _, sym, params, batches = model
+    q = quantize_graph(Graph.from_symbol(sym), params, "trt_int8_shared", fold_bn="deploy")
+    qp, ranges = calibrate_graph(q.graph, q.params, batches, "minmax", progress=False)
+    internals = strip_quantizers(q.graph).to_symbol().get_internals()
+    names = set(internals.list_outputs())
+    want: dict = {}
+    for qname, (tensor, mm) in activation_tensors(q.graph).items():
+        if tensor == "data":
+            continue
+        t = internals[tensor if tensor in names else f"{tensor}_output"]
+        args = {k: mx.nd.array(q.params[k]) for k in t.list_arguments() if k != "data"}
+        for b in batches:
+            exe = t.bind(mx.cpu(), {**args, "data": mx.nd.array(b)})
+            want[mm] = max(want.get(mm, 0.0), float(np.abs(exe.forward()[0].asnumpy()).max()))
+    for mm, v in want.items():     # a shared range is the max over the tensors sharing it
+        assert qp[mm][0] == pytest.approx(v, rel=1e-6), mm
+    assert len(want) < len(activation_tensors(q.graph)) - 1   # the adds' inputs do share
 
 
 def test_a_shorter_last_batch_counts_like_any_other(model):

@@ -132,19 +132,28 @@ def test_u8_export_dequantizes_to_the_int8_exports_values(name, policy, tmp_path
     assert zps and all(onnx.numpy_helper.to_array(t).max() == 128 for t in zps)
 
 
-def test_u8_export_runs_every_conv_as_an_integer_kernel(tmp_path):
+# MobileNet's last conv feeds the float classifier (pooled), no quantizer: it stays float
+@pytest.mark.parametrize("name, convs", [("fmnist_resnet20", 21), ("fmnist_mobilenetv2", 24)])
+def test_u8_export_runs_every_conv_and_rectifier_as_an_integer_kernel(name, convs, tmp_path):
     """With residual-add inputs quantized (trt_int8_shared), onnxruntime's optimized u8
-    model has no float convolution left."""
+    model has no float convolution left, and no ReLU or ReLU6 between a DQ and a Q: they
+    run as QLinearLeakyRelu tables."""
     import onnxruntime as ort
 
-    q, _, x, _ = _bundled("fmnist_resnet20", "trt_int8_shared", n_test=8)
+    q, _, x, _ = _bundled(name, "trt_int8_shared", n_test=8)
     u8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "u8.onnx", {"data": (8, 1, 28, 28)},
                            activations="u8")
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(str(u8), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-    assert ops.count("QLinearConv") == 21 and "Conv" not in ops and "FusedConv" not in ops
+    nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
+    assert ops.count("QLinearConv") == convs and "Conv" not in ops
+    assert ops.count("FusedConv") == (name == "fmnist_mobilenetv2")
+    assert ops.count("QLinearLeakyRelu") >= 8
+    quantized = {o for n in nodes if n.op_type == "QuantizeLinear" for o in n.input[:1]}
+    assert not [n.name for n in nodes if n.op_type in ("Relu", "Clip")
+                and n.output[0] in quantized]        # no float rectifier before a Q
 
 
 def test_layer_output_quantizers_keep_values_through_relu6_and_maxpool(tmp_path):

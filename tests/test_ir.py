@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import mxnet as mx
 import pytest
 
 from quant_ops import QuantOpsError
 from quant_ops.graph.ir import Graph
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _json(**change):
@@ -84,3 +88,43 @@ def test_a_quantizer_node_without_its_inputs_is_refused_before_mxnet_sees_it(tmp
     with pytest.raises(QuantOpsError, match=r"node 'w' \(Quantization_int8\) has 0 inputs; "
                                             r"the operator takes 3 \(data, minmax, qstate\)"):
         load_graph(f)
+
+
+@pytest.mark.parametrize("op, attrs, inputs, takes", [
+    ("BatchNorm", {}, 0, "5 (data, gamma, beta, moving_mean, moving_var)"),
+    ("BatchNorm", {}, 6, "5 (data, gamma, beta, moving_mean, moving_var)"),
+    ("Convolution", {"kernel": "(1,1)", "num_filter": "2"}, 2, "3 (data, weight, bias)"),
+    ("Concat", {"num_args": "3"}, 2, "3 (arg0, arg1, arg2)"),
+])
+def test_a_builtin_operator_with_the_wrong_number_of_inputs_is_refused(tmp_path, op, attrs,
+                                                                       inputs, takes):
+    """Found by bench/fuzz_readers.py (13 crashes in an hour): a variable turned into a
+    BatchNorm with no inputs segfaulted MXNet when the symbol was read.  The count an
+    operator takes is MXNet's own for the node's attributes."""
+    import json
+
+    from quant_ops.errors import QuantOpsError
+    from quant_ops.graph.ir import load_graph
+
+    nodes = [{"op": "null", "name": f"v{i}", "inputs": []} for i in range(max(inputs, 1))]
+    nodes.append({"op": op, "name": "bad", "attrs": attrs,
+                  "inputs": [[i, 0, 0] for i in range(inputs)]})
+    f = tmp_path / "b-symbol.json"
+    f.write_text(json.dumps({"nodes": nodes, "heads": [[len(nodes) - 1, 0, 0]]}))
+    with pytest.raises(QuantOpsError, match=rf"b-symbol.json: node 'bad' \({op}\) has "
+                                            rf"{inputs} inputs; the operator takes "
+                                            + re.escape(takes)):
+        load_graph(f)
+
+
+def test_every_saved_fuzz_crash_is_now_a_clean_error():
+    """The cases bench/fuzz_readers.py kept (each crashed the process before)."""
+    from quant_ops import QuantizedModel
+    from quant_ops.errors import QuantOpsError
+
+    cases = sorted((ROOT / "bench" / "results" / "fuzz_cases").glob("case*"))
+    if not cases:
+        pytest.skip("no saved fuzz cases in this checkout")
+    for d in cases:
+        with pytest.raises(QuantOpsError, match="the operator takes"):
+            QuantizedModel.from_symbol(d / "m-symbol.json", d / "m-0000.params")

@@ -64,9 +64,9 @@ def test_dsq_and_lsq_weights_start_from_their_grids_best_range():
 
 def test_recipe_by_bit_width_and_weight_method():
     r8 = default_recipe(QuantPolicy.preset("trt_int8"), 0.2)
-    assert (r8.lr, r8.calib_method, r8.fold_bn, r8.epochs) == (0.2 / 400, "entropy", "qat", 1)
+    assert (r8.lr, r8.calib_method, r8.fold_bn, r8.epochs) == (0.2 / 400, "auto", "qat", 1)
     r4 = default_recipe(QuantPolicy.preset("lsq_w4a4"))
-    assert (r4.lr, r4.calib_method, r4.fold_bn) == (DEFAULT_FLOAT_LR / 20, "mse", "qat")
+    assert (r4.lr, r4.calib_method, r4.fold_bn) == (DEFAULT_FLOAT_LR / 20, "auto", "qat")
     # DoReFa weights live in [-1, 1]: BN stays after the layer to absorb the new scale
     assert default_recipe(QuantPolicy.preset("pact_w4a4")).fold_bn is None
     mixed = QuantPolicy.from_dict({"preset": "trt_int8", "overrides": [

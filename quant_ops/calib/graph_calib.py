@@ -29,8 +29,8 @@ from ..graph.runner import Runner
 from .observers import make_observer
 
 log = logging.getLogger(__name__)
-HISTOGRAM_METHODS = ("entropy", "percentile", "mse")
-BITS_AWARE = ("entropy", "mse")      # observers whose answer depends on the bit width
+HISTOGRAM_METHODS = ("entropy", "percentile", "mse", "auto")
+BITS_AWARE = ("entropy", "mse", "auto")      # observers whose answer depends on the bit width
 
 
 def activation_tensors(graph: Graph) -> dict:
@@ -64,7 +64,7 @@ def _probe(graph: Graph, tensors: Sequence[str], params: dict, data_name: str,
             raise QuantOpsError(f"{graph.source}: tensor '{t}' is not in the float graph")
         outs.append(key)
     try:
-        run = Runner(fgraph, params, shape, data_name, outs, copies=2, fusion=True)
+        run = Runner(fgraph, params, shape, data_name, outs, copies=2)
     except QuantOpsError as e:
         raise QuantOpsError(f"calibration images of shape {shape} do not fit the model: "
                             f"{e}") from None
@@ -158,6 +158,14 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
                 observers[t].observe(v)
     _warn_negative(quantizers, negative)
     amax = {t: float(o.amax()) for t, o in observers.items()}
+    if "auto" in methods.values():
+        from .auto import choose
+
+        candidates = {t: o.candidates() for t, o in observers.items() if methods[t] == "auto"}
+        unsigned = {q.tensor for q in quantizers if q.unsigned}
+        chosen = choose(graph, params, [as_numpy(x, np.float32) for x in batches], data_name,
+                        candidates, bits, set(candidates) - unsigned, progress)
+        amax.update({t: a for t, (_, a) in chosen.items()})
     params = dict(params)
     # quantizers sharing one range variable take the largest of their tensors' ranges
     shared: dict = {}

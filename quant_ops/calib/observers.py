@@ -270,11 +270,47 @@ class EntropyObserver(HistogramObserver):
         return amax
 
 
+class AutoObserver(HistogramObserver):
+    """The four ranges the other observers would give, from one histogram: ``candidates()``
+    (the ``auto`` calibrator picks among them with the consuming layer's output error, see
+    :mod:`quant_ops.calib.auto`).  Alone it answers MSE's range: the least error of the
+    tensor itself."""
+
+    method = "auto"
+
+    def __init__(self, name: str = "tensor", bins: int = 2048, amax_hint: Optional[float] = None,
+                 num_bits: int = 8, percentile: float = 99.99, oversample: int = 32):
+        if int(num_bits) < 2:
+            raise QuantOpsError("tensor %r: num_bits must be >= 2, got %r" % (str(name), num_bits))
+        super().__init__(name, bins=bins, amax_hint=amax_hint, oversample=oversample)
+        self.num_bits = int(num_bits)
+        self.percentile = float(percentile)
+
+    def candidates(self) -> Dict[str, float]:
+        """{method: amax} for minmax, percentile, mse and entropy."""
+        if self.num_batches == 0:
+            raise QuantOpsError("tensor %r: candidates() called before any batch was observed"
+                                % (self.name,))
+        if self._hist.top <= 0:
+            return dict.fromkeys(("minmax", "percentile", "mse", "entropy"), 0.0)
+        counts, edges = self._hist.snapshot()
+        levels = 2 ** (self.num_bits - 1)
+        return {"minmax": float(self._hist.max_seen),
+                "percentile": algorithms.percentile_threshold(counts, edges, self.percentile),
+                "mse": algorithms.mse_threshold(counts, edges, num_bits=self.num_bits),
+                "entropy": algorithms.entropy_threshold(
+                    counts, edges, num_levels=levels, start_bin=max(levels, 128))[0]}
+
+    def _from_histogram(self, counts, edges) -> float:
+        return algorithms.mse_threshold(counts, edges, num_bits=self.num_bits)
+
+
 OBSERVERS: Dict[str, Type[Observer]] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
     "mse": MSEObserver,
     "entropy": EntropyObserver,
+    "auto": AutoObserver,
 }
 
 

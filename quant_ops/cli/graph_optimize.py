@@ -22,7 +22,7 @@ from ..policy import QuantPolicy
 from .common import no_overwrite, output_name, run_command, shape
 from .model_data import DATA_HELP, floats
 
-CALIB_METHODS = ("entropy", "minmax", "percentile", "mse")
+CALIB_METHODS = ("auto", "entropy", "minmax", "percentile", "mse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relu6-to-relu", action="store_true", help="replace ReLU6 by ReLU")
     c = p.add_argument_group("calibration (without it, activation ranges are left empty)")
     c.add_argument("--calib", metavar="DATA", help=f"calibration data: {DATA_HELP}")
-    c.add_argument("--calib-method", choices=CALIB_METHODS, default="entropy",
-                   help="activation range statistic (default entropy, TensorRT's)")
+    c.add_argument("--calib-method", choices=CALIB_METHODS, default="auto",
+                   help="activation range statistic (default auto: per tensor, the range "
+                        "least disturbing the layer reading it; entropy: TensorRT's)")
     c.add_argument("--calib-images", type=int, default=512,
                    help="images to calibrate on (default 512, or all there are)")
     c.add_argument("--calib-batch", type=int, default=64, help="batch size (default 64)")

@@ -174,18 +174,22 @@ def jsonable(v: Any) -> Any:
 
 
 def write_quantized(out: Path, model, name: str, report: dict,
-                    markdown: Callable[[dict], str]) -> list[str]:
-    """``<name>-quant-symbol.json``/``-0000.params``, ``report.json`` and ``report.md``
-    (``markdown(report)``) into ``out``, all or none; the file names."""
+                    markdown: Callable[[dict], str], extra: dict | None = None) -> list[str]:
+    """``<name>-quant-symbol.json``/``-0000.params``, ``report.json``, ``report.md``
+    (``markdown(report)``) and the ``extra`` {file name: text} into ``out``, all or none;
+    the file names."""
     from ..fileio import atomic_write_text, staged_dir
 
+    extra = extra or {}
     files = [f"{name}-quant-symbol.json", f"{name}-quant-0000.params", "report.json",
-             "report.md"]
+             "report.md", *extra]
     report["outputs"] = files
     with staged_dir(out) as tmp:
         model.save(tmp / f"{name}-quant")
         atomic_write_text(tmp / "report.json", json.dumps(jsonable(report), indent=1))
         atomic_write_text(tmp / "report.md", markdown(report))
+        for fname, text in extra.items():
+            atomic_write_text(tmp / fname, text)
     return files
 
 
@@ -205,7 +209,8 @@ class PTQRun:
     ``--test`` sets loaded and checked, each stage timed, accuracies recorded, the quantized
     model and its report written (all or none) and summed up on the terminal."""
 
-    def __init__(self, args: argparse.Namespace, calib_required: bool):
+    def __init__(self, args: argparse.Namespace, calib_required: bool,
+                 extra_files: tuple = ()):
         self.t_start = time.perf_counter()
         self.args, self.progress = args, not args.no_progress
         self.times: dict = {}
@@ -216,7 +221,8 @@ class PTQRun:
             raise QuantOpsError(f"{self.src.label}: already quantized: give the float model")
         self.name = output_name(args.name) if args.name else self.src.name
         no_overwrite(args.out, [f"{self.name}-quant-symbol.json",
-                                f"{self.name}-quant-0000.params", "report.json", "report.md"],
+                                f"{self.name}-quant-0000.params", "report.json", "report.md",
+                                *extra_files],
                      [self.src.symbol, self.src.params, args.calib, getattr(args, "test", None),
                       getattr(args, "policy", None)])
         self.calib = self.test = None
@@ -249,14 +255,14 @@ class PTQRun:
                     self.test.batches(self.args.batch_size, True), progress=self.progress)
 
     def finish(self, report: dict, markdown: Callable[[dict], str],
-               summary: Callable[[dict], None]) -> dict:
+               summary: Callable[[dict], None], extra: dict | None = None) -> dict:
         """Accuracy and seconds into ``report``; the files written; the summary printed."""
         if self.test is not None:
             report["accuracy"] = {"test": self.test.source, "images": len(self.test),
                                   **self.accuracy}
         self.times["total"] = time.perf_counter() - self.t_start
         report["seconds"] = {k: round(v, 2) for k, v in self.times.items()}
-        files = write_quantized(self.args.out, self.model, self.name, report, markdown)
+        files = write_quantized(self.args.out, self.model, self.name, report, markdown, extra)
         summary(report)
         print(f"wrote {self.args.out}/: {', '.join(files)}")
         return report

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="default: the recipe's (1)")
     r.add_argument("--calib-images", type=int,
                    help="images the starting ranges are calibrated on (0: none; default 512)")
-    r.add_argument("--calib-method", help="entropy, minmax, percentile or mse (default: "
-                                          "entropy at 8 bits, mse below)")
+    r.add_argument("--calib-method", help="auto, entropy, minmax, percentile or mse "
+                                          "(default: auto)")
     r.add_argument("--fold-bn", choices=("auto", "qat", "none"), default="auto",
                    help="auto (default): folded with frozen statistics where the weight "
                         "methods keep the weight scale")

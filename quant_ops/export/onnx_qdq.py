@@ -226,6 +226,61 @@ def quantize_layer_outputs(model: onnx.ModelProto) -> list[str]:
     return done
 
 
+def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
+    """Turn each Relu, or Clip with bounds [0, M], that reads a uint8 DequantizeLinear and
+    feeds only uint8 QuantizeLinear nodes into LeakyRelu with alpha 0; returns their names.
+
+    onnxruntime has no quantized Relu or Clip for zero point 128 (it drops them only before
+    a zero point of 0), so they stay float between a DQ and a Q; a LeakyRelu there becomes
+    one QLinearLeakyRelu (a 256-entry table on the codes).  The values are the same: max(x,
+    0) with the sign of zero aside, which no quantizer sees; a Clip's upper bound M is
+    dropped only where every quantizer it feeds saturates at or below it (127 x scale <= M
+    for zero point 128)."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    used_by: dict = {}
+    for n in g.node:
+        for i in n.input:
+            used_by.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def u8_top(q) -> float | None:
+        """The largest value a uint8 quantizer gives, or None for any other quantizer."""
+        zp, scale = (const(q.input[2]) if len(q.input) > 2 else None), const(q.input[1])
+        if zp is None or scale is None or zp.dtype != np.uint8 or zp.size != 1 \
+                or scale.size != 1:
+            return None
+        return float((255 - int(zp.reshape(-1)[0])) * np.float32(scale.reshape(-1)[0]))
+
+    done = []
+    for n in g.node:
+        src = made_by.get(n.input[0]) if n.input else None
+        if n.op_type not in ("Relu", "Clip") or src is None \
+                or src.op_type != "DequantizeLinear" or n.output[0] in outputs:
+            continue
+        zp = const(src.input[2]) if len(src.input) > 2 else None
+        consumers = used_by.get(n.output[0], [])
+        tops = [u8_top(c) if c.op_type == "QuantizeLinear" else None for c in consumers]
+        if zp is None or zp.dtype != np.uint8 or not consumers or None in tops:
+            continue
+        if n.op_type == "Clip":      # opset >= 11: bounds are inputs
+            lo_name, hi_name = (list(n.input[1:3]) + ["", ""])[:2]
+            lo, hi = (const(lo_name) if lo_name else None), (const(hi_name) if hi_name else None)
+            if lo is None or float(lo) != 0.0 \
+                    or (hi_name and (hi is None or max(tops) > float(hi))):
+                continue
+        del n.input[1:]
+        n.op_type = "LeakyRelu"
+        n.ClearField("attribute")
+        n.attribute.append(helper.make_attribute("alpha", 0.0))
+        done.append(n.name)
+    return done
+
+
 def export_onnx(graph: Graph, params: dict, path: str | Path,
                 input_shapes: dict | None = None, opset: int = 13,
                 deploy: bool = True, activations: str = "s8") -> tuple[Path, Graph, dict]:
@@ -266,6 +321,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     if activations == "u8":
         activations_as_uint8(model)
         quantize_layer_outputs(model)
+        rectifiers_as_lookups(model)
     onnx.checker.check_model(model)
     p = atomic_write_bytes(path, model.SerializeToString())
     return p, graph, params

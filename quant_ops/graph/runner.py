@@ -24,16 +24,17 @@ def no_fusion() -> Iterator[None]:
     requested outputs, mxnet 1.9.1 still fuses its producer with what follows (conv + BN,
     conv + ReLU): the bind fails ("arg_names.size() == in_args_map.size()") or the tensors
     downstream come out wrong."""
-    key = "MXNET_SUBGRAPH_BACKEND"
-    old = os.environ.get(key)
-    os.environ[key] = "NONE"
+    # "NONE" would do it too, but MXNet then logs a line per bind; its "default" backend
+    # fuses only the operators a graph names in an attribute: none here
+    saved = os.environ.get("MXNET_SUBGRAPH_BACKEND")
+    os.environ["MXNET_SUBGRAPH_BACKEND"] = "default"
     try:
         yield
     finally:
-        if old is None:
-            del os.environ[key]
+        if saved is None:
+            del os.environ["MXNET_SUBGRAPH_BACKEND"]
         else:
-            os.environ[key] = old
+            os.environ["MXNET_SUBGRAPH_BACKEND"] = saved
 
 
 def select(graph: Graph | mx.sym.Symbol, outputs: list[str] | None = None) -> mx.sym.Symbol:
@@ -116,6 +117,17 @@ class Runner:
                 raise QuantOpsError(f"{self.source}: batch of shape {shape}: "
                                     f"{mxnet_message(e)}") from None
         return self._resized[key]
+
+    def set_param(self, name: str, value: np.ndarray) -> None:
+        """Give parameter ``name`` a new value (same shape) in every executor (bind with
+        ``fusion=False``: a fused oneDNN convolution keeps the weights it first saw)."""
+        for exe in [*self._exes, *self._resized.values()]:
+            target = exe.arg_dict.get(name)
+            if target is None:
+                target = exe.aux_dict.get(name)
+            if target is None:
+                raise QuantOpsError(f"{self.source}: no parameter '{name}'")
+            mx.nd.array(np.asarray(value, np.float32)).copyto(target)  # any layout
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         exe = self._executor(x)

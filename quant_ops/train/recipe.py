@@ -1,8 +1,9 @@
 """The fine-tuning recipe a policy gets by default: what a user who passes no tuning flags
 should get, measured on the bundled models (docs/results.md).
 
-* Starting point: a calibrated model, never empty ranges.  Activation ranges by entropy at
-  8 bits (TensorRT's calibrator) and by MSE at the layer's bit width below; weight ranges
+* Starting point: a calibrated model, never empty ranges.  Activation ranges by the
+  ``auto`` calibrator (per tensor, the candidate range least disturbing the layer that
+  reads it, at the layer's bit width; MSE where no linear layer reads it); weight ranges
   start where each method's descriptor puts them (MSE on the method's grid).
 * Learning rate: QAT fine-tunes a trained net.  At 8 bits the calibrated model is already
   within a few hundredths of a point of float and any real step only moves it away: the
@@ -54,5 +55,5 @@ def default_recipe(policy: QuantPolicy, float_lr: float | None = None) -> Recipe
                                                for o in policy.overrides if o.weight}
     fold = all(methods.get(m).keeps_weight_scale for m in weight_methods)
     return Recipe(lr=float_lr / (400 if eight else 20), epochs=1,
-                  calib_method="entropy" if eight else "mse", calib_images=512,
+                  calib_method="auto", calib_images=512,
                   fold_bn="qat" if fold else None)

@@ -1,0 +1,82 @@
+"""The ``auto`` calibrator: per tensor, the range among min/max, percentile, MSE and entropy
+that least disturbs the layer reading it.
+
+A range that is best for the tensor alone (MSE) or for its histogram's shape (entropy) can
+still be wrong for the network: entropy clips a post-ReLU tensor whose tail carries the
+signal, min/max wastes a 4-bit grid on one outlier.  What matters is the output of the
+convolution or dense layer that reads the quantized tensor, so each candidate is scored by
+that layer's output error (its quantized weights, on sampled output positions of the
+calibration images, against the float layer's output) and the least wins.  A tensor read by
+no such layer (a residual add, a pooling) keeps the MSE range.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..graph.ir import Graph
+from ..graph.params import as_numpy
+from ..graph.quantize import strip_quantizers
+from ..reference import abs_max, fake_quant
+
+log = logging.getLogger(__name__)
+f32 = np.float32
+
+
+def _weight(ly, run_params: dict) -> np.ndarray:
+    """The layer's weight as its quantizer gives it, as conv matrices (groups, og, k)."""
+    from ..ptq.layers import as_conv
+
+    w = as_numpy(run_params[ly.weight]).astype(f32)
+    if ly.w_q is not None:
+        w = fake_quant(w, abs_max(w, ly.w_axis), ly.w_bits, narrow=True, axis=ly.w_axis)
+    return as_conv(w[None], ly.geo)[0]
+
+
+def _error(x: np.ndarray, wc: np.ndarray, bias: np.ndarray, out: np.ndarray) -> float:
+    """Squared error of the layer output computed from input patches ``x`` (rows, g, k)."""
+    y = np.einsum("rgk,gok->gro", x, wc, optimize=True) + bias[:, None, :]
+    return float(((y - out) ** 2).sum())
+
+
+def choose(graph: Graph, params: dict, batches: list, data_name: str, candidates: dict,
+           bits: dict, signed: set, progress: bool = False, max_rows: int = 2048,
+           seed: int = 0) -> dict:
+    """{tensor: (method, amax)}: for each tensor in ``candidates`` ({tensor: {method:
+    amax}}), the candidate with the least output error summed over the layers that read it
+    through a signed linear quantizer (``signed``: such tensors); the MSE one otherwise."""
+    from ..ptq.layers import find_layers, float_outputs, inference_params, quantized_inputs
+
+    layers, _ = find_layers(graph, "auto calibration")
+    layers = [ly for ly in layers if ly.tensor in candidates and ly.tensor in signed
+              and ly.op != "Deconvolution" and ly.act_q is not None]
+    chosen = {t: ("mse", c["mse"]) for t, c in candidates.items()}
+    if not layers:
+        return chosen
+    run_params = inference_params(graph, params)
+    fgraph = strip_quantizers(graph)
+    float_outputs(layers, fgraph, run_params, batches, data_name, np.random.default_rng(seed),
+                  max_rows, 1 << 19, progress, "auto calibration")
+    quantized_inputs(layers, fgraph, run_params, batches, data_name, "auto calibration")
+    errors: dict = {}
+    for ly in layers:
+        wc = _weight(ly, run_params).astype(f32)
+        g, og = wc.shape[:2]
+        bias = (as_numpy(run_params[ly.bias]).astype(f32).reshape(g, og)
+                if ly.bias is not None else np.zeros((g, og), f32))
+        out = ly.out.astype(f32)
+        tried: dict = {}
+        for method, amax in candidates[ly.tensor].items():
+            if amax not in tried:
+                tried[amax] = _error(fake_quant(ly.x, amax, bits[ly.tensor]), wc, bias, out)
+            errors.setdefault(ly.tensor, {}).setdefault(method, 0.0)
+            errors[ly.tensor][method] += tried[amax]
+        ly.x = ly.out = None
+    order = ("minmax", "percentile", "mse", "entropy")   # ties: the widest range first
+    for t, errs in errors.items():
+        best = min(order, key=lambda m: (errs[m], order.index(m)))
+        chosen[t] = (best, candidates[t][best])
+    log.info("auto calibration: %s", ", ".join(
+        f"{m} {sum(1 for v in chosen.values() if v[0] == m)}" for m in order))
+    return chosen
