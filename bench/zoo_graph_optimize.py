@@ -148,9 +148,12 @@ def _check(name: str, fold: str, shape: tuple, work: Path) -> dict:
     finite = all(np.isfinite(y).all() for y in yq)
     ref = QuantizedModel.from_zoo(name, shape)
     fg, fp = fold_batchnorm(ref.run_graph, ref.params, fold)
-    y_folded = Runner(fg, fp, shape)(x)
-    y_float = Runner(ref.run_graph, ref.params, shape)(x)
-    y_strip = Runner(strip_quantizers(q.run_graph), q.params, shape)(x)
+    # unfused: oneDNN fuses a graph by its patterns (conv + sum accumulates a residual add
+    # in the conv's own buffer), so two equal graphs laid out differently can differ in the
+    # last bit; the question here is whether the graphs compute the same thing
+    y_folded = Runner(fg, fp, shape, fusion=False)(x)
+    y_float = Runner(ref.run_graph, ref.params, shape, fusion=False)(x)
+    y_strip = Runner(strip_quantizers(q.run_graph), q.params, shape, fusion=False)(x)
     scale = max(max(float(np.abs(y).max()) for y in y_float), 1e-12)
     exact = len(y_strip) == len(y_folded) and all(
         a.shape == b.shape and np.array_equal(a, b) for a, b in zip(y_strip, y_folded))

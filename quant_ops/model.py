@@ -186,7 +186,16 @@ class QuantizedModel:
                          mx.init.One() if p.name.endswith(("gamma", "running_var",
                                                            "moving_var")) else mx.init.Zero())
         net.hybridize()
-        return cls.from_gluon(net, mx.nd.zeros(tuple(input_shape)), name=name)
+        sample = mx.nd.zeros(tuple(input_shape))
+        try:
+            return cls.from_gluon(net, sample, name=name)
+        except ValueError as e:
+            if "Deferred initialization failed" not in str(e):
+                raise
+            # a hybridized block infers every parameter's shape, also of layers its forward
+            # never runs (monodepth2's encoder keeps ResNet's classifier): run it imperatively
+            net.hybridize(False)
+            return cls.from_gluon(net, sample, name=name)
 
     def _check_params(self) -> None:
         try:
@@ -318,6 +327,7 @@ class QuantizedModel:
         if method == "ema":
             self.params = self._observe(batches, progress)
             return self
+
         def run(batches):
             return calibrate_graph(self.run_graph, self.params, batches, method,
                                    data_name=self.data_names[0], progress=progress,
