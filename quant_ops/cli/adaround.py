@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from ..errors import QuantOpsError
 from .common import run_command
-from .model_data import (DATA_HELP, PTQRun, add_model_args, load_policy, pct,
+from .model_data import (DATA_HELP, PTQRun, add_data_args, add_model_args,
+                          add_output_args, check_counts, load_policy, pct, report_head,
                           seconds_and_files)
 
 
@@ -40,12 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="mse",
                    help="activation calibration: mse (default: the least error at 4-8 "
                         "bits here), minmax, percentile, entropy")
-    d = p.add_argument_group("data")
-    d.add_argument("--calib", help=f"calibration data (required): {DATA_HELP}")
-    d.add_argument("--test", help=f"evaluation data with labels: {DATA_HELP}")
-    d.add_argument("--calib-images", type=int, help="at most this many (default 512)")
-    d.add_argument("--test-images", type=int, help="at most this many (default: all)")
-    d.add_argument("--batch-size", type=int, default=64)
+    add_data_args(p, "calibration data (required)")
     a = p.add_argument_group("rounding")
     a.add_argument("--iters", type=int, default=1000,
                    help="optimizer steps per layer (default 1000)")
@@ -53,17 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the rounding regularizer (default 0.01)")
     a.add_argument("--lr", type=float, default=0.01, help="Adam step size (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled output rows")
-    p.add_argument("--name", help="file name stem (default: the model's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_output_args(p)
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag, v in (("--calib-images", args.calib_images), ("--test-images", args.test_images),
-                    ("--batch-size", args.batch_size), ("--iters", args.iters)):
-        if v is not None and v < 1:
-            raise QuantOpsError(f"{flag} must be >= 1, got {v}")
+    check_counts(args, "--iters")
     if not (math.isfinite(args.reg) and args.reg >= 0):
         raise QuantOpsError(f"--reg must be a finite number >= 0, got {args.reg}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -87,12 +77,9 @@ def run(args: argparse.Namespace) -> dict:
     _check_args(args)
     policy, policy_name = policy_for(args)
     r = PTQRun(args, calib_required=True)
-    model, bs = r.model, args.batch_size
+    model = r.model
     r.evaluate("float", "float")
-    with r.stage("quantize + calibrate"):
-        model.quantize(policy, fold_bn=None if args.fold_bn == "none" else args.fold_bn)
-        batches = r.calib.batches(bs)
-        model.calibrate(batches, args.method, progress=r.progress)
+    batches = r.quantize_and_calibrate(policy, args.method)
     r.evaluate("calibrated", "calibrated")
     with r.stage("adaround"):
         model.adaround(batches, iters=args.iters, reg=args.reg, lr=args.lr,
@@ -110,18 +97,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _markdown(rep: dict) -> str:
-    s, c = rep["rounding"], rep["calibration"]
-    lines = [f"# AdaRound: {rep['model']}", "",
-             f"- model: `{rep['symbol']}`, `{rep['params']}`",
-             f"- policy: {rep['policy']} ({rep['quantizers']} quantizers)",
-             f"- calibration: {c['method']} on {c['images']} images ({c['data']}), then "
-             f"{s['iters']} steps per layer (regularizer {s['reg']:g}, step {s['lr']:g})"]
-    lines += [f"- {n}" for n in c["notes"]]
-    if "accuracy" in rep:
-        a = rep["accuracy"]
-        lines += ["", f"## Top-1 on {a['images']} images ({a['test']})", "",
-                  "| float | calibrated | AdaRound |", "|---|---|---|",
-                  f"| {pct(a['float'])} | {pct(a['calibrated'])} | {pct(a['adaround'])} |"]
+    s = rep["rounding"]
+    lines = report_head(rep, "AdaRound", f"{s['iters']} steps per layer (regularizer "
+                        f"{s['reg']:g}, step {s['lr']:g})", ("adaround", "AdaRound"))
     lines += ["", "## Per layer: mean squared error of the output", "",
               "| layer | bits | nearest | AdaRound | weights rounded the other way |",
               "|---|---|---|---|---|"]

@@ -16,11 +16,11 @@ and ``report.md`` (what each step did, accuracy of the float and the quantized m
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import QuantOpsError
 from .common import run_command
-from .model_data import (DATA_HELP, PTQRun, add_model_args, floats, load_policy, pct,
+from .model_data import (DATA_HELP, PTQRun, add_data_args, add_model_args,
+                          add_output_args, check_counts, floats, load_policy, pct,
                           seconds_and_files)
 
 CORRECTIONS = ("auto", "data_free", "empirical")
@@ -63,24 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "weight tensor, what DFQ repairs)")
     q.add_argument("--method", default="minmax",
                    help="calibration: minmax (default), entropy, percentile, mse")
-    d = p.add_argument_group("data")
-    d.add_argument("--calib", help=f"calibration data: {DATA_HELP}")
-    d.add_argument("--test", help=f"evaluation data with labels: {DATA_HELP}")
-    d.add_argument("--calib-images", type=int, help="at most this many (default 512)")
-    d.add_argument("--test-images", type=int, help="at most this many (default: all)")
-    d.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--name", help="file name stem (default: the model's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_data_args(p)
+    add_output_args(p)
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag, v in (("--calib-images", args.calib_images), ("--test-images", args.test_images),
-                    ("--batch-size", args.batch_size),
-                    ("--distill-batches", args.distill_batches)):
-        if v is not None and v < 1:
-            raise QuantOpsError(f"{flag} must be >= 1, got {v}")
+    check_counts(args, "--distill-batches")
     if args.distill_steps < 0:
         raise QuantOpsError(f"--distill-steps must be >= 0, got {args.distill_steps}")
     if args.clip_weight is not None and not args.clip_weight > 0:

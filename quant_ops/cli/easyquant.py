@@ -12,12 +12,12 @@ after), all or none.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import QuantOpsError
 from .common import run_command
-from .model_data import (DATA_HELP, PTQRun, add_model_args, load_policy, pct,
-                          seconds_and_files)
+from .model_data import (DATA_HELP, PTQRun, add_data_args, add_model_args,
+                          add_output_args, check_counts, load_policy, pct,
+                          report_head, seconds_and_files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--bits", type=int, choices=(8, 7), default=8,
                    help="weight and activation bits (default 8)")
-    d = p.add_argument_group("data")
-    d.add_argument("--calib", help=f"calibration data (required): {DATA_HELP}")
-    d.add_argument("--test", help=f"evaluation data with labels: {DATA_HELP}")
-    d.add_argument("--calib-images", type=int, help="at most this many (default 512)")
-    d.add_argument("--test-images", type=int, help="at most this many (default: all)")
-    d.add_argument("--batch-size", type=int, default=64)
+    add_data_args(p, "calibration data (required)")
     q = p.add_argument_group("quantization")
     pol = q.add_mutually_exclusive_group()
     pol.add_argument("--preset", default="trt_int8",
@@ -55,18 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search", type=float, nargs=2, default=(0.5, 1.2), metavar=("LO", "HI"),
                    help="candidates from LO to HI times the current scale (default 0.5 1.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled output rows")
-    p.add_argument("--name", help="file name stem (default: the model's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_output_args(p)
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag, v in (("--calib-images", args.calib_images), ("--test-images", args.test_images),
-                    ("--batch-size", args.batch_size), ("--rounds", args.rounds),
-                    ("--points", args.points)):
-        if v is not None and v < 1:
-            raise QuantOpsError(f"{flag} must be >= 1, got {v}")
+    check_counts(args, "--rounds", "--points")
     if not args.calib:
         raise QuantOpsError(f"EasyQuant searches scales on data: give --calib DATA "
                             f"({DATA_HELP})")
@@ -87,12 +76,9 @@ def run(args: argparse.Namespace) -> dict:
     _check_args(args)
     policy, policy_name = policy_for(args)
     r = PTQRun(args, calib_required=True)
-    model, bs = r.model, args.batch_size
+    model = r.model
     r.evaluate("float", "float")
-    with r.stage("quantize + calibrate"):
-        model.quantize(policy, fold_bn=None if args.fold_bn == "none" else args.fold_bn)
-        batches = r.calib.batches(bs)
-        model.calibrate(batches, args.method, progress=r.progress)
+    batches = r.quantize_and_calibrate(policy, args.method)
     r.evaluate("calibrated", "calibrated")
     with r.stage("easyquant"):
         model.easyquant(batches, nbits=args.bits, rounds=args.rounds,
@@ -115,19 +101,11 @@ def _mean_cos(rows: list, key: str) -> float:
 
 
 def _markdown(rep: dict) -> str:
-    s, c = rep["search"], rep["calibration"]
-    lines = [f"# EasyQuant INT{rep['bits']}: {rep['model']}", "",
-             f"- model: `{rep['symbol']}`, `{rep['params']}`",
-             f"- policy: {rep['policy']} ({rep['quantizers']} quantizers)",
-             f"- calibration: {c['method']} on {c['images']} images ({c['data']}), then the "
-             f"search: {s['rounds']} rounds, {s['points']} candidates in "
-             f"[{s['search'][0]:g}, {s['search'][1]:g}] x the current scale"]
-    lines += [f"- {n}" for n in c["notes"]]
-    if "accuracy" in rep:
-        a = rep["accuracy"]
-        lines += ["", f"## Top-1 on {a['images']} images ({a['test']})", "",
-                  "| float | calibrated | EasyQuant |", "|---|---|---|",
-                  f"| {pct(a['float'])} | {pct(a['calibrated'])} | {pct(a['easyquant'])} |"]
+    s = rep["search"]
+    lines = report_head(rep, f"EasyQuant INT{rep['bits']}",
+                        f"the search: {s['rounds']} rounds, {s['points']} candidates in "
+                        f"[{s['search'][0]:g}, {s['search'][1]:g}] x the current scale",
+                        ("easyquant", "EasyQuant"))
     rows = s["layers"]
     lines += ["", "## Per layer: cosine of the quantized to the float output", "",
               f"Mean {_mean_cos(rows, 'cosine_before'):.6f} -> "

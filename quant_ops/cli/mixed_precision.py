@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import yaml
 
 from ..errors import QuantOpsError
 from .common import run_command
-from .model_data import DATA_HELP, PTQRun, add_model_args, pct, seconds_and_files
+from .model_data import (DATA_HELP, PTQRun, add_data_args, add_model_args, add_output_args,
+                          check_counts, pct, seconds_and_files)
 
 
 def _widths(text: str) -> tuple:
@@ -51,23 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold BatchNorm first (default deploy)")
     q.add_argument("--method", default="auto",
                    help="activation calibration of the result (default auto)")
-    d = p.add_argument_group("data")
-    d.add_argument("--calib", help=f"calibration data (required): {DATA_HELP}")
-    d.add_argument("--test", help=f"evaluation data with labels: {DATA_HELP}")
-    d.add_argument("--calib-images", type=int, help="at most this many (default 512)")
-    d.add_argument("--test-images", type=int, help="at most this many (default: all)")
-    d.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--name", help="file name stem (default: the model's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_data_args(p, "calibration data (required)")
+    add_output_args(p)
     return p
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for flag, v in (("--calib-images", args.calib_images), ("--test-images", args.test_images),
-                    ("--batch-size", args.batch_size)):
-        if v is not None and v < 1:
-            raise QuantOpsError(f"{flag} must be >= 1, got {v}")
+    check_counts(args)
     if not (math.isfinite(args.budget) and args.widths[0] <= args.budget <= args.widths[-1]):
         raise QuantOpsError(f"--budget must be between the narrowest and widest of --widths "
                             f"({args.widths[0]}..{args.widths[-1]}), got {args.budget}")
@@ -95,9 +85,7 @@ def run(args: argparse.Namespace) -> dict:
         policy = model.mixed_precision(batches, args.budget, args.widths, base, fold, bs,
                                        r.progress)
     choice = model.reports["mixed_precision"]
-    with r.stage("quantize + calibrate"):
-        model.quantize(policy, fold_bn=fold)
-        model.calibrate(batches, args.method, progress=r.progress)
+    r.quantize_and_calibrate(policy, args.method)
     r.evaluate("mixed", "mixed")
     if uniform is not None:
         r.accuracy[f"uniform_w{int(args.budget)}"] = uniform

@@ -54,6 +54,32 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = None)
     p.add_argument("--std", type=floats, help="see --mean")
 
 
+def add_data_args(p: argparse.ArgumentParser, calib: str = "calibration data") -> None:
+    """The ``data`` group of the PTQ commands: ``--calib``, ``--test``, their limits, the
+    batch size."""
+    d = p.add_argument_group("data")
+    d.add_argument("--calib", help=f"{calib}: {DATA_HELP}")
+    d.add_argument("--test", help=f"evaluation data with labels: {DATA_HELP}")
+    d.add_argument("--calib-images", type=int, help="at most this many (default 512)")
+    d.add_argument("--test-images", type=int, help="at most this many (default: all)")
+    d.add_argument("--batch-size", type=int, default=64)
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """``--name``, ``--no-progress`` and the required ``--out``."""
+    p.add_argument("--name", help="file name stem (default: the model's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def check_counts(args: argparse.Namespace, *flags: str) -> None:
+    """The data counts and the given integer flags (``--rounds``) are >= 1 where set."""
+    for flag in ("--calib-images", "--test-images", "--batch-size", *flags):
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is not None and v < 1:
+            raise QuantOpsError(f"{flag} must be >= 1, got {v}")
+
+
 @dataclass
 class ModelSource:
     """Where the model comes from, before anything but ``PREFIX.json`` is read."""
@@ -193,6 +219,23 @@ def write_quantized(out: Path, model, name: str, report: dict,
     return files
 
 
+def report_head(rep: dict, title: str, then: str, result: tuple) -> list[str]:
+    """The opening of a PTQ report in Markdown: model, policy, calibration (``then``: what
+    followed it), and the top-1 table of float, calibrated and ``result`` (its key in
+    ``accuracy``, its column title) when there is a test set."""
+    c = rep["calibration"]
+    lines = [f"# {title}: {rep['model']}", "", f"- model: `{rep['symbol']}`, `{rep['params']}`",
+             f"- policy: {rep['policy']} ({rep['quantizers']} quantizers)",
+             f"- calibration: {c['method']} on {c['images']} images ({c['data']}), then {then}"]
+    lines += [f"- {n}" for n in c["notes"]]
+    if "accuracy" in rep:
+        a = rep["accuracy"]
+        lines += ["", f"## Top-1 on {a['images']} images ({a['test']})", "",
+                  f"| float | calibrated | {result[1]} |", "|---|---|---|",
+                  f"| {pct(a['float'])} | {pct(a['calibrated'])} | {pct(a[result[0]])} |"]
+    return lines
+
+
 def seconds_and_files(rep: dict) -> list[str]:
     """The closing sections of a PTQ report in Markdown: time per stage, files written."""
     lines = ["", "## Seconds", "", "| stage | s |", "|---|---|"]
@@ -246,6 +289,16 @@ class PTQRun:
         t = time.perf_counter()
         yield
         self.times[label] = self.times.get(label, 0.0) + time.perf_counter() - t
+
+    def quantize_and_calibrate(self, policy, method: str) -> list:
+        """The model quantized with ``policy`` (BatchNorm folded as ``--fold-bn`` says) and
+        calibrated on ``--calib`` by ``method``; the calibration batches."""
+        fold = self.args.fold_bn
+        with self.stage("quantize + calibrate"):
+            self.model.quantize(policy, fold_bn=None if fold == "none" else fold)
+            batches = self.calib.batches(self.args.batch_size)
+            self.model.calibrate(batches, method, progress=self.progress)
+        return batches
 
     def evaluate(self, key: str, label: str) -> None:
         """Top-1 of the model as it is now on ``--test`` (if given), as ``accuracy[key]``."""

@@ -152,6 +152,18 @@ def activations_as_uint8(model: onnx.ModelProto) -> int:
     return done
 
 
+def _wiring(g) -> tuple:
+    """(initializers by name, producer of each tensor, consumers of each tensor, the graph
+    outputs) of an ONNX graph."""
+    inits = {t.name: t for t in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    used_by: dict = {}
+    for n in g.node:
+        for i in n.input:
+            used_by.setdefault(i, []).append(n)
+    return inits, made_by, used_by, {o.name for o in g.output}
+
+
 #: ops a layer's output may pass on its way to the next quantizer without changing which
 #: code it gets: elementwise non-decreasing maps that keep the grid (Relu, a Clip with
 #: constant bounds), a max over values (MaxPool) and value-preserving reshapes
@@ -170,13 +182,7 @@ def quantize_layer_outputs(model: onnx.ModelProto) -> list[str]:
     now sees DQ -> layer -> Q, which it runs as one integer kernel (QLinearConv,
     QLinearAdd...)."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    made_by = {o: n for n in g.node for o in n.output}
-    used_by: dict = {}
-    for n in g.node:
-        for i in n.input:
-            used_by.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    inits, made_by, used_by, outputs = _wiring(g)
 
     def reaches(tensor: str) -> list | None:
         """The QuantizeLinear nodes ``tensor`` reaches through monotone ops, or None."""
@@ -237,13 +243,7 @@ def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
     dropped only where every quantizer it feeds saturates at or below it (127 x scale <= M
     for zero point 128)."""
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    made_by = {o: n for n in g.node for o in n.output}
-    used_by: dict = {}
-    for n in g.node:
-        for i in n.input:
-            used_by.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
+    inits, made_by, used_by, outputs = _wiring(g)
 
     def const(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None
