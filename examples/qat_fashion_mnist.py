@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     low = base.copy().quantize(low_policy, fold_bn=rec4.fold_bn).calibrate(calib,
                                                                           rec4.calib_method)
     acc["ptq_w4a4"] = low.evaluate(xte, yte)
+    methods = {"int8": rec8.calib_method, "w4a4": rec4.calib_method}
     metrics += qat(low, *train, rec4, args.qat_epochs, args.seed, "qat_w4a4")
     acc["qat_w4a4"] = low.evaluate(xte, yte)
     log.info("W4A4 (LSQ / PACT): %.2f%% calibrated, %.2f%% after QAT", acc["ptq_w4a4"],
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
         align = ex.alignment
         summary = {"accuracy": acc, "train_images": len(train[0]), "calib_images": len(calib),
                    "test_images": len(xte), "qat_epochs": args.qat_epochs,
+                   "calibration": methods,
                    "onnxruntime_identical_fraction_min": align["identical_min"],
                    "seconds": round(time.time() - t0, 1), "mxnet": mx.__version__}
         atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
@@ -131,23 +133,25 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(metrics)
         atomic_write_text(tmp / "metrics.csv", buf.getvalue())
-        lines = report(acc, align, args, len(calib), len(train[0]))
+        lines = report(acc, align, args, len(calib), len(train[0]), methods)
         atomic_write_text(tmp / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\noutputs in {out}/ ({summary['seconds']} s)")
     return 0 if align["isolated_identical_min"] == 1.0 else 1
 
 
-def report(acc: dict, align: dict, args, n_calib: int, n_train: int) -> list[str]:
+def report(acc: dict, align: dict, args, n_calib: int, n_train: int,
+           methods: dict) -> list[str]:
     o = align["outputs"][0]
     lines = ["# Quantizing the pretrained ResNet-20 (Fashion-MNIST)", "",
              "| model | test accuracy (%, 10,000 images) |", "|---|---|",
              f"| float (bundled, pretrained) | {acc['float']:.2f} |",
-             f"| PTQ INT8: trt_int8, BN folded, entropy on {n_calib} images | "
+             f"| PTQ INT8: trt_int8, BN folded, {methods['int8']} ranges on {n_calib} images | "
              f"{acc['ptq_int8']:.2f} |",
              f"| QAT INT8: {args.qat_epochs} epoch(s) on {n_train} images | "
              f"{acc['qat_int8']:.2f} |",
-             f"| W4A4 (LSQ weights, PACT activations), calibrated (MSE) | {acc['ptq_w4a4']:.2f} |",
+             f"| W4A4 (LSQ weights, PACT activations), calibrated ({methods['w4a4']}) | "
+             f"{acc['ptq_w4a4']:.2f} |",
              f"| W4A4 after QAT ({args.qat_epochs} epoch(s) on {n_train} images) | "
              f"{acc['qat_w4a4']:.2f} |",
              f"| QAT INT8 exported (ONNX QDQ), in onnxruntime | {acc['onnxruntime_int8']:.2f} |",
