@@ -18,7 +18,7 @@ import numpy as np
 from ..graph.ir import Graph
 from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
-from ..reference import abs_max, fake_quant
+from ..reference import fake_quant
 
 log = logging.getLogger(__name__)
 f32 = np.float32
@@ -26,12 +26,10 @@ f32 = np.float32
 
 def _weight(ly, run_params: dict) -> np.ndarray:
     """The layer's weight as its quantizer gives it, as conv matrices (groups, og, k)."""
-    from ..ptq.layers import as_conv
+    from ..ptq.layers import as_conv, nearest_weight
 
     w = as_numpy(run_params[ly.weight]).astype(f32)
-    if ly.w_q is not None:
-        w = fake_quant(w, abs_max(w, ly.w_axis), ly.w_bits, narrow=True, axis=ly.w_axis)
-    return as_conv(w[None], ly.geo)[0]
+    return as_conv((nearest_weight(w, ly) if ly.w_q is not None else w)[None], ly.geo)[0]
 
 
 def _error(x: np.ndarray, wc: np.ndarray, bias: np.ndarray, out: np.ndarray) -> float:
@@ -46,7 +44,8 @@ def choose(graph: Graph, params: dict, batches: list, data_name: str, candidates
     """{tensor: (method, amax)}: for each tensor in ``candidates`` ({tensor: {method:
     amax}}), the candidate with the least output error summed over the layers that read it
     through a signed linear quantizer (``signed``: such tensors); the MSE one otherwise."""
-    from ..ptq.layers import find_layers, float_outputs, inference_params, quantized_inputs
+    from ..ptq.layers import (find_layers, float_outputs, inference_params, layer_bias,
+                              quantized_inputs)
 
     layers, _ = find_layers(graph, "auto calibration")
     layers = [ly for ly in layers if ly.tensor in candidates and ly.tensor in signed
@@ -61,10 +60,8 @@ def choose(graph: Graph, params: dict, batches: list, data_name: str, candidates
     quantized_inputs(layers, fgraph, run_params, batches, data_name, "auto calibration")
     errors: dict = {}
     for ly in layers:
-        wc = _weight(ly, run_params).astype(f32)
-        g, og = wc.shape[:2]
-        bias = (as_numpy(run_params[ly.bias]).astype(f32).reshape(g, og)
-                if ly.bias is not None else np.zeros((g, og), f32))
+        wc = _weight(ly, run_params)
+        bias = layer_bias(ly, run_params, *wc.shape[:2])
         out = ly.out.astype(f32)
         tried: dict = {}
         for method, amax in candidates[ly.tensor].items():

@@ -32,8 +32,8 @@ from ..graph.ir import Graph
 from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
 from ..reference import abs_max, fake_quant, qrange, scale_of
-from .layers import (as_conv, find_layers, float_outputs, inference_params, quantized_inputs,
-                     scale_channel)
+from .layers import (as_conv, find_layers, float_outputs, inference_params, layer_bias,
+                     quantized_inputs, scale_channel)
 
 log = logging.getLogger(__name__)
 f32 = np.float32
@@ -166,8 +166,7 @@ def adaround(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
         chan = scale_channel(ly, g * og)
         s = scale_of(amax_w, ly.w_bits)[chan].astype(np.float64).reshape(g, og, 1)
         top = np.abs(wc) >= amax_w[chan].reshape(g, og, 1)            # sets the scale
-        bias = (as_numpy(params[ly.bias]).astype(np.float64).reshape(g, og)
-                if ly.bias is not None else np.zeros((g, og)))
+        bias = layer_bias(ly, params, g, og, np.float64)
         codes, rep = _round_layer(x, ly.out, wc, s, top, bias, ly.w_bits, iters, reg, beta,
                                   warmup, lr)
         if rep["kept_learned"]:

@@ -17,6 +17,7 @@ from ..errors import QuantOpsError
 from ..graph.ir import Graph, flag
 from ..graph.params import as_numpy
 from ..graph.quantizers import through_copies
+from ..reference import abs_max, fake_quant
 from .common import runner
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,21 @@ def as_conv(w: np.ndarray, geo: Geometry) -> np.ndarray:
     w = w.reshape((p, g, cin // g, og) + w.shape[3:]).swapaxes(2, 3)
     w = np.flip(w, axis=tuple(range(4, w.ndim)))
     return w.reshape(p, g, og, -1)
+
+
+def nearest_weight(w: np.ndarray, layer: Layer, bits: int | None = None) -> np.ndarray:
+    """``w`` as the layer's linear weight quantizer gives it (max|W| per scale channel,
+    nearest rounding, narrow range) at ``bits`` (default: the quantizer's)."""
+    w = np.asarray(w, f32)
+    return fake_quant(w, abs_max(w, layer.w_axis), layer.w_bits if bits is None else bits,
+                      narrow=True, axis=layer.w_axis)
+
+
+def layer_bias(layer: Layer, params: dict, groups: int, og: int, dtype=f32) -> np.ndarray:
+    """The layer's bias as (groups, og), zeros for a layer without one."""
+    if layer.bias is None:
+        return np.zeros((groups, og), dtype)
+    return as_numpy(params[layer.bias]).astype(dtype).reshape(groups, og)
 
 
 def scale_channel(layer: Layer, out_channels: int) -> np.ndarray:

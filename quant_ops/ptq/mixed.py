@@ -20,9 +20,8 @@ from ..errors import QuantOpsError
 from ..graph.ir import Graph
 from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
-from ..reference import abs_max, fake_quant
-from .layers import find_layers
 from .common import runner
+from .layers import find_layers, nearest_weight
 
 log = logging.getLogger(__name__)
 f32 = np.float32
@@ -51,8 +50,7 @@ def layer_errors(graph: Graph, params: dict, batches: Sequence[np.ndarray],
         for i, ly in enumerate(layers):
             w = run_params[ly.weight].astype(f32)
             for j, b in enumerate(widths):
-                wq = fake_quant(w, abs_max(w, ly.w_axis), b, narrow=True, axis=ly.w_axis)
-                run.set_param(ly.weight, wq)
+                run.set_param(ly.weight, nearest_weight(w, ly, b))
                 errors[i, j] = sum(float(((run(x)[0] - r) ** 2).sum())
                                    for x, r in zip(batches, ref)) / norm
                 bar.update()
