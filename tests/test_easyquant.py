@@ -205,3 +205,102 @@ def test_clear_errors():
         easyquant(q.graph, cp, [batches[0], batches[1][:, :, :4]], progress=False)
     with pytest.raises(QuantOpsError, match="no Convolution"):
         easyquant(graph, params, batches, progress=False)        # not quantized
+
+
+# -- the vectorized steps against plain loops -------------------------------------------
+def random_layer(k: int, og: int, rows: int = 300, seed: int = 0, bias: bool = True):
+    """A 1x1 convolution as a search layer (per-channel 8-bit weights, 8-bit input) with
+    quantized-network inputs ``x`` and float outputs ``out`` a little off them."""
+    from quant_ops.ptq.easyquant import _State
+    from quant_ops.ptq.layers import Geometry, Layer
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((og, k, 1, 1)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal((1, og)) * 0.1).astype(np.float32) if bias else None
+    x = np.maximum(rng.standard_normal((rows, 1, k)), 0).astype(np.float32)
+    x[rng.integers(rows), 0, rng.integers(k)] = 6.0                # an outlier to clip
+    xf = x + rng.standard_normal(x.shape).astype(np.float32) * 0.01
+    out = (xf[:, 0] @ w.reshape(og, k).T.astype(np.float64))[None]
+    if bias:
+        out = out + b[:, None, :]
+    geo = Geometry("Convolution", (1, 1), (1, 1), (1, 1), (0, 0), (0, 0), 1)
+    ly = Layer(0, "l", "Convolution", geo, "w", "b" if bias else None, act_q="q",
+               minmax="mm", w_q="wq", w_axis=0, w_search=True)
+    ly.x, ly.out = x, np.ascontiguousarray(out)
+    wmax = np.abs(w.reshape(og, -1)).max(1).astype(np.float32)
+    return ly, _State(w, wmax, np.ones(og), b)
+
+
+def plain_cosines(ly, st, amaxes) -> np.ndarray:
+    """Each candidate's cosine the obvious way: the reference quantizers, float64 products."""
+    from quant_ops.reference import fake_quant
+
+    w = fake_quant(st.w0, st.wmax, 8, narrow=True, axis=0).reshape(len(st.wmax), -1)
+    res = []
+    for a in amaxes:
+        q = fake_quant(ly.x, a, 8)[:, 0].astype(np.float64) @ w.T.astype(np.float64)
+        if st.bias is not None:
+            q += st.bias[0]
+        o = ly.out[0]
+        res.append(float((q * o).sum() / np.sqrt((q * q).sum() * (o * o).sum())))
+    return np.array(res)
+
+
+@pytest.mark.parametrize("k,og,bias", [(24, 8, True), (6, 20, True), (6, 20, False)])
+def test_activation_step_picks_what_a_loop_over_the_candidates_picks(k, og, bias):
+    """The direct product (k >= og) and the Gram form (k < og: 1x1 expansions) both pick
+    the candidate a plain loop over the reference quantizer picks, with its cosine."""
+    from quant_ops.ptq.easyquant import _act_step
+
+    ly, st = random_layer(k, og, bias=bias)
+    amax = np.float32(np.abs(ly.x).max())
+    ratios = np.concatenate([[1.0], np.linspace(0.3, 1.2, 60)])
+    amaxes = (ratios * float(amax)).astype(np.float32)
+    amaxes[0] = amax
+    plain = plain_cosines(ly, st, amaxes)
+    chosen = _act_step([ly], [st], amax, ratios, 8)
+    assert chosen == amaxes[int(plain.argmax())]
+    assert st.cos == pytest.approx(plain.max(), abs=1e-9)
+    assert np.ptp(plain) > 1e-4             # the candidates differ: a real choice
+
+
+def test_clamping_the_tail_is_clamping_everything():
+    from quant_ops.ptq.easyquant import _act_quant, _tail
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((500, 2, 9)) * 0.5).astype(np.float32)
+    x.reshape(-1)[rng.integers(0, x.size, 20)] *= 40
+    amaxes = (np.linspace(0.2, 1.2, 30) * np.abs(x).max()).astype(np.float32)
+    for bits in (8, 4):
+        tail = _tail(x, amaxes, bits)
+        assert tail is not None and 0 < len(tail) < x.size // 8
+        for a in amaxes:
+            np.testing.assert_array_equal(_act_quant(x, a, bits, np.empty_like(x), tail),
+                                          _act_quant(x, a, bits))
+
+
+def test_quantized_tensors_are_the_networks_after_changes():
+    """The tensors a search reads, computed piecewise, equal a run of the whole network,
+    before and after the params change."""
+    from quant_ops.ptq.layers import QuantizedTensors, find_layers, inference_params
+
+    graph, params = tiny_net()
+    batches = batches_for()
+    qg, cp = calibrated(graph, params, batches)
+    layers, _ = find_layers(qg)
+    run = inference_params(qg, cp)
+    cache = QuantizedTensors(qg, run, batches)
+
+    def check():
+        for ly in layers:
+            got = cache.get([ly.entry])[ly.entry]
+            for b, v in zip(batches, got):
+                want = runner(qg, run, b.shape, outputs=[ly.tensor])(b)[0]
+                np.testing.assert_array_equal(v, want)
+
+    check()
+    first = layers[0]
+    run[first.minmax] = run[first.minmax] * np.float32(0.5)
+    run[first.weight] = np.clip(run[first.weight], -0.2, 0.2)
+    cache.changed([first.minmax, first.weight])
+    check()

@@ -168,3 +168,45 @@ def test_bn_after_a_multi_output_op():
     noise = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     (b,) = distill_batches(g, p, SHAPE, num_batches=1, steps=100, progress=False)
     assert statistic_loss(g, p, b) < statistic_loss(g, p, noise) / 10
+
+
+def relu6_net(gamma0: float = 1.0):
+    """conv-BN-ReLU6-conv-BN-ReLU6-FC (MobileNet's ReLU6 is ``clip(x, 0, 6)``), names as in
+    ``net`` for ``paper_loss``; ``gamma0``: bn1's first gamma (0 makes it unfoldable)."""
+    data = mx.sym.var("data")
+    x = mx.sym.Convolution(data, num_filter=4, kernel=(3, 3), pad=(1, 1), name="c1")
+    x = mx.sym.BatchNorm(x, eps=EPS, fix_gamma=False, name="bn1")
+    x = mx.sym.clip(x, 0, 6, name="r1")
+    x = mx.sym.Convolution(x, num_filter=6, kernel=(3, 3), name="c2")
+    x = mx.sym.BatchNorm(x, eps=EPS, fix_gamma=False, name="bn2")
+    x = mx.sym.clip(x, 0, 6, name="r2")
+    x = mx.sym.FullyConnected(x, num_hidden=3, name="fc")
+    rng = np.random.default_rng(4)
+    arg_shapes, _, aux_shapes = x.infer_shape(data=SHAPE)
+    p = {k: rng.normal(0, 0.5, s).astype(np.float32)
+         for k, s in zip(x.list_arguments(), arg_shapes) if k != "data"}
+    p.update({k: (rng.uniform(0.5, 2, s) if "var" in k else rng.normal(0, 0.5, s))
+              .astype(np.float32) for k, s in zip(x.list_auxiliary_states(), aux_shapes)})
+    p["bn1_gamma"][0] = gamma0
+    return Graph.from_symbol(x), p
+
+
+@pytest.mark.parametrize("gamma0", [1.0, 0.0])
+def test_relu6_and_folded_bns_keep_the_papers_loss_and_gradient(gamma0):
+    """ReLU6 rewritten and the BNs folded (or, with a zero gamma, not): the same loss, and
+    the gradient matches a central difference."""
+    g, p = relu6_net(gamma0)
+    st = StatisticLoss(g, p, SHAPE)
+    folded = {n for n in ("bn1", "bn2") if f"{n}_zeroq_inv_scale" in st._exe.arg_dict}
+    assert folded == ({"bn1", "bn2"} if gamma0 else set())
+    x = np.random.default_rng(6).normal(0.5, 1.0, SHAPE).astype(np.float32)
+    total, grad = st.loss_and_grad(x)
+    assert total == pytest.approx(paper_loss(g, p, x), rel=1e-5)
+    h = 1e-2
+    for i in np.argsort(-np.abs(grad).ravel())[:3]:
+        i = np.unravel_index(i, SHAPE)
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        fd = (paper_loss(g, p, xp) - paper_loss(g, p, xm)) / (2 * h)
+        assert grad[i] == pytest.approx(fd, rel=0.05)

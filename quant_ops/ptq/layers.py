@@ -14,9 +14,10 @@ from tqdm import tqdm
 from .. import methods
 from ..calib.graph_calib import activation_tensors
 from ..errors import QuantOpsError
-from ..graph.ir import Graph, flag
+from ..graph.ir import Graph, Node, flag
 from ..graph.params import as_numpy
 from ..graph.quantizers import through_copies
+from ..graph.runner import bind
 from ..reference import abs_max, fake_quant
 from .common import runner
 
@@ -63,6 +64,7 @@ class Layer:
     act_q: str | None = None         # input quantizer (a linear one) and its state
     minmax: str | None = None
     tensor: str | None = None        # the tensor the input quantizer reads
+    entry: tuple | None = None       # the same as a graph entry (node, output)
     act_bits: int = 8
     w_q: str | None = None           # weight quantizer
     w_bits: int = 8
@@ -165,6 +167,7 @@ def find_layers(graph: Graph, who: str = "ptq") -> tuple[list, list]:
             layer.act_bits = int(dq.attrs.get("nbits", "8"))
             data_entry = dq.inputs[0]
         layer.tensor = _tensor_name(graph, data_entry, names)
+        layer.entry = tuple(through_copies(graph, data_entry)[:2])
         if wq.op in LINEAR_OPS:
             layer.w_q = wq.name
             layer.w_bits = int(wq.attrs.get("nbits", "8"))
@@ -326,15 +329,21 @@ def float_outputs(layers: list, fgraph: Graph, run_params: dict, batches: list,
 
 
 def quantized_inputs(unit: list, graph: Graph, run_params: dict, batches: list,
-                     data_name: str, who: str = "ptq") -> None:
+                     data_name: str, who: str = "ptq",
+                     cache: QuantizedTensors | None = None) -> None:
     """Each layer's input patches at its sampled rows, from the quantized network with the
-    params as optimized so far."""
+    params as optimized so far (with ``cache``: only the part of the network that changed
+    since the tensors it holds were computed is run)."""
     tensors = sorted({ly.tensor for ly in unit if ly.tensor != data_name})
+    if cache is not None:
+        per_batch = cache.get([ly.entry for ly in unit])
     runners: dict = {}
     parts: list = [[] for _ in unit]
     for bi, b in enumerate(batches):
         vals = {data_name: b}
-        if tensors:
+        if cache is not None:
+            vals.update((ly.tensor, per_batch[ly.entry][bi]) for ly in unit)
+        elif tensors:
             if b.shape not in runners:
                 runners[b.shape] = runner(graph, run_params, b.shape, data_name, tensors)
             vals.update(zip(tensors, runners[b.shape](b)))
@@ -348,3 +357,112 @@ def quantized_inputs(unit: list, graph: Graph, run_params: dict, batches: list,
             parts[j].append(patches(np.asarray(x, f32), ly.rows[bi], ly.geo))
     for ly, p in zip(unit, parts):
         ly.x = np.concatenate(p).astype(f32)
+
+
+class QuantizedTensors:
+    """Tensors of the quantized network on the calibration batches, kept between the layers
+    of a layer-by-layer search: a request runs only the nodes between the tensors still
+    valid and the ones asked for (MXNet, unfused, as ``runner`` does), instead of the whole
+    network up to them, which made the searches quadratic in the depth.  Call
+    :meth:`changed` with the params the search changed; ``run_params`` is read at each run."""
+
+    def __init__(self, graph: Graph, run_params: dict, batches: list,
+                 data_name: str = "data") -> None:
+        self.graph, self.params, self.batches = graph, run_params, batches
+        self.data_name = data_name
+        self._uses = graph.consumers()
+        self._values: dict = {}          # (node, output) -> one array per batch
+
+    def changed(self, names) -> None:
+        """Forget every tensor computed from the params ``names``."""
+        index = self.graph.index()
+        stale, todo = set(), [index[n] for n in names if n in index]
+        while todo:
+            i = todo.pop()
+            if i not in stale:
+                stale.add(i)
+                todo.extend(u for u in self._uses.get(i, []) if u >= 0)
+        self._values = {e: v for e, v in self._values.items() if e[0] not in stale}
+
+    def get(self, entries: list) -> dict:
+        """{entry: per-batch arrays} for graph entries (node, output)."""
+        entries = [tuple(e[:2]) for e in entries]
+        data = {e for e in entries if self.graph.nodes[e[0]].name == self.data_name}
+        missing = sorted(set(entries) - set(self._values) - data)
+        if missing:
+            self._run(missing)
+        return {e: (self.batches if e in data else self._values[e]) for e in entries}
+
+    def _segment(self, targets: list) -> tuple[list, list]:
+        """(operator nodes to run, held entries they read), walking back from ``targets``."""
+        nodes, held, todo = set(), set(), list(targets)
+        while todo:
+            e = tuple(todo.pop()[:2])
+            node = self.graph.nodes[e[0]]
+            if e in self._values:
+                held.add(e)
+            elif not node.is_var and e[0] not in nodes:
+                nodes.add(e[0])
+                todo.extend(node.inputs)
+        return sorted(nodes), sorted(held)
+
+    def _run(self, targets: list) -> None:
+        nodes, held = self._segment(targets)
+        inside = set(nodes)
+        # also keep what later nodes read from this segment (a residual branch's input)
+        keep = sorted(set(targets) | {tuple(e[:2]) for i, n in enumerate(self.graph.nodes)
+                                      if i not in inside for e in n.inputs
+                                      if e[0] in inside})
+        graph, feeds = self._subgraph(nodes, held, keep)
+        sym = graph.to_symbol()
+        args = set(sym.list_arguments())
+        exes: dict = {}
+        out: list = [[] for _ in keep]
+        for bi, b in enumerate(self.batches):
+            vals = {self.data_name: b}
+            vals.update((name, self._values[e][bi]) for e, name in feeds.items())
+            vals = {k: v for k, v in vals.items() if k in args}
+            shapes = tuple(sorted((k, np.shape(v)) for k, v in vals.items()))
+            if shapes not in exes:
+                exes[shapes] = bind(sym, self.params, {k: tuple(s) for k, s in shapes},
+                                    fusion=False, source=self.graph.source)
+            exe = exes[shapes]
+            for k, v in vals.items():
+                exe.arg_dict[k][:] = v
+            for j, o in enumerate(exe.forward(is_train=False)):
+                out[j].append(o.asnumpy())
+        self._values.update(zip(keep, out))
+        # the layers come in graph order: a tensor none of whose readers lies beyond this
+        # run's targets would only hold memory (one dropped too early is computed again)
+        pos = max(e[0] for e in targets)
+        self._values = {e: v for e, v in self._values.items()
+                        if e in held or e in keep or max(self._uses.get(e[0], [-1])) > pos}
+
+    def _subgraph(self, nodes: list, held: list, keep: list) -> tuple[Graph, dict]:
+        """The nodes as a graph whose inputs are the held entries (variables), the params'
+        variables and the data; its outputs are ``keep``."""
+        new_nodes, new, feeds = [], {}, {}
+        for e in held:
+            feeds[e] = f"qo_held_{e[0]}_{e[1]}"
+            new[e] = len(new_nodes)
+            new_nodes.append(Node("null", feeds[e]))
+
+        def at(e):
+            e = tuple(e[:2])
+            if e in new:
+                return [new[e], 0, 0]
+            if self.graph.nodes[e[0]].is_var and (e[0], -1) not in new:
+                new[(e[0], -1)] = len(new_nodes)
+                new_nodes.append(Node("null", self.graph.nodes[e[0]].name,
+                                      dict(self.graph.nodes[e[0]].attrs)))
+            if self.graph.nodes[e[0]].is_var:
+                return [new[(e[0], -1)], 0, 0]
+            return [new[(e[0], None)], e[1], 0]
+
+        for i in nodes:
+            n = self.graph.nodes[i]
+            inputs = [at(e) for e in n.inputs]
+            new[(i, None)] = len(new_nodes)
+            new_nodes.append(Node(n.op, n.name, dict(n.attrs), inputs))
+        heads = [at(e) for e in keep]
+        return Graph(new_nodes, heads, dict(self.graph.attrs), self.graph.source), feeds
