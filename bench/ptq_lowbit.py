@@ -1,5 +1,6 @@
 """Low-bit PTQ on Fashion-MNIST (no training): nearest rounding with min/max or MSE ranges
-against AdaRound's learned rounding, at weight / activation widths below 8 bits.
+against learned rounding (AdaRound layer by layer, BRECQ block by block), at weight /
+activation widths below 8 bits.
 
 Writes the "Low-bit PTQ" section of ``docs/results.md`` and ``bench/results/ptq_lowbit.json``.
 
@@ -37,13 +38,15 @@ from quant_ops.ptq.common import accuracy, load_fmnist_model  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
 WIDTHS = ("W8A8", "W8A6", "W8A4", "W4A8", "W3A8", "W4A4", "W2A8")
-#: row label -> (calibration method, AdaRound or not, mixed precision at the row's
-#: weight width as the average or not)
-METHODS = {"min/max, nearest": ("minmax", False, False), "MSE, nearest": ("mse", False, False),
-           "entropy, nearest": ("entropy", False, False),
-           "auto, nearest": ("auto", False, False), "MSE + AdaRound": ("mse", True, False),
-           "mixed precision, MSE": ("mse", False, True),
-           "mixed precision, MSE + AdaRound": ("mse", True, True)}
+#: row label -> (calibration method, learned rounding (None, "adaround" or "brecq": the
+#: QuantizedModel method, its defaults), mixed precision at the row's weight width as the
+#: average or not)
+METHODS = {"min/max, nearest": ("minmax", None, False), "MSE, nearest": ("mse", None, False),
+           "entropy, nearest": ("entropy", None, False),
+           "auto, nearest": ("auto", None, False), "MSE + AdaRound": ("mse", "adaround", False),
+           "MSE + BRECQ": ("mse", "brecq", False),
+           "mixed precision, MSE": ("mse", None, True),
+           "mixed precision, MSE + AdaRound": ("mse", "adaround", True)}
 MEASURED = ("operator_cxx/kernels", "operator_cxx/*.cc", "quant_ops/methods", "quant_ops/refs",
             "quant_ops/calib", "quant_ops/ptq", "quant_ops/graph", "quant_ops/model.py",
             "quant_ops/ops.py", "quant_ops/policy.py", "quant_ops/reference.py")
@@ -79,7 +82,7 @@ def measure(m, calib: list, test: tuple, width: str, label: str) -> dict:
     q.quantize(pol, fold_bn="deploy")
     q.calibrate(calib, method, progress=False)
     if learn:
-        q.adaround(calib, progress=False)
+        getattr(q, learn)(calib, progress=False)
     seconds = time.perf_counter() - t
     return {"accuracy": q.evaluate(*test), "seconds": round(seconds, 1), **extra}
 

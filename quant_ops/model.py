@@ -21,7 +21,7 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import mxnet as mx
 import numpy as np
@@ -449,14 +449,28 @@ class QuantizedModel:
         stays an ordinary one.  Its per-layer report is kept in ``reports["adaround"]``."""
         from .ptq.adaround import adaround
 
+        return self._learn("AdaRound", "adaround", adaround, data, batch_size, kwargs)
+
+    def brecq(self, data, batch_size: int = 64, **kwargs: Any) -> QuantizedModel:
+        """Block reconstruction (BRECQ with QDrop, ``quant_ops.ptq.brecq``) on a quantized,
+        calibrated model: each residual block or layer chain learns its weights' rounding
+        and its activation steps together; both are folded into the params, so the model
+        stays an ordinary one.  Its per-block report is kept in ``reports["brecq"]``."""
+        from .ptq.brecq import brecq
+
+        return self._learn("Block reconstruction", "brecq", brecq, data, batch_size, kwargs)
+
+    def _learn(self, what: str, key: str, fn: Callable, data, batch_size: int,
+               kwargs: dict) -> QuantizedModel:
+        """Run a PTQ pass that learns toward the calibrated model's own outputs."""
         if not self.is_quantized or self.uncalibrated():
-            raise QuantOpsError(f"{self.name}: AdaRound rounds toward the quantized network's "
+            raise QuantOpsError(f"{self.name}: {what} learns toward the quantized network's "
                                 "own outputs: quantize() and calibrate() first"
                                 + (f" ({len(self.uncalibrated())} activation quantizers have "
                                    "no range)" if self.is_quantized else ""))
-        self.params, self.reports["adaround"] = adaround(
-            self.run_graph, self.params, _batches(data, batch_size),
-            data_name=self.data_names[0], **kwargs)
+        self.params, self.reports[key] = fn(self.run_graph, self.params,
+                                            _batches(data, batch_size),
+                                            data_name=self.data_names[0], **kwargs)
         return self
 
     def mixed_precision(self, data, budget: float, widths: Sequence[int] = (2, 3, 4, 6, 8),

@@ -205,6 +205,23 @@ def test_adaround_user_model_image_folder(tiny, tmp_path):
     assert rep["policy"].startswith("W3A6") and len(rep["rounding"]["layers"]) == 3
 
 
+def test_block_reconstruction_user_model(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert adaround.main(_tiny_args(tiny) + [
+        "--weight-bits", "4", "--act-bits", "4", "--calib", str(tiny[2]), "--test",
+        str(tiny[2]), "--blocks", "--qdrop", "0.5", "--iters", "20", "--no-progress",
+        "--out", str(out)]) == 0
+    rep, m = _outputs(out, "tiny")
+    assert rep["method"] == "BRECQ + QDrop" and rep["rounding"]["qdrop"] == 0.5
+    blocks = rep["rounding"]["blocks"]
+    assert [b["layers"] for b in blocks] == [["conv0", "conv1", "fc"]]
+    assert set(rep["accuracy"]) == {"test", "images", "float", "calibrated", "brecq"}
+    assert "brecq" in rep["seconds"]
+    assert "| block output | layers |" in (out / "report.md").read_text()
+    assert "BRECQ + QDrop" in capsys.readouterr().out
+    assert {int(q.node.attrs["nbits"]) for q in m.quantizers} == {4}
+
+
 def test_adaround_needs_a_calibrated_model():
     m = QuantizedModel.load(BUNDLED) if Path(f"{BUNDLED}.json").is_file() else None
     if m is None:
@@ -274,6 +291,10 @@ CASES = {
                "--lr must be a finite number > 0, got nan"),
     "ada_iters": (adaround, ["@tiny", "--calib", "{tiny}", "--iters", "0"],
                   "--iters must be >= 1, got 0"),
+    "qdrop_no_blocks": (adaround, ["@tiny", "--calib", "{tiny}", "--qdrop", "0.5"],
+                        "--qdrop and --max-layers apply to block reconstruction"),
+    "qdrop_range": (adaround, ["@tiny", "--calib", "{tiny}", "--blocks", "--qdrop", "1"],
+                    "--qdrop must be a probability in [0, 1), got 1.0"),
     "folder_shape": (dfq, ["--symbol", "{sym}", "--params", "{par}", "--calib", "{tiny}"],
                      "images: an image folder needs the input shape"),
     "late_bits": (easyquant, ["@tiny", "--bits", "7", "--policy", "{pol}", "--calib",

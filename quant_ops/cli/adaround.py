@@ -1,13 +1,15 @@
 """``utils/adaround.py`` (console script ``qo-adaround``): low-bit PTQ of a float model with
-AdaRound's learned weight rounding (``quant_ops.ptq.adaround``).
+learned weight rounding: AdaRound layer by layer (``quant_ops.ptq.adaround``), or with
+``--blocks`` block reconstruction (BRECQ, optionally QDrop: ``quant_ops.ptq.brecq``).
 
 A float model is quantized (``trt_int8`` with ``--weight-bits`` per-channel weights and
 ``--act-bits`` activations, BatchNorm folded for deployment), calibrated on ``--calib``,
-then each layer's weights are rounded up or down to reconstruct its float output.  Writes
-``<name>-quant-symbol.json``/``-0000.params``, ``report.json`` and ``report.md`` (accuracy
-of the float, calibrated and rounded models on ``--test``; each layer's output error with
-nearest and with learned rounding), all or none.  The result is an ordinary quantized
-model: ``export_onnx`` writes it as QDQ like any other.
+then each layer's weights are rounded up or down to reconstruct its float output (with
+``--blocks``: each residual block's or layer chain's output, activation steps learned
+too).  Writes ``<name>-quant-symbol.json``/``-0000.params``, ``report.json`` and
+``report.md`` (accuracy of the float, calibrated and rounded models on ``--test``; each
+layer's or block's output error before and after), all or none.  The result is an
+ordinary quantized model: ``export_onnx`` writes it as QDQ like any other.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import math
 
 from ..errors import QuantOpsError
+from ..ptq.brecq import DEFAULT_ITERS as BLOCK_ITERS
 from .common import run_command
 from .model_data import (DATA_HELP, PTQRun, add_data_args, add_model_args,
                           add_output_args, check_counts, load_policy, pct, report_head,
@@ -24,9 +27,10 @@ from .model_data import (DATA_HELP, PTQRun, add_data_args, add_model_args,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="adaround",
-        description="Low-bit PTQ with AdaRound: quantize, calibrate, then learn each "
-                    "weight's rounding (up or down) layer by layer; writes the quantized "
-                    "symbol + params, report.json and report.md.")
+        description="Low-bit PTQ with learned rounding: quantize, calibrate, then learn each "
+                    "weight's rounding (up or down) layer by layer (AdaRound) or block by "
+                    "block with the activation steps (--blocks: BRECQ/QDrop); writes the "
+                    "quantized symbol + params, report.json and report.md.")
     add_model_args(p)
     q = p.add_argument_group("quantization")
     q.add_argument("--weight-bits", type=int, default=4, choices=range(2, 9), metavar="2..8",
@@ -42,8 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits here), minmax, percentile, entropy")
     add_data_args(p, "calibration data (required)")
     a = p.add_argument_group("rounding")
-    a.add_argument("--iters", type=int, default=1000,
-                   help="optimizer steps per layer (default 1000)")
+    a.add_argument("--blocks", action="store_true",
+                   help="block reconstruction (BRECQ): a residual block or a chain of up "
+                        "to --max-layers layers at a time, activation steps learned with "
+                        "the rounding")
+    a.add_argument("--qdrop", type=float, default=0.0,
+                   help="with --blocks: probability of skipping an activation's "
+                        "quantization per element and step (QDrop; default 0)")
+    a.add_argument("--max-layers", type=int, default=3,
+                   help="with --blocks: layers merged into one block of a plain chain "
+                        "(default 3)")
+    a.add_argument("--iters", type=int, default=None,
+                   help="optimizer steps per layer (default 1000) or per block "
+                        f"(default {BLOCK_ITERS})")
     a.add_argument("--reg", type=float, default=0.01,
                    help="weight of the rounding regularizer (default 0.01)")
     a.add_argument("--lr", type=float, default=0.01, help="Adam step size (default 0.01)")
@@ -53,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    check_counts(args, "--iters")
+    if args.iters is None:
+        args.iters = BLOCK_ITERS if args.blocks else 1000
+    check_counts(args, "--iters", "--max-layers")
+    if not (math.isfinite(args.qdrop) and 0 <= args.qdrop < 1):
+        raise QuantOpsError(f"--qdrop must be a probability in [0, 1), got {args.qdrop}")
+    if not args.blocks and (args.qdrop or args.max_layers != 3):
+        raise QuantOpsError("--qdrop and --max-layers apply to block reconstruction: "
+                            "add --blocks")
     if not (math.isfinite(args.reg) and args.reg >= 0):
         raise QuantOpsError(f"--reg must be a finite number >= 0, got {args.reg}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -81,23 +103,39 @@ def run(args: argparse.Namespace) -> dict:
     r.evaluate("float", "float")
     batches = r.quantize_and_calibrate(policy, args.method)
     r.evaluate("calibrated", "calibrated")
-    with r.stage("adaround"):
-        model.adaround(batches, iters=args.iters, reg=args.reg, lr=args.lr,
-                       progress=r.progress, seed=args.seed)
-    rounding = model.reports["adaround"]
-    model.notes.append(f"AdaRound: {len(rounding['layers'])} layers' weights rounded")
-    r.evaluate("adaround", "after AdaRound")
+    key = "brecq" if args.blocks else "adaround"
+    with r.stage(key):
+        if args.blocks:
+            model.brecq(batches, iters=args.iters, reg=args.reg, lr=args.lr,
+                        qdrop=args.qdrop, max_layers=args.max_layers, progress=r.progress,
+                        seed=args.seed)
+        else:
+            model.adaround(batches, iters=args.iters, reg=args.reg, lr=args.lr,
+                           progress=r.progress, seed=args.seed)
+    rounding = model.reports[key]
+    if args.blocks:
+        model.notes.append(f"BRECQ: {len(rounding['blocks'])} blocks reconstructed")
+    else:
+        model.notes.append(f"AdaRound: {len(rounding['layers'])} layers' weights rounded")
+    r.evaluate(key, "after " + _title(args.blocks, args.qdrop))
     report = {"command": "adaround", "model": r.name, "symbol": r.src.symbol,
               "params": r.src.params, "policy": policy_name,
               "policy_dict": policy.to_dict(), "quantizers": len(model.table),
               "calibration": {"method": args.method, "data": r.calib.source,
                               "images": len(r.calib), "notes": r.calib.notes},
-              "rounding": rounding, "notes": model.notes}
+              "method": _title(args.blocks, args.qdrop), "rounding": rounding,
+              "notes": model.notes}
     return r.finish(report, _markdown, _print)
+
+
+def _title(blocks: bool, qdrop: float) -> str:
+    return ("BRECQ + QDrop" if qdrop else "BRECQ") if blocks else "AdaRound"
 
 
 def _markdown(rep: dict) -> str:
     s = rep["rounding"]
+    if "blocks" in s:
+        return _block_markdown(rep)
     lines = report_head(rep, "AdaRound", f"{s['iters']} steps per layer (regularizer "
                         f"{s['reg']:g}, step {s['lr']:g})", ("adaround", "AdaRound"))
     lines += ["", "## Per layer: mean squared error of the output", "",
@@ -112,17 +150,43 @@ def _markdown(rep: dict) -> str:
     return "\n".join(lines + seconds_and_files(rep)) + "\n"
 
 
+def _block_markdown(rep: dict) -> str:
+    s = rep["rounding"]
+    lines = report_head(rep, rep["method"], f"{s['iters']} steps per block of up to "
+                        f"{s['max_layers']} layers (regularizer {s['reg']:g}, step "
+                        f"{s['lr']:g}, activation step lr {s['lr_step']:g}, QDrop "
+                        f"{s['qdrop']:g})", ("brecq", rep["method"]))
+    lines += ["", "## Per block: mean squared error of the output", "",
+              "| block output | layers | calibrated | learned | kept | weights rounded the "
+              "other way |", "|---|---|---|---|---|---|"]
+    for row in s["blocks"]:
+        lines.append(f"| {row['block']} | {', '.join(row['layers'])} | "
+                     f"{row['mse_before']:.4g} | {row['mse_learned']:.4g} | "
+                     f"{'yes' if row['kept_learned'] else 'no'} | "
+                     f"{100 * row['flipped']:.1f}% |")
+    if s["skipped"]:
+        lines += ["", "Not learned:", ""]
+        lines += [f"- `{k['quantizer']}`: {k['reason']}" for k in s["skipped"]]
+    return "\n".join(lines + seconds_and_files(rep)) + "\n"
+
+
 def _print(rep: dict) -> None:
-    rows = rep["rounding"]["layers"]
-    near = sum(r["mse_nearest"] for r in rows)
-    learned = sum(r["mse_adaround"] for r in rows)
-    print(f"{rep['model']}: AdaRound {rep['policy']}, {len(rows)} layers on "
-          f"{rep['calibration']['images']} images; summed layer error {near:.4g} -> "
+    s = rep["rounding"]
+    if "blocks" in s:
+        rows, unit, key = s["blocks"], "blocks", "brecq"
+        near = sum(r["mse_before"] for r in rows)
+        learned = sum(min(r["mse_learned"], r["mse_before"]) for r in rows)
+    else:
+        rows, unit, key = s["layers"], "layers", "adaround"
+        near = sum(r["mse_nearest"] for r in rows)
+        learned = sum(r["mse_adaround"] for r in rows)
+    print(f"{rep['model']}: {rep['method']} {rep['policy']}, {len(rows)} {unit} on "
+          f"{rep['calibration']['images']} images; summed {unit[:-1]} error {near:.4g} -> "
           f"{learned:.4g}")
     if "accuracy" in rep:
         a = rep["accuracy"]
         print(f"top-1 on {a['images']} images: float {pct(a['float'])}, calibrated "
-              f"{pct(a['calibrated'])}, AdaRound {pct(a['adaround'])}")
+              f"{pct(a['calibrated'])}, {rep['method']} {pct(a[key])}")
     print(f"{rep['seconds']['total']:.1f} s")
 
 

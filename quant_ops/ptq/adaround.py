@@ -40,11 +40,11 @@ f32 = np.float32
 ZETA, GAMMA = 1.1, -0.1            # the rectified sigmoid's stretch (the paper's values)
 
 
-def _h(v: np.ndarray) -> np.ndarray:
+def rectified_sigmoid(v: np.ndarray) -> np.ndarray:
     return np.clip(1.0 / (1.0 + np.exp(-v)) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
-def _v_for(rest: np.ndarray) -> np.ndarray:
+def v_for(rest: np.ndarray) -> np.ndarray:
     """V with h(V) = rest (the start: the float weight itself)."""
     r = np.clip(rest, 1e-4, 1 - 1e-4)
     return -np.log((ZETA - GAMMA) / (r - GAMMA) - 1.0)
@@ -78,7 +78,7 @@ def _round_layer(x: np.ndarray, out: np.ndarray, wc: np.ndarray, s: np.ndarray,
     wn = wc.astype(np.float64) / s
     floor = np.floor(wn)
     nearest = np.clip(np.rint(wn), qmin, qmax)
-    v = _v_for(wn - floor)
+    v = v_for(wn - floor)
     m1, m2 = np.zeros_like(v), np.zeros_like(v)
     k = wc.shape[2]
     start = int(warmup * iters)
