@@ -166,9 +166,14 @@ def test_a_signal_to_the_launcher_ends_the_whole_job_on_loopback(sig, tmp_path):
     deadline = time.time() + 60
     while len(_processes_with(token)) < 5 and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(2)   # the nodes connect and listen
     children = [p for p in _processes_with(token) if p != launcher.pid]
     assert len(children) == 4
+    # the nodes connect and listen: poll, since a loaded machine starts them slowly
+    listening = _listening(children)
+    while not listening and time.time() < deadline + 60:
+        time.sleep(0.5)
+        listening = _listening(children)
+    time.sleep(2)   # the rest of the nodes open theirs
     listening = _listening(children)
     assert listening and listening <= {"0100007F", "00000000000000000000000001000000"}
     launcher.send_signal(getattr(signal, sig))

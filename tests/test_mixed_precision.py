@@ -47,6 +47,28 @@ def test_allocation_fits_the_budget_and_is_the_brute_force_optimum(seed):
         assert got <= best + 1e-9, (budget, got, best)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_allocation_is_exact_on_layers_of_real_size(seed):
+    """Conv-sized layers (a ResNet-20's 200,000 weights): a budget equal to the narrowest
+    or to a uniform width can always be met exactly, and the answer is still the optimum."""
+    rng = np.random.default_rng(seed)
+    widths = [2, 3, 4, 6, 8]
+    sizes = np.array([9 * 3 * 16, 9 * 16 * 16, 9 * 32 * 64, 9 * 64 * 64, 9 * 128 * 128,
+                      64 * 10])
+    errors = rng.uniform(0.1, 10, 6)[:, None] * np.array([4.0 ** -w for w in widths])[None]
+    for budget in (2.0, 3.0, 4.0, 4.5, 6.0, 8.0):
+        choice = allocate(sizes, errors, widths, budget)
+        bits = float((sizes * np.array(widths)[choice]).sum() / sizes.sum())
+        assert bits <= budget + 1e-9
+        best, _ = _brute(sizes.astype(float), errors, widths, budget)
+        assert errors[np.arange(6), choice].sum() <= best + 1e-12, budget
+    assert (allocate(sizes, errors, widths, 2.0) == 0).all()
+    # more units than the resolution: coarser units, still within budget, narrowest fits
+    choice = allocate(sizes, errors, widths, 4.0, resolution=50)
+    assert float((sizes * np.array(widths)[choice]).sum() / sizes.sum()) <= 4.0
+    assert (allocate(sizes, errors, widths, 2.0, resolution=50) == 0).all()
+
+
 def test_allocation_refuses_a_budget_below_the_narrowest_width():
     with pytest.raises(QuantOpsError, match="below the narrowest width"):
         allocate(np.ones(2), np.ones((2, 2)), [2, 4], 1.5)

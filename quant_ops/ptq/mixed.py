@@ -62,17 +62,23 @@ def layer_errors(graph: Graph, params: dict, batches: Sequence[np.ndarray],
 def allocate(sizes: np.ndarray, errors: np.ndarray, widths: Sequence[int],
              budget: float, resolution: int = 200_000) -> np.ndarray:
     """Index into ``widths`` per layer: the least summed error whose average bits per
-    weight (``sizes``-weighted) is at most ``budget``.  Exact dynamic programming over the
-    total bits, counted in units of ``ceil(total / resolution)`` bits (each layer's cost
-    rounded up, so the answer always fits)."""
+    weight (``sizes``-weighted) is at most ``budget``.  Dynamic programming over the bits
+    spent above the narrowest width (so every layer at the narrowest width always fits),
+    counted in units of the greatest common divisor of the layers' extra bits: exact, as
+    layer sizes share large factors.  Only where that leaves more than ``resolution`` units
+    are costs rounded up to coarser units (the answer still fits, and may waste a little)."""
     widths_a = np.asarray(widths, np.int64)
     sizes = np.asarray(sizes, np.int64)
     if budget < widths_a.min() - 1e-9:
         raise QuantOpsError(f"mixed precision: a budget of {budget:g} bits is below the "
                             f"narrowest width ({widths_a.min():g})")
-    cap = int(np.floor(budget * sizes.sum() + 1e-6))
-    unit = max(1, -(-cap // resolution))
-    cost = -(-(sizes[:, None] * widths_a[None]) // unit)          # (layers, widths), ceil
+    narrow = int(widths_a.min())
+    extra = sizes[:, None] * (widths_a[None] - narrow)             # (layers, widths) bits
+    cap = max(0, int(np.floor(budget * sizes.sum() + 1e-6)) - narrow * int(sizes.sum()))
+    unit = max(1, int(np.gcd.reduce(extra[extra > 0])) if (extra > 0).any() else 1)
+    if cap // unit > resolution:
+        unit = -(-cap // resolution)
+    cost = -(-extra // unit)                                      # ceil: never over budget
     room = cap // unit
     best = np.full(room + 1, np.inf)
     best[0] = 0.0
