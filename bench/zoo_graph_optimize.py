@@ -290,8 +290,9 @@ def main(argv=None) -> int:
                      if name.endswith("_int8") else "takes more than one input"}
             else:
                 r = run_row(name, fold, args.timeout)
+            # a row whose process died says nothing of what it imported: all of quant_ops
             files = r.pop("code_files", None) or sorted(
-                str(Path(f).relative_to(ROOT)) for f in (ROOT / "quant_ops").glob("*.py"))
+                str(Path(f).relative_to(ROOT)) for f in (ROOT / "quant_ops").rglob("*.py"))
             r["code"] = row_code(files)
             code_sets[r["code"]] = files
             rows[(name, fold)] = r

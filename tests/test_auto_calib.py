@@ -77,3 +77,43 @@ def test_auto_picks_per_tensor_and_keeps_signed_inputs_minmax():
     inner = [k for k in q.ranges if k != "data_int8"]
     assert any(q.ranges[k] < q_minmax.ranges[k] for k in inner)      # some clipped
     assert len({round(q.ranges[k] / q_minmax.ranges[k], 3) for k in inner}) > 2
+
+
+def test_each_range_is_scored_through_the_quantized_weights_against_the_exact_tensor():
+    """The chosen candidate is the one whose quantization least changes the output of the
+    layer reading the tensor, the layer's quantized weights on both sides (so no range is
+    picked for offsetting the weights' own rounding on the calibration images): checked
+    against MXNet's own convolution on every output position."""
+    import mxnet as mx
+
+    from quant_ops.calib.auto import choose
+    from quant_ops.reference import abs_max, fake_quant
+
+    data = mx.sym.var("data")
+    r = mx.sym.Activation(mx.sym.Convolution(data, num_filter=6, kernel=(3, 3), pad=(1, 1),
+                                             name="c1"), act_type="relu", name="r")
+    out = mx.sym.Convolution(r, num_filter=5, kernel=(3, 3), name="c2")
+    rng = np.random.default_rng(0)      # (against the float layer, MSE would win here)
+    shapes = dict(zip(out.list_arguments(), out.infer_shape(data=(4, 3, 8, 8))[0]))
+    params = {k: rng.standard_t(3, s).astype(np.float32) for k, s in shapes.items()
+              if k != "data"}
+    q = QuantizedModel.from_symbol(out, params).quantize(
+        {"preset": "trt_int8", "weight": {"bits": 3}, "activation": {"bits": 4}})
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    ex = r.bind(mx.cpu(), {"data": mx.nd.array(x), "c1_weight": mx.nd.array(params["c1_weight"]),
+                           "c1_bias": mx.nd.array(params["c1_bias"])})
+    t = ex.forward()[0].asnumpy()
+    top = float(t.max())
+    cands = {"minmax": top, "percentile": 0.7 * top, "mse": 0.45 * top, "entropy": 0.25 * top}
+    w = params["c2_weight"]
+    wq = mx.nd.array(fake_quant(w, abs_max(w, 0), 3, narrow=True, axis=0))
+
+    def conv(v):
+        return mx.nd.Convolution(mx.nd.array(v), wq, no_bias=True, num_filter=5,
+                                 kernel=(3, 3)).asnumpy().astype(np.float64)
+    err = {m: float(((conv(fake_quant(t, a, 4)) - conv(t)) ** 2).sum())
+           for m, a in cands.items()}
+    got = choose(q.run_graph, q.params, [x], "data", {"r_output": cands}, {"r_output": 4},
+                 {"r_output"})
+    assert got["r_output"] == (min(err, key=err.get), cands[min(err, key=err.get)]), err
+    assert sorted(err.values())[0] < 0.9 * sorted(err.values())[1]     # a clear winner

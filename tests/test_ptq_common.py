@@ -80,3 +80,25 @@ def test_a_batch_of_another_sample_shape_names_the_shapes():
         run(np.zeros((4, 2, 6, 6), np.float32))
     with pytest.raises(QuantOpsError, match="batch of shape"):
         run(np.zeros((0, 2, 5, 5), np.float32))
+
+
+def test_tensors_past_the_memory_bound_are_read_op_by_op_with_the_same_values():
+    """Requested tensors beyond ``max_bytes`` (a Mask R-CNN head: 5.7 GB per image) are
+    read through MXNet's monitor from one executor of the plain graph: the same numbers as
+    the grouped outputs, for every batch size, in ``stream`` too, a variable included."""
+    from quant_ops.graph.runner import Runner
+
+    g, params, rng = _small_net()
+    names = ["data", "c_output", "fc_output"]
+    x = rng.normal(size=(9, 2, 5, 5)).astype(np.float32)
+    grouped = Runner(g, params, (4, 2, 5, 5), outputs=names, copies=2)
+    tapped = Runner(g, params, (4, 2, 5, 5), outputs=names, copies=2, max_bytes=0)
+    assert grouped._tap is None and tapped._tap == names and len(tapped._exes) == 1
+    batches = [x[:4], x[4:8], x[8:]]
+    for a, b in zip(grouped.stream(batches), tapped.stream(batches)):
+        assert len(a) == len(b) == 3
+        for u, v in zip(a, b):
+            np.testing.assert_array_equal(u, v)
+    for u, v in zip(grouped(x[:2]), tapped(x[:2])):
+        np.testing.assert_array_equal(u, v)
+    np.testing.assert_array_equal(tapped(x[:2])[0], x[:2])

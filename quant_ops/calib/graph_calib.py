@@ -136,6 +136,7 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
                 cache.append((values, maxes))
             else:  # too big to keep: the second pass runs the network again
                 cache = None
+                values.clear()  # one batch alive at a time (tqdm holds the last one)
 
     def observer(t: str):
         kw = dict(observer_params) if methods[t] == method else {}
@@ -156,6 +157,7 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
                 if not hints and t in watch and v.size and v.min() < 0:
                     negative.add(t)
                 observers[t].observe(v)
+            values.clear()
     _warn_negative(quantizers, negative)
     amax = {t: float(o.amax()) for t, o in observers.items()}
     if "auto" in methods.values():

@@ -6,6 +6,7 @@ everywhere and MXNet's fusion quirk is handled in one place.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator, Mapping
@@ -16,6 +17,10 @@ import numpy as np
 from ..errors import QuantOpsError, mxnet_message
 from .ir import Graph
 from .params import as_numpy
+
+# Above this many bytes of requested tensors per batch, a Runner reads them op by op (see
+# Runner); 2 GiB: what the largest zoo classifiers keep, several times less than the R-CNNs
+KEEP_BYTES = 2 << 30
 
 
 @contextmanager
@@ -86,18 +91,61 @@ class Runner:
     inference mode.  Every batch has the per-sample shape of ``shape``; a batch of another
     size (a shorter last one) runs on a reshaped executor that shares the first's memory.
     ``copies=2`` keeps two executors that take turns in :meth:`stream`, so MXNet computes
-    batch i+1 while the caller reads batch i."""
+    batch i+1 while the caller reads batch i.
+
+    Requested internal tensors are outputs of the bound group, so MXNet keeps each one's
+    memory for the whole forward: past ``max_bytes`` of them (a Mask R-CNN's 1000-ROI head
+    asks for 5.7 GB, twice that with two copies, and ran out of 24 GB), one executor of the
+    plain graph runs instead, with its memory reused as usual, and each tensor is read
+    through MXNet's monitor the moment its operator has run.  Same values, no overlap."""
 
     def __init__(self, graph: Graph | mx.sym.Symbol, params: Mapping, shape: tuple,
                  data_name: str = "data", outputs: list[str] | None = None, copies: int = 1,
-                 fusion: bool | None = None):
+                 fusion: bool | None = None, max_bytes: int = KEEP_BYTES):
         source = graph.source if isinstance(graph, Graph) else "<symbol>"
         sym = select(graph, outputs)
         self.shape, self.data_name, self.source = tuple(shape), data_name, source
         self._fusion = not outputs if fusion is None else fusion   # see no_fusion
+        self._tap: list[str] | None = None
+        self._taken: dict = {}
+        if outputs and _output_bytes(sym, params, data_name, self.shape) * copies \
+                > max_bytes:
+            self._tap, sym, copies = list(outputs), select(graph), 1
         self._exes = [bind(sym, params, {data_name: self.shape}, fusion=self._fusion,
                            source=source) for _ in range(copies)]
+        for exe in self._exes:
+            self._watch(exe)
         self._resized: dict = {}
+
+    def _watch(self, exe: mx.executor.Executor) -> None:
+        """Copy each requested tensor out of ``exe`` as its operator finishes."""
+        if self._tap is None:
+            return
+        wanted = set(self._tap)
+
+        def take(name, handle) -> None:
+            arr = mx.nd.NDArray(ctypes.cast(handle, mx.base.NDArrayHandle), writable=False)
+            name = mx.base.py_str(name)
+            if name in wanted:
+                self._taken[name] = arr.asnumpy()    # waits for this operator alone
+
+        exe.set_monitor_callback(take)
+
+    def _outputs(self, exe: mx.executor.Executor) -> list[np.ndarray]:
+        """The requested tensors of the forward ``exe`` was just given."""
+        if self._tap is None:
+            return [o.asnumpy() for o in exe.outputs]
+        out = []
+        for name in self._tap:
+            if name in self._taken:
+                out.append(self._taken.pop(name))
+            else:                                   # a variable: no operator writes it
+                held = exe.arg_dict.get(name, exe.aux_dict.get(name))
+                if held is None:
+                    raise QuantOpsError(f"{self.source}: MXNet did not compute '{name}'")
+                out.append(held.asnumpy())
+        self._taken.clear()
+        return out
 
     def _executor(self, x, i: int = 0) -> mx.executor.Executor:
         """The executor for ``x``'s shape (the ``i``-th copy)."""
@@ -113,6 +161,7 @@ class Runner:
                 with nullcontext() if self._fusion else no_fusion():
                     self._resized[key] = self._exes[i].reshape(
                         allow_up_sizing=True, **{self.data_name: shape})
+                self._watch(self._resized[key])
             except mx.base.MXNetError as e:
                 raise QuantOpsError(f"{self.source}: batch of shape {shape}: "
                                     f"{mxnet_message(e)}") from None
@@ -132,7 +181,8 @@ class Runner:
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         exe = self._executor(x)
         exe.arg_dict[self.data_name][:] = x
-        return [o.asnumpy() for o in exe.forward(is_train=False)]
+        exe.forward(is_train=False)
+        return self._outputs(exe)
 
     def stream(self, xs: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
         """The outputs of each batch of ``xs`` in turn (executors alternate)."""
@@ -141,11 +191,26 @@ class Runner:
             exe = self._executor(x, i % len(self._exes))
             exe.arg_dict[self.data_name][:] = x
             exe.forward(is_train=False)          # queued: runs while batch i-1 is read
+            if self._tap is not None:            # already read, op by op
+                yield self._outputs(exe)
+                continue
             if pending is not None:
-                yield [o.asnumpy() for o in pending.outputs]
+                yield self._outputs(pending)
             pending = exe
         if pending is not None:
-            yield [o.asnumpy() for o in pending.outputs]
+            yield self._outputs(pending)
+
+
+def _output_bytes(sym: mx.sym.Symbol, params: Mapping, data_name: str, shape: tuple) -> int:
+    """Bytes of ``sym``'s outputs (float32) for input ``shape``; 0 where shapes cannot be
+    inferred (the bind then says why)."""
+    known = {k: tuple(params[k].shape) for k in sym.list_arguments() if k in params}
+    known[data_name] = shape
+    try:   # (not infer_shape: on failure it prints every argument's shape to stdout)
+        _, shapes, _ = sym._infer_shape_impl(False, **known)
+    except mx.base.MXNetError:
+        return 0
+    return sum(4 * int(np.prod(s)) for s in shapes or () if s is not None)
 
 
 def run_once(graph: Graph | mx.sym.Symbol, params: Mapping,
