@@ -19,7 +19,8 @@ from .ir import Graph
 from .params import as_numpy
 
 # Above this many bytes of requested tensors per batch, a Runner reads them op by op (see
-# Runner); 2 GiB: what the largest zoo classifiers keep, several times less than the R-CNNs
+# Runner): far above what the bundled nets' calibration batches ask for (about 0.1 GB),
+# below a Mask R-CNN's 1000-ROI head (5.7 GB for one image)
 KEEP_BYTES = 2 << 30
 
 
