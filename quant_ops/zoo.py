@@ -33,13 +33,15 @@ def get_model(name: str, **kwargs):
         raise QuantOpsError(f"unknown gluoncv model {name!r}: see "
                             "gluoncv.model_zoo.get_model_list()")
     # detection, segmentation and pose nets download ImageNet weights for their backbone
-    # unless told not to; the nets that do not know the flag refuse it
+    # unless told not to; the nets that do not know the flag refuse it, with a TypeError
+    # or (darknet53, whose block checks its own kwargs) a bare Warning naming the kwargs
     with _reset_ctx_skips_uninitialized():
         try:
             return gcv.model_zoo.get_model(name, pretrained=False,
                                            **{"pretrained_base": False, **kwargs})
-        except TypeError as e:
-            if "pretrained_base" not in str(e) or "pretrained_base" in kwargs:
+        except (TypeError, Warning) as e:
+            refused = "pretrained_base" in str(e) or type(e) is Warning
+            if not refused or "pretrained_base" in kwargs:
                 raise
         return gcv.model_zoo.get_model(name, pretrained=False, **kwargs)
 

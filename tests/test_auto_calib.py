@@ -117,3 +117,66 @@ def test_each_range_is_scored_through_the_quantized_weights_against_the_exact_te
                  {"r_output"})
     assert got["r_output"] == (min(err, key=err.get), cands[min(err, key=err.get)]), err
     assert sorted(err.values())[0] < 0.9 * sorted(err.values())[1]     # a clear winner
+
+
+def test_the_network_keeps_min_max_when_the_chosen_ranges_take_it_further_from_float(
+        monkeypatch):
+    """Per-layer choices compound: on the bundled MobileNet-v2 at W3A8 the chosen ranges
+    together move the network output further from float than min/max, so auto keeps
+    min/max there (and only there: at 4-bit activations it beats min/max, above)."""
+    import quant_ops.calib.auto as auto
+
+    xc, _, _ = _fmnist("fmnist_mobilenetv2", 256, 1)
+    base = QuantizedModel.load(BUNDLED / "fmnist_mobilenetv2").quantize(
+        {"preset": "trt_int8", "weight": {"bits": 3}}, fold_bn="deploy")
+    exact = base.float_model().predict(xc).astype(np.float64)
+
+    def error(q):
+        return float(((q.predict(xc) - exact) ** 2).sum() / (exact ** 2).sum())
+
+    minmax = base.copy().calibrate(xc, "minmax", progress=False)
+    got = base.copy().calibrate(xc, "auto", progress=False)
+    with monkeypatch.context() as m:          # the per-layer choice alone, unchecked
+        m.setattr(auto, "nearest_float", lambda graph, options, *a, **k: (0, [0.0, 0.0]))
+        chosen = base.copy().calibrate(xc, "auto", progress=False)
+    assert chosen.ranges != minmax.ranges
+    assert error(chosen) > error(minmax) * 1.03
+    assert got.ranges == minmax.ranges
+
+
+def test_nearest_float_ranks_parameter_sets_by_the_network_output_error():
+    """The error is the relative squared error of the network output against the float
+    graph's, checked against MXNet's own forward of the float and the quantized graphs."""
+    import mxnet as mx
+
+    from quant_ops.calib.auto import nearest_float
+
+    data = mx.sym.var("data")
+    r = mx.sym.Activation(mx.sym.Convolution(data, num_filter=6, kernel=(3, 3), pad=(1, 1),
+                                             name="c1"), act_type="relu", name="r")
+    out = mx.sym.FullyConnected(r, num_hidden=4, name="fc")
+    rng = np.random.default_rng(1)
+    shapes = dict(zip(out.list_arguments(), out.infer_shape(data=(4, 3, 6, 6))[0]))
+    params = {k: rng.normal(0, 0.5, s).astype(np.float32) for k, s in shapes.items()
+              if k != "data"}
+    batches = [rng.normal(size=(4, 3, 6, 6)).astype(np.float32) for _ in range(2)]
+    batches.append(batches[0][:3])                       # a shorter last batch
+    q = QuantizedModel.from_symbol(out, params).quantize(
+        {"preset": "trt_int8", "activation": {"bits": 4}})
+    images = np.concatenate(batches)
+    fine = q.copy().calibrate(images, "minmax", progress=False)
+    clipped = q.copy().calibrate(images, "percentile", input_method="percentile",
+                                 percentile=30.0, progress=False)    # most values clip
+    options = [clipped.params, fine.params]
+    best, errors = nearest_float(q.run_graph, options, batches, "data")
+    fsym = mx.sym.load_json(out.tojson())
+    for p, e in zip(options, errors):
+        num = den = 0.0
+        for x in batches:
+            y = fsym.eval(ctx=mx.cpu(), data=mx.nd.array(x), **{
+                k: mx.nd.array(v) for k, v in params.items()})[0].asnumpy().astype(np.float64)
+            yq = QuantizedModel.from_symbol(q.run_graph.to_symbol(), p).predict(x)
+            num += ((yq - y) ** 2).sum()
+            den += (y ** 2).sum()
+        assert e == pytest.approx(num / den, rel=1e-5)
+    assert best == 1 and errors[0] > 2 * errors[1]

@@ -12,16 +12,24 @@ also rewarded for happening to offset the weights' own rounding on the sampled p
 fit to the calibration set that does not carry to the test set (MobileNet-v2 W4A8 lost
 0.11 point to min/max that way).  A tensor read by no such layer (a residual add, a
 pooling) keeps the MSE range.
+
+Each choice is the best for its own layer, but the errors of all layers compound: on
+MobileNet-v2 at W3A8 the chosen ranges together left the network output further from float
+than min/max did (relative squared error 0.098 against 0.086 on 512 calibration images).  So the
+calibration compares the two whole networks on the calibration images
+(:func:`nearest_float`) and keeps the chosen ranges only where they are the nearer.
 """
 from __future__ import annotations
 
 import logging
 
 import numpy as np
+from tqdm import tqdm
 
 from ..graph.ir import Graph
 from ..graph.params import as_numpy
 from ..graph.quantize import strip_quantizers
+from ..graph.runner import Runner
 from ..reference import fake_quant
 
 log = logging.getLogger(__name__)
@@ -82,3 +90,30 @@ def choose(graph: Graph, params: dict, batches: list, data_name: str, candidates
     log.info("auto calibration: %s", ", ".join(
         f"{m} {sum(1 for v in chosen.values() if v[0] == m)}" for m in order))
     return chosen
+
+
+def output_error(graph: Graph, params: dict, batches: list, data_name: str,
+                 progress: bool = False) -> float:
+    """Relative squared error of the network outputs against the float network's (the same
+    graph with its quantizers stripped) over ``batches``: sum |y_q - y|^2 / sum |y|^2."""
+    shape = np.shape(batches[0])
+    exact = Runner(strip_quantizers(graph), params, shape, data_name)
+    quant = Runner(graph, params, shape, data_name)
+    num = den = 0.0
+    for x in tqdm(batches, desc="calibration: network error", leave=False,
+                  disable=not progress):
+        for yq, y in zip(quant(x), exact(x)):
+            y = y.astype(np.float64)
+            num += float(((yq - y) ** 2).sum())
+            den += float((y ** 2).sum())
+    err = num / den if den > 0 else num
+    return err if np.isfinite(err) else float("inf")
+
+
+def nearest_float(graph: Graph, options: list, batches: list, data_name: str,
+                  progress: bool = False) -> tuple:
+    """(index, errors): which of ``options`` (params of ``graph``, e.g. two sets of
+    calibrated ranges) brings the network output nearest the float network's; ties go to
+    the earlier option."""
+    errors = [output_error(graph, p, batches, data_name, progress) for p in options]
+    return min(range(len(options)), key=lambda i: (errors[i], i)), errors

@@ -161,15 +161,20 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     _warn_negative(quantizers, negative)
     amax = {t: float(o.amax()) for t, o in observers.items()}
     if "auto" in methods.values():
-        from .auto import choose
+        params, ranges = _auto(graph, params, [as_numpy(x, np.float32) for x in batches],
+                               data_name, quantizers, observers, methods, amax, bits,
+                               negative, progress)
+    else:
+        params, ranges = _with_ranges(quantizers, params, amax, negative)
+    log.info("calibrated %d activation tensors (%s) on %d batches", len(tensors), method,
+             len(batches))
+    return params, ranges
 
-        candidates = {t: o.candidates() for t, o in observers.items() if methods[t] == "auto"}
-        unsigned = {q.tensor for q in quantizers if q.unsigned}
-        chosen = choose(graph, params, [as_numpy(x, np.float32) for x in batches], data_name,
-                        candidates, bits, set(candidates) - unsigned, progress)
-        amax.update({t: a for t, (_, a) in chosen.items()})
+
+def _with_ranges(quantizers: list, params: dict, amax: dict, negative: set) -> tuple:
+    """(params with each quantizer's state set from its tensor's range, {quantizer: amax});
+    quantizers sharing one range variable take the largest of their tensors' ranges."""
     params = dict(params)
-    # quantizers sharing one range variable take the largest of their tensors' ranges
     shared: dict = {}
     for q in quantizers:
         if q.range_var is not None:
@@ -180,6 +185,28 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
         for role, value in q.method.from_range(q.attrs, a, q.tensor in negative).items():
             params[q.inputs[role]] = value
         ranges[q.name] = a
-    log.info("calibrated %d activation tensors (%s) on %d batches", len(tensors), method,
-             len(batches))
     return params, ranges
+
+
+def _auto(graph: Graph, params: dict, batches: list, data_name: str, quantizers: list,
+          observers: dict, methods: dict, amax: dict, bits: dict, negative: set,
+          progress: bool) -> tuple:
+    """``_with_ranges`` for the ``auto`` tensors' chosen ranges, unless min/max ranges for
+    those tensors bring the network output nearer float on the calibration images."""
+    from .auto import choose, nearest_float
+
+    candidates = {t: o.candidates() for t, o in observers.items() if methods[t] == "auto"}
+    unsigned = {q.tensor for q in quantizers if q.unsigned}
+    chosen = choose(graph, params, batches, data_name, candidates, bits,
+                    set(candidates) - unsigned, progress)
+    picked = dict(amax, **{t: a for t, (_, a) in chosen.items()})
+    minmax = dict(amax, **{t: c["minmax"] for t, c in candidates.items()})
+    options = [_with_ranges(quantizers, params, r, negative) for r in (picked, minmax)]
+    if picked == minmax:
+        return options[0]
+    best, errors = nearest_float(graph, [p for p, _ in options], batches, data_name,
+                                 progress)
+    log.info("auto calibration: network output error %.4g with the chosen ranges, %.4g "
+             "with min/max: %s kept", errors[0], errors[1],
+             ("the chosen ranges", "min/max")[best])
+    return options[best]

@@ -159,9 +159,14 @@ class Runner:
         key = (shape, i)
         if key not in self._resized:
             try:
+                # every argument's shape, not the data's alone: MXNet re-infers the rest
+                # from the symbol, where a Gluon-exported weight may carry a partial
+                # __shape__ (16, 0, 3, 3) that a quantizer's shape check then refuses
+                shapes = {k: v.shape for k, v in self._exes[i].arg_dict.items()}
+                shapes[self.data_name] = shape
                 with nullcontext() if self._fusion else no_fusion():
-                    self._resized[key] = self._exes[i].reshape(
-                        allow_up_sizing=True, **{self.data_name: shape})
+                    self._resized[key] = self._exes[i].reshape(allow_up_sizing=True,
+                                                               **shapes)
                 self._watch(self._resized[key])
             except mx.base.MXNetError as e:
                 raise QuantOpsError(f"{self.source}: batch of shape {shape}: "
