@@ -5,21 +5,24 @@ Per model and batch size (2 threads, median of repeated runs, each path timed in
 process so that no path inherits another's caches or thread pools):
 
 - ``mx_fp32``: the float model in MXNet with oneDNN fusion (``MKLDNN`` backend);
-- ``mx_int8``: ``QuantizedModel.to_mxnet_int8()``, this project's ranges as thresholds;
+- ``mx_int8``: ``QuantizedModel.to_mxnet_int8()`` of the ``cpu_int8`` model, this
+  project's ranges as thresholds; ``mx_int8_trt`` the same from ``trt_int8_shared``;
 - ``mx_int8_peer``: MXNet's ``quantize_net_v2`` (its own entropy calibration, same images);
 - ``ort_fp32``: the float model exported to ONNX, onnxruntime with optimizations on;
-- ``ort_s8`` / ``ort_u8``: this project's QDQ export with int8 activations (TensorRT's
-  convention) and with uint8 activations (zero point 128, the same values);
+- ``ort_int8``: this project's QDQ export of the ``cpu_int8`` model (``activations="u8"``:
+  uint8 zero point 0 on its unsigned tensors, zero point 128 on signed ones);
+  ``ort_trt_u8`` the same export of the ``trt_int8_shared`` model (TensorRT's int8 values
+  in uint8 codes, zero point 128);
 - ``ort_peer``: onnxruntime's own ``quantize_static`` of the float ONNX model (QDQ, U8S8:
   asymmetric uint8 activations, per-channel int8 weights, min/max on the same images),
-  onnxruntime's best case on x86 and the peer of ``ort_u8``.
+  onnxruntime's best case on x86 and the peer of ``ort_int8``.
 
 The table gives each INT8 path's speed-up over its own float path (float ms / INT8 ms),
 and, for onnxruntime, the layers that stayed in float after its optimizations (from the
 optimized model it writes).  On the bundled Fashion-MNIST models it also gives test
 accuracy of every path and the top-1 agreement with the simulated model.  gluoncv models
 have random weights (speed only) and are calibrated on random images.  Every model is
-quantized with ``POLICY`` and BatchNorm folded.
+quantized with BatchNorm folded and calibrated by entropy (as the MXNet peer).
 
     python bench/bench_int8_speed.py                        # every model, batch 1 and 32
     python bench/bench_int8_speed.py --models fmnist_resnet20 --batches 1 --repeat 5
@@ -38,12 +41,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 THREADS = 2
-#: TensorRT's INT8 with residual-add inputs on one scale: what an engine fuses (the int8
-#: residual add) and what lets onnxruntime run every convolution as QLinearConv
-POLICY = "trt_int8_shared"
-PATHS = ("mx_fp32", "mx_int8", "mx_int8_peer", "ort_fp32", "ort_s8", "ort_u8", "ort_peer")
-PEERS = {"mx_int8": "mx_fp32", "mx_int8_peer": "mx_fp32", "ort_s8": "ort_fp32",
-         "ort_u8": "ort_fp32", "ort_peer": "ort_fp32"}
+#: the CPU preset (uint8 codes 0..255 after ReLU, int8 elsewhere, residual-add inputs on
+#: one range) and TensorRT's (int8 throughout), quantized the same way
+POLICY = "cpu_int8"
+TRT_POLICY = "trt_int8_shared"
+#: path -> (engine, preset of this project's model or None, ONNX activation codes)
+PATHS = {"mx_fp32": ("mx", None, None), "mx_int8": ("mx", POLICY, None),
+         "mx_int8_trt": ("mx", TRT_POLICY, None), "mx_int8_peer": ("mx", None, None),
+         "ort_fp32": ("ort", None, None), "ort_int8": ("ort", POLICY, "u8"),
+         "ort_trt_u8": ("ort", TRT_POLICY, "u8"), "ort_peer": ("ort", None, None)}
+PEERS = {p: ("mx_fp32" if p.startswith("mx") else "ort_fp32") for p in PATHS
+         if p not in ("mx_fp32", "ort_fp32")}
 # name -> input shape (batch 1); bundled models come with their Fashion-MNIST test set
 MODELS = {"fmnist_resnet20": (1, 1, 28, 28), "fmnist_mobilenetv2": (1, 1, 28, 28),
           "resnet18_v1": (1, 3, 224, 224), "mobilenetv2_1.0": (1, 3, 224, 224),
@@ -184,11 +192,44 @@ def _ort_peer(float_onnx: Path, calib, out: Path) -> Path:
     return out
 
 
-def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
-    """Every path's files, the accuracy of each on the test set (bundled models)."""
+def _accuracy(files: dict, sims: dict, xt, yt) -> dict:
+    """Test accuracy of each path and its top-1 agreement with the simulated model it came
+    from (peers: with the ``cpu_int8`` simulation)."""
     import mxnet as mx
     import numpy as np
 
+    acc = {f"simulated_{k}": float((v == yt).mean() * 100) for k, v in sims.items()}
+    agree = {}
+    for key, (engine, preset, _) in PATHS.items():
+        f = files.get(key if engine == "mx" else f"{key}@1")
+        if f is None or key in ("mx_fp32", "ort_fp32"):
+            continue
+        if engine == "mx":
+            sym, args, aux = mx.model.load_checkpoint(str(f), 0)
+            blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
+            for k, v in {**args, **aux}.items():
+                if k in blk.collect_params():
+                    blk.collect_params()[k]._load_init(v, mx.cpu(), cast_dtype=True,
+                                                       dtype_source="saved")
+            pred = np.concatenate([blk(mx.nd.array(xt[i:i + 500])).asnumpy().argmax(1)
+                                   for i in range(0, len(xt), 500)])
+        else:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = THREADS
+            sess = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+            inp = sess.get_inputs()[0].name
+            pred = np.array([sess.run(None, {inp: xt[i:i + 1]})[0].argmax(1)[0]
+                             for i in range(len(xt))])
+        acc[key] = float((pred == yt).mean() * 100)
+        agree[key] = float((pred == sims[preset or POLICY]).mean() * 100)
+    acc["agreement_with_simulated"] = agree
+    return acc
+
+
+def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
+    """Every path's files, the accuracy of each on the test set (bundled models)."""
     from quant_ops import QuantizedModel
     from quant_ops.export.onnx_qdq import export_onnx
     from quant_ops.graph.fold_bn import fold_batchnorm
@@ -198,8 +239,10 @@ def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
     else:
         m = QuantizedModel.from_zoo(name, shape)
     calib, xt, yt = _data(name, shape)
-    q = m.copy().quantize(POLICY, fold_bn="deploy")
-    q.calibrate(calib, "entropy", progress=False)
+    quantized = {}
+    for preset in (POLICY, TRT_POLICY):
+        quantized[preset] = m.copy().quantize(preset, fold_bn="deploy")
+        quantized[preset].calibrate(calib, "entropy", progress=False)
     files: dict = {}
     errors: dict = {}
 
@@ -212,62 +255,38 @@ def build(name: str, shape: tuple, work: Path, batches: list[int]) -> dict:
     attempt("mx_fp32", lambda: (m.save(work / "fp32"), work / "fp32")[1])
     native = {}
 
-    def make_native():
-        native["n"] = q.to_mxnet_int8(calib)
-        native["n"].save(work / "int8")
-        return work / "int8"
+    def make_native(key, preset):
+        native[key] = quantized[preset].to_mxnet_int8(calib)
+        native[key].save(work / key)
+        return work / key
 
-    attempt("mx_int8", make_native)
+    for key, (engine, preset, _) in PATHS.items():
+        if engine == "mx" and preset is not None:
+            attempt(key, lambda key=key, preset=preset: make_native(key, preset))
     attempt("mx_int8_peer", lambda: _peer(m, calib, work))
     for b in batches:
         s = (b,) + tuple(shape[1:])
         attempt(f"ort_fp32@{b}", lambda s=s, b=b: export_onnx(
             m.run_graph, m.params, work / f"fp32_{b}.onnx", {"data": s})[0])
-        for act in ("s8", "u8"):
-            attempt(f"ort_{act}@{b}", lambda s=s, b=b, act=act: export_onnx(
-                q.run_graph, q.params, work / f"{act}_{b}.onnx", {"data": s},
-                activations=act)[0])
+        for key, (engine, preset, act) in PATHS.items():
+            if engine == "ort" and preset is not None:
+                q = quantized[preset]
+                attempt(f"{key}@{b}", lambda s=s, b=b, q=q, key=key, act=act: export_onnx(
+                    q.run_graph, q.params, work / f"{key}_{b}.onnx", {"data": s},
+                    activations=act)[0])
         attempt(f"ort_peer@{b}", lambda s=s, b=b: _ort_peer(
             export_onnx(*fold_batchnorm(m.run_graph, m.params, "deploy"),
                         work / f"fp32_folded_{b}.onnx", {"data": s})[0],
             calib, work / f"peer_{b}.onnx"))
     acc = {}
     if xt is not None:
-        sim = q.predict(xt).argmax(1)
-        acc["float"] = float((m.predict(xt).argmax(1) == yt).mean() * 100)
-        acc["simulated"] = float((sim == yt).mean() * 100)
-        agree = {}
-        for key in ("mx_int8", "mx_int8_peer"):
-            if key in files:
-                sym, args, aux = mx.model.load_checkpoint(str(files[key]), 0)
-                blk = mx.gluon.SymbolBlock(sym, [mx.sym.var("data")])
-                for k, v in {**args, **aux}.items():
-                    if k in blk.collect_params():
-                        blk.collect_params()[k]._load_init(v, mx.cpu(), cast_dtype=True,
-                                                           dtype_source="saved")
-                pred = np.concatenate([blk(mx.nd.array(xt[i:i + 500])).asnumpy().argmax(1)
-                                       for i in range(0, len(xt), 500)])
-                acc[key] = float((pred == yt).mean() * 100)
-                agree[key] = float((pred == sim).mean() * 100)
-        for act in ("s8", "u8", "peer"):
-            key = f"ort_{act}@1"
-            if key in files:
-                import onnxruntime as ort
-
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = THREADS
-                sess = ort.InferenceSession(str(files[key]), so,
-                                            providers=["CPUExecutionProvider"])
-                inp = sess.get_inputs()[0].name
-                pred = np.array([sess.run(None, {inp: xt[i:i + 1]})[0].argmax(1)[0]
-                                 for i in range(len(xt))])
-                acc[f"ort_{act}"] = float((pred == yt).mean() * 100)
-                agree[f"ort_{act}"] = float((pred == sim).mean() * 100)
-        acc["agreement_with_simulated"] = agree
+        sims = {p: q.predict(xt).argmax(1) for p, q in quantized.items()}
+        acc = {"float": float((m.predict(xt).argmax(1) == yt).mean() * 100),
+               **_accuracy(files, sims, xt, yt)}
     return {"files": {k: str(v) for k, v in files.items()}, "errors": errors,
             "accuracy": acc,
-            "native_report": {k: v for k, v in native["n"].report.items()
-                              if k != "thresholds"} if "n" in native else None}
+            "native_report": {k: {r: v for r, v in n.report.items() if r != "thresholds"}
+                              for k, n in native.items()}}
 
 
 def main(argv=None) -> int:
@@ -315,9 +334,9 @@ def main(argv=None) -> int:
 
 
 def table(rows: list) -> str:
-    head = (f"{'model':<26} {'batch':>5} {'mx fp32 ms':>10} {'mx int8':>8} {'mx peer':>8} "
-            f"{'ort fp32 ms':>11} {'ort s8':>7} {'ort u8':>7} {'ort peer':>8}  "
-            "float layers left (ort u8)")
+    cols = [p for p in PATHS if p not in ("mx_fp32", "ort_fp32")]
+    head = (f"{'model':<26} {'batch':>5} {'mx fp32 ms':>10} {'ort fp32 ms':>11} "
+            + " ".join(f"{c:>12}" for c in cols) + "  float layers left (ort_int8)")
     lines = [head, "(INT8 columns: speed-up over the same engine's float32; >1 is faster)"]
     for r in rows:
         for b, per in r["batches"].items():
@@ -327,28 +346,23 @@ def table(rows: list) -> str:
             def up(p):
                 return f"{per[p]['speedup']:.2f}x" if "speedup" in per[p] else "fail"
 
-            left = per["ort_u8"].get("float_layers")
-            lines.append(f"{r['model']:<26} {b:>5} {ms('mx_fp32'):>10} {up('mx_int8'):>8} "
-                         f"{up('mx_int8_peer'):>8} {ms('ort_fp32'):>11} {up('ort_s8'):>7} "
-                         f"{up('ort_u8'):>7} {up('ort_peer'):>8}  "
-                         + (", ".join(left[:4]) + (" ..." if len(left) > 4 else "")
+            left = per["ort_int8"].get("float_layers")
+            lines.append(f"{r['model']:<26} {b:>5} {ms('mx_fp32'):>10} {ms('ort_fp32'):>11} "
+                         + " ".join(f"{up(c):>12}" for c in cols) + "  "
+                         + (", ".join(left[:3]) + (" ..." if len(left) > 3 else "")
                             if left else ("none" if left is not None else "-")))
     acc = [r for r in rows if r["accuracy"]]
     if acc:
         lines.append("")
-        lines.append(f"{'model':<26} {'float':>6} {'sim':>6} {'mx int8':>8} {'mx peer':>8} "
-                     f"{'ort s8':>7} {'ort u8':>7} {'ort peer':>8}  top-1 agreement with "
-                     "sim (mx int8 / peer / ort s8 / u8)")
+        lines.append("accuracy (%) on the test set; in brackets the top-1 agreement with the "
+                     "simulated model of the same preset")
         for r in acc:
             a, g = r["accuracy"], r["accuracy"].get("agreement_with_simulated", {})
-
-            def f(k, src=a):
-                return f"{src[k]:.2f}" if k in src else "-"
-            lines.append(f"{r['model']:<26} {f('float'):>6} {f('simulated'):>6} "
-                         f"{f('mx_int8'):>8} {f('mx_int8_peer'):>8} {f('ort_s8'):>7} "
-                         f"{f('ort_u8'):>7} {f('ort_peer'):>8}  {f('mx_int8', g)} / "
-                         f"{f('mx_int8_peer', g)} / "
-                         f"{f('ort_s8', g)} / {f('ort_u8', g)}")
+            cells = [f"float {a['float']:.2f}"] + [
+                f"sim {p} {a[f'simulated_{p}']:.2f}" for p in (POLICY, TRT_POLICY)
+                if f"simulated_{p}" in a] + [
+                f"{k} {a[k]:.2f} ({g[k]:.1f})" for k in cols if k in a and k in g]
+            lines.append(f"{r['model']:<26} " + ", ".join(cells))
     return "\n".join(lines)
 
 

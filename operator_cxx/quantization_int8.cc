@@ -2,6 +2,8 @@
 //
 // Inputs:  data, minmax (aux: range, shape (1,) or (C,)), qstate (aux: [step, training]).
 // Output:  dequant(quant(data)).
+// signed=False (activations): codes 0..2^b - 1, scale amax / (2^b - 1), for tensors that are
+// never negative: the uint8 a CPU engine runs after a ReLU, with all 256 codes in use.
 // The kernels are in kernels/fake_quant.h; this file binds them to lib_api.h.
 #include <string>
 #include <vector>
@@ -26,11 +28,13 @@ struct Int8Params {
   bool clip_grad;
   bool fix_act_scale;
   int channel_axis;
+  bool is_signed;
 
   explicit Int8Params(const qo::AttrMap& a) {
     qo::check_known_keys(kOp, a,
                          {"nbits", "is_weight", "is_weight_perchannel", "delay_quant",
-                          "ema_decay", "grad_mode", "fix_act_scale", "channel_axis"});
+                          "ema_decay", "grad_mode", "fix_act_scale", "channel_axis",
+                          "signed"});
     nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 8, 2, 16));
     is_weight = qo::attr_bool(kOp, a, "is_weight", false);
     perchannel = qo::attr_bool(kOp, a, "is_weight_perchannel", false);
@@ -39,13 +43,21 @@ struct Int8Params {
     clip_grad = qo::attr_choice(kOp, a, "grad_mode", {"ste", "clip"}, 0) == 1;
     fix_act_scale = qo::attr_bool(kOp, a, "fix_act_scale", false);
     channel_axis = static_cast<int>(qo::attr_int(kOp, a, "channel_axis", 0, 0, 7));
+    is_signed = qo::attr_bool(kOp, a, "signed", true);
+    if (!is_signed && is_weight)
+      throw qo::AttrError(std::string(kOp) +
+                          ": signed=False needs is_weight=False (weights are symmetric int8; "
+                          "unsigned codes are for non-negative activations)");
     if (perchannel && !is_weight)
       throw qo::AttrError(std::string(kOp) +
                           ": is_weight_perchannel=True needs is_weight=True (activations are "
                           "quantized per tensor)");
   }
   bool per_channel() const { return is_weight && perchannel; }
-  qo::QRange range() const { return qo::qrange(nbits, is_weight); }
+  // unsigned: codes 0..2^b - 1 on [0, amax] (negative inputs clamp to 0)
+  qo::QRange range() const {
+    return is_signed ? qo::qrange(nbits, is_weight) : qo::qrange_unsigned(nbits);
+  }
 };
 
 // Shape of `data` seen around the channel axis (a per-tensor quantizer has one channel).

@@ -538,8 +538,9 @@ class QuantizedModel:
                data: ArrayLike | None = None):
         """ONNX QDQ, TensorRT calibration cache, ranges JSON and the alignment report
         (MXNet against onnxruntime on ``check_input``, default uniform noise), all or none.
-        ``activations="u8"`` writes activation codes as uint8 with zero point 128 (the same
-        values; onnxruntime's fast kernels on x86).  ``mxnet_int8`` adds MXNet's native INT8
+        ``activations="u8"`` writes signed activation codes as uint8 with zero point 128 (the
+        same values; onnxruntime's fast kernels on x86; ``cpu_int8``'s unsigned ones are
+        uint8 with zero point 0 either way).  ``mxnet_int8`` adds MXNet's native INT8
         model (``<name>-int8-symbol.json`` and ``-0000.params``, see ``to_mxnet_int8``;
         ``data`` as there).  Returns the ``Exported`` record with ``alignment`` set."""
         from .export import export_model

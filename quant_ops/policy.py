@@ -73,6 +73,9 @@ def _check_spec(method: Any, bits: Any, per_channel: Any, params: Any, path: str
     for k, v in params.items():
         if not m.params[k].check(v):
             fail(f"{path}.params.{k} = {v!r} must be {m.params[k].what}")
+        if role is not None and role not in m.params[k].roles:
+            fail(f"{path}.params.{k}: '{method}' takes '{k}' for "
+                 f"{' and '.join(m.params[k].roles)}s only, not {role}s")
 
 
 @dataclass(frozen=True)
@@ -322,12 +325,19 @@ QuantPolicy.preset = classmethod(_preset_by_name)  # type: ignore[assignment,met
 
 _TRT_INT8 = QuantPolicy(weight=QuantSpec("int8", 8, per_channel=True),
                         activation=QuantSpec("int8", 8, params={"ema_decay": 0.99}), preset="trt_int8")
+_SHARED = ("elemwise_add", "_Plus", "broadcast_add", "Concat")
 PRESETS: dict[str, QuantPolicy] = {
     "trt_int8": _TRT_INT8,
     # TensorRT fuses residual adds and concats and needs their inputs on one scale
     "trt_int8_shared": QuantPolicy(weight=_TRT_INT8.weight, activation=_TRT_INT8.activation,
-                                   shared_inputs=("elemwise_add", "_Plus", "broadcast_add", "Concat"),
-                                   preset="trt_int8_shared"),
+                                   shared_inputs=_SHARED, preset="trt_int8_shared"),
+    # CPU engines (oneDNN in MXNet, onnxruntime): uint8 codes 0..255 on tensors that are
+    # never negative, so a ReLU/ReLU6 folds into the layer before it (onnxruntime drops it
+    # before a zero point of 0) and the grid there is twice as fine; int8 elsewhere
+    "cpu_int8": QuantPolicy(weight=_TRT_INT8.weight,
+                            activation=_TRT_INT8.activation.merged({"params": {"signed": False}},
+                                                                   "activation"),
+                            shared_inputs=_SHARED + ("Pooling",), preset="cpu_int8"),
 }
 
 

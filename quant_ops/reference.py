@@ -13,15 +13,18 @@ import numpy as np
 f32 = np.float32
 
 
-def qrange(nbits: int, narrow: bool) -> tuple[float, float]:
-    """(qmin, qmax) of a symmetric signed quantizer; ``narrow`` drops -2^(b-1) (weights)."""
+def qrange(nbits: int, narrow: bool, signed: bool = True) -> tuple[float, float]:
+    """(qmin, qmax) of a symmetric signed quantizer; ``narrow`` drops -2^(b-1) (weights).
+    Unsigned (``signed`` False): codes 0..2^b - 1, uint8 with zero point 0 at 8 bits."""
+    if not signed:
+        return 0.0, float(2 ** nbits - 1)
     qmax = float(2 ** (nbits - 1) - 1)
     return (-qmax if narrow else -qmax - 1.0), qmax
 
 
-def scale_of(amax, nbits: int) -> np.ndarray:
+def scale_of(amax, nbits: int, signed: bool = True) -> np.ndarray:
     """Scale in float32, as the engine computes it (not in double, then rounded)."""
-    return np.asarray(amax, dtype=f32) / f32(qrange(nbits, False)[1])
+    return np.asarray(amax, dtype=f32) / f32(qrange(nbits, False, signed)[1])
 
 
 def _broadcast(v: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
@@ -33,15 +36,16 @@ def _broadcast(v: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 
 def fake_quant(x: np.ndarray, amax, nbits: int = 8, narrow: bool = False,
-               axis: int | None = None) -> np.ndarray:
+               axis: int | None = None, signed: bool = True) -> np.ndarray:
     """dequant(quant(x)) with one range (``axis=None``) or one range per slice along ``axis``.
 
     ``+ 0`` turns a rounded -0 into +0 (the integer code 0 dequantizes to +0).  A zero range
     gives the signed zeros ONNX Runtime gives (+0 for x > 0, else -0); NaN stays NaN.
+    ``signed`` False: codes 0..2^b - 1 on [0, amax] (negative values give 0).
     """
     x = np.asarray(x, dtype=f32)
-    qmin, qmax = qrange(nbits, narrow)
-    s = _broadcast(scale_of(amax, nbits), x.ndim, axis)
+    qmin, qmax = qrange(nbits, narrow, signed)
+    s = _broadcast(scale_of(amax, nbits, signed), x.ndim, axis)
     ok = (s > 0) & np.isfinite(s)
     safe = np.where(ok, s, f32(1))
     with np.errstate(invalid="ignore"):
@@ -80,6 +84,7 @@ class Int8Attrs:
     grad_mode: str = "ste"
     fix_act_scale: bool = False
     channel_axis: int = 0
+    signed: bool = True          # False: unsigned activation codes 0..2^b - 1
 
     @property
     def axis(self) -> int | None:
@@ -93,7 +98,10 @@ def quantization_int8_forward(x, minmax, qstate, attrs: Int8Attrs):
     when per-channel), narrow range.  Activations: in training, EMA of the batch max|x|
     (initialized by the first batch; ``fix_act_scale`` keeps an initialized range); frozen in
     inference.  During the first ``delay_quant`` training steps the output is ``x``.
+    ``signed`` False (activations only): codes 0..2^b - 1, scale amax / (2^b - 1).
     """
+    if attrs.is_weight and not attrs.signed:
+        raise ValueError("signed=False is for activations (weights are symmetric)")
     x = np.asarray(x, dtype=f32)
     minmax = np.array(minmax, dtype=f32).reshape(-1)
     qstate = np.array(qstate, dtype=f32).reshape(-1)
@@ -110,7 +118,8 @@ def quantization_int8_forward(x, minmax, qstate, attrs: Int8Attrs):
     if training and step < attrs.delay_quant:
         return x.copy(), minmax, qstate
     amax = minmax if attrs.axis is not None else minmax[0]
-    return fake_quant(x, amax, attrs.nbits, attrs.is_weight, attrs.axis), minmax, qstate
+    return (fake_quant(x, amax, attrs.nbits, attrs.is_weight, attrs.axis, attrs.signed),
+            minmax, qstate)
 
 
 def quantization_int8_backward(grad, x, minmax, qstate, attrs: Int8Attrs) -> np.ndarray:
@@ -123,10 +132,10 @@ def quantization_int8_backward(grad, x, minmax, qstate, attrs: Int8Attrs) -> np.
     delayed = qstate[1] > 0.5 and qstate[0] - 1 < attrs.delay_quant
     if attrs.grad_mode == "ste" or delayed:
         return grad.copy()
-    qmin, qmax = qrange(attrs.nbits, attrs.is_weight)
+    qmin, qmax = qrange(attrs.nbits, attrs.is_weight, attrs.signed)
     mm = np.asarray(minmax, dtype=f32).reshape(-1)
-    s = _broadcast(scale_of(mm if attrs.axis is not None else mm[0], attrs.nbits), x.ndim,
-                   attrs.axis)
+    s = _broadcast(scale_of(mm if attrs.axis is not None else mm[0], attrs.nbits,
+                            attrs.signed), x.ndim, attrs.axis)
     ok = (s > 0) & np.isfinite(s)
     with np.errstate(invalid="ignore", divide="ignore"):
         q = np.rint(x / np.where(ok, s, f32(1)))

@@ -70,6 +70,39 @@ def test_residual_add_inputs_are_calibrated_on_their_own_values(model):
     assert len(want) < len(activation_tensors(q.graph)) - 1   # the adds' inputs do share
 
 
+def test_unsigned_tensors_are_calibrated_for_their_own_grid(model):
+    """An unsigned b-bit quantizer has 2^b - 1 steps on [0, a]: MSE searches that grid (the
+    signed (b+1)-bit one's positive half), so it keeps a wider range than for int8 codes;
+    entropy stays TensorRT's (128 levels)."""
+    from quant_ops.calib.observers import make_observer
+    from quant_ops.graph.quantizers import quantizers
+
+    _, sym, params, batches = model
+    q = quantize_graph(Graph.from_symbol(sym), params, "cpu_int8", fold_bn="deploy")
+    acts = [a for a in quantizers(q.graph) if not a.is_weight]
+    unsigned = [a for a in acts if a.unsigned]
+    assert unsigned
+    _, mse = calibrate_graph(q.graph, q.params, batches, "mse", progress=False)
+    _, ent = calibrate_graph(q.graph, q.params, batches, "entropy", progress=False)
+    internals = strip_quantizers(q.graph).to_symbol().get_internals()
+    names = set(internals.list_outputs())
+    for a in unsigned[:3]:
+        t = internals[a.tensor if a.tensor in names else f"{a.tensor}_output"]
+        args = {k: mx.nd.array(q.params[k]) for k in t.list_arguments() if k != "data"}
+        vals = [t.bind(mx.cpu(), {**args, "data": mx.nd.array(b)}).forward()[0].asnumpy()
+                for b in batches]
+        top = max(float(np.abs(v).max()) for v in vals)
+
+        def observed(method, bits):
+            o = make_observer(method, name=a.tensor, num_bits=bits, amax_hint=top)
+            for v in vals:
+                o.observe(v)
+            return float(o.amax())
+        assert mse[a.name] == pytest.approx(observed("mse", 9), rel=1e-6)
+        assert mse[a.name] != pytest.approx(observed("mse", 8), rel=1e-6)
+        assert ent[a.name] == pytest.approx(observed("entropy", 8), rel=1e-6)
+
+
 def test_a_shorter_last_batch_counts_like_any_other(model):
     q, _, _, batches = model
     whole = np.concatenate(batches)                        # 24 images

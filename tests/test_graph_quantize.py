@@ -197,6 +197,32 @@ def test_shared_scale_at_residual_adds():
     assert strip_quantizers(q).to_symbol().tojson() == sym.tojson()
 
 
+def test_cpu_int8_is_unsigned_exactly_where_a_tensor_cannot_be_negative():
+    """ReLU outputs get codes 0..255; a residual add's conv input (signed) and the network
+    input keep int8; the one range a group shares stays one variable."""
+    from quant_ops.graph.quantizers import quantizers
+    from quant_ops.graph.sign import nonnegative
+
+    _, _, _, sym, params = zoo_graph("cifar_resnet20_v1", (2, 3, 32, 32))
+    g = Graph.from_symbol(sym)
+    rw = insert_quantizers(g, QuantPolicy.preset("cpu_int8"), {k: v.shape for k, v in
+                                                                params.items()})
+    nonneg = nonnegative(rw.graph)
+    acts = [q for q in quantizers(rw.graph) if not q.is_weight]
+    safe = {q.tensor for q in acts if tuple(q.node.inputs[0][:2]) in nonneg}
+    unsigned = {q.tensor for q in acts if q.unsigned}
+    assert unsigned and unsigned <= safe
+    assert {q.tensor for q in acts if not q.unsigned} & safe == set()
+    assert "data" not in unsigned
+    assert not any(q.unsigned for q in quantizers(rw.graph) if q.is_weight)
+    signed_notes = [r for r in rw.table if r["note"]]
+    assert signed_notes and all("signed form" in r["note"] for r in signed_notes)
+    groups: dict = {}
+    for q in acts:
+        groups.setdefault(q.range_var, set()).add(q.unsigned)
+    assert any(v == {True, False} for v in groups.values())   # a residual add's two inputs
+
+
 @pytest.mark.parametrize("weight,activation", [
     ({"method": "lsq", "bits": 4, "per_channel": True}, {"method": "pact", "bits": 4}),
     ({"method": "dorefa", "bits": 4}, {"method": "lsq", "bits": 4}),

@@ -227,3 +227,40 @@ def test_adaround_lowers_each_layers_error_and_keeps_the_weight_scales(resnet20)
         np.testing.assert_allclose(np.abs(w).reshape(len(w), -1).max(1), m0, rtol=1e-6)
         codes = w.reshape(len(w), -1) / (m0[:, None] / 7)
         np.testing.assert_allclose(codes, np.rint(codes), atol=1e-3)
+
+
+# -- the CPU preset: unsigned activations ------------------------------------------------------
+
+@pytest.mark.parametrize("name, convs", [("fmnist_resnet20", 21), ("fmnist_mobilenetv2", 25)])
+def test_cpu_int8_runs_every_conv_in_integers_with_no_rectifier_left(name, convs, tmp_path):
+    """cpu_int8: post-ReLU tensors are uint8 with zero point 0 in both exports, so
+    onnxruntime folds every ReLU/ReLU6 into the layer before it (no float rectifier and no
+    lookup table left), and it computes what the simulation computes."""
+    import onnxruntime as ort
+
+    q, _, x, _ = _bundled(name, "cpu_int8", n_test=200)
+    s8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "s8.onnx", {"data": (1, 1, 28, 28)})
+    zps = {t.name: t for t in onnx.load(str(s8)).graph.initializer
+           if t.name.endswith("_zero_point")}
+    assert any(t.data_type == onnx.TensorProto.UINT8 for t in zps.values())
+    assert all(onnx.numpy_helper.to_array(t).max() == 0 for t in zps.values())
+    ex = q.export(tmp_path / "cpu", input_shape=(1, 1, 28, 28), activations="u8")
+    a = ex.alignment       # each quantizer alone is exact; a layer's float sums may differ
+    assert a["isolated_identical_min"] == 1.0, a
+    assert a["per_layer_identical_all"] >= 0.999, a
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(str(ex.onnx), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == convs
+    assert not {"Conv", "FusedConv", "Relu", "Clip", "QLinearLeakyRelu"} & set(ops)
+    got = np.array([sess.run(None, {"data": x[i:i + 1]})[0].argmax(1)[0] for i in range(len(x))])
+    assert (got == q.predict(x).argmax(1)).mean() >= 0.99
+
+
+def test_cpu_int8_native_int8_agrees_with_its_simulation():
+    q, cal, x, y = _bundled("fmnist_mobilenetv2", "cpu_int8")
+    sim = q.predict(x).argmax(1)
+    got = _predict(q.to_mxnet_int8(cal), x).argmax(1)
+    assert (got == sim).mean() >= 0.985
+    assert abs((got == y).mean() - (sim == y).mean()) <= 0.005

@@ -89,7 +89,7 @@ def cases(m: methods.Method, with_flags: bool = False) -> list[Case]:
     if with_flags:
         flags = [k for k, p in m.params.items() if p.attr and p.check(True) and p.check(False)]
         res += [Case(c.role, c.per_channel, ((k, v),)) for c in list(res) for k in flags
-                for v in (True, False)]
+                if c.role in m.params[k].roles for v in (True, False)]
     return res
 
 
@@ -225,9 +225,16 @@ def test_role_defaults_are_valid_policy_params_and_the_operator_takes_them(m):
 
 @each_method
 def test_policy_params_refuse_bad_values_and_the_operator_takes_good_ones(m):
-    role = m.roles[0]
     args = [mx.nd.ones((4, 3))] + [mx.nd.ones(i.size(1)) for i in m.inputs]
     for k, p in m.params.items():
+        role = next(r for r in m.roles if r in p.roles)   # a role the param is for
+        if set(m.roles) - set(p.roles):
+            other = next(r for r in m.roles if r not in p.roles)
+            with pytest.raises(QuantOpsError, match=rf"{other}.params.{k}: .* for "
+                                                    rf"{role}s only"):
+                QuantPolicy.from_dict({other: {"method": m.name, "bits": m.default_bits,
+                                               "params": {k: next(v for v in CANDIDATES
+                                                                  if p.check(v))}}})
         for bad in BAD_VALUES:
             with pytest.raises(QuantOpsError) as e:
                 QuantPolicy.from_dict({role: {"method": m.name, "bits": m.default_bits,
@@ -247,6 +254,7 @@ def test_policy_params_refuse_bad_values_and_the_operator_takes_good_ones(m):
             attrs = m.op_attrs(m.default_bits, False, {}, role == "weight")
             with pytest.raises(OperatorError, match=f"{m.op}: attribute '{k}'"):
                 getattr(mx.nd, m.op)(*args, **{**attrs, k: "bogus"}).wait_to_read()
+    role = m.roles[0]
     with pytest.raises(QuantOpsError, match=rf"unknown key '{role}\.params\.colour'"):
         QuantPolicy.from_dict({role: {"method": m.name, "bits": m.default_bits,
                                       "params": {"colour": 1}}})

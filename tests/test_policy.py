@@ -50,6 +50,17 @@ def test_trt_int8_shared_preset():
     assert (p.weight, p.activation, p.quantize_ops) == (base.weight, base.activation, base.quantize_ops)
 
 
+def test_cpu_int8_preset_has_unsigned_activations_only():
+    p, base = QuantPolicy.preset("cpu_int8"), PRESETS["trt_int8"]
+    assert p.weight == base.weight and p.activation.method == "int8"
+    assert p.activation.params["signed"] is False
+    assert p.shared_inputs == ("elemwise_add", "_Plus", "broadcast_add", "Concat", "Pooling")
+    assert p.activation.descriptor.unsigned(p.activation.op_attrs(is_weight=False))
+    with pytest.raises(QuantOpsError, match=r"weight.params.signed: 'int8' takes 'signed' "
+                                            r"for activations only"):
+        QuantPolicy.from_dict({"preset": "trt_int8", "weight": {"params": {"signed": False}}})
+
+
 def test_presets_are_immutable():
     p = QuantPolicy.preset("trt_int8")
     with pytest.raises(TypeError):
@@ -194,7 +205,7 @@ def test_check_patterns():
     ({"activation": {"params": {"decay": 0.9}}},
      "unknown key 'activation.params.decay' (known: delay_quant,"),
     ({"activation": {"params": [1]}}, "activation.params must be a mapping"),
-    ({"preset": "trt_int9"}, "preset: unknown preset 'trt_int9' (known: lsq_w2a2, "),
+    ({"preset": "trt_int9"}, "preset: unknown preset 'trt_int9' (known: cpu_int8, lsq_w2a2, "),
     ({"quantize_ops": "Convolution"}, "quantize_ops must be a list of strings, got 'Convolution'"),
     ({"shared_inputs": ["Add"]}, "shared_inputs: 'Add' cannot share input scales (allowed: elemwise_add,"),
     ({"skip": {"nmes": ["a"]}}, "unknown key 'skip.nmes' (known: first_layer, last_layer, names, ops)"),

@@ -108,16 +108,40 @@ def test_per_tensor_weight_narrow_range_bit_identical_to_onnxruntime():
     assert (np.rint(y / (mm[0] / f32(127))) >= -127).all()
 
 
+@pytest.mark.parametrize("amax", [3.7, 6.0, 0.0123])
+def test_unsigned_activation_bit_identical_to_onnxruntime_uint8(amax):
+    """signed=False is uint8 QDQ with zero point 0: codes 0..255, scale amax / 255;
+    negative values give +0, ties round to even."""
+    rng = np.random.default_rng(3)
+    s = f32(amax) / f32(255)
+    k = rng.integers(0, 255, 200_000).astype(f32)
+    ties = ((k + f32(0.5)) * s).astype(f32)
+    ties = ties[(ties / s) == k + f32(0.5)]
+    x = np.concatenate([activation_sample(amax, 400_000, rng), ties,
+                        np.array([255.5 * s, 254.5 * s, -0.4 * s, -0.5 * s], f32)])
+    assert ties.size > 50_000
+    y, mm, _ = op(x, [amax], INFER, signed=False)
+    want = ort_qdq(x, s, unsigned=True)
+    assert np.array_equal(bits(y), bits(want))
+    assert np.array_equal(bits(y), bits(ref.fake_quant(x, amax, signed=False)))
+    finite = y[np.isfinite(y)]
+    assert finite.min() == 0 and finite.max() == f32(255) * s
+    assert len(np.unique(finite)) == 256          # every code in use, twice int8's levels
+    assert mm[0] == f32(amax)
+
+
 # -- the numpy reference is the spec ---------------------------------------------------
 
 @pytest.mark.parametrize("nbits", [2, 3, 4, 5, 8, 12, 16])
-@pytest.mark.parametrize("mode", ["act", "weight", "weight_pc", "weight_pc_axis1"])
+@pytest.mark.parametrize("mode", ["act", "act_unsigned", "weight", "weight_pc",
+                                  "weight_pc_axis1"])
 def test_forward_matches_reference(nbits, mode):
     rng = np.random.default_rng(nbits)
     x = rng.normal(0, 2, (8, 6, 5, 5)).astype(f32)
     x[0, 0, 0, :3] = [np.nan, 0.0, -0.0]
     attrs = {
         "act": {},
+        "act_unsigned": dict(signed=False),
         "weight": dict(is_weight=True),
         "weight_pc": dict(is_weight=True, is_weight_perchannel=True),
         "weight_pc_axis1": dict(is_weight=True, is_weight_perchannel=True, channel_axis=1),
@@ -218,6 +242,25 @@ def test_backward_matches_reference(grad_mode, is_weight):
         assert (want == 0).sum() > 10  # the clip mode really clipped
     if grad_mode == "ste" or is_weight:
         assert np.array_equal(want, g)  # weights: their own max, nothing outside
+
+
+def test_unsigned_clip_gradient_is_zero_below_zero_and_above_the_range():
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 2, (5, 40)).astype(f32)
+    g = rng.normal(0, 1, x.shape).astype(f32)
+    a = Int8Attrs(grad_mode="clip", signed=False)
+    xs = mx.nd.array(x)
+    xs.attach_grad()
+    with autograd.record():
+        y = mx.nd.Quantization_int8(xs, mx.nd.array([1.5]), mx.nd.array(INFER),
+                                    grad_mode="clip", signed=False)
+    y.backward(mx.nd.array(g))
+    _, rmm, rst = ref.quantization_int8_forward(x, [1.5], INFER, a)
+    want = ref.quantization_int8_backward(g, x, rmm, rst, a)
+    assert np.array_equal(xs.grad.asnumpy(), want)
+    s = f32(1.5) / f32(255)
+    passed = (x >= -0.5 * s) & (x <= 1.5 + 0.5 * s)
+    assert np.array_equal(want != 0, passed & (g != 0))
 
 
 def test_clip_gradient_not_applied_during_delay():
@@ -388,6 +431,8 @@ def test_checkpoint_save_parameters_and_export_keep_ranges(tmp_path):
     (dict(is_weight="maybe"), "'is_weight' must be True or False"),
     (dict(ema_decay=1.5), "'ema_decay' must be a number in"),
     (dict(is_weight_perchannel=True), "needs is_weight=True"),
+    (dict(is_weight=True, signed=False), "signed=False needs is_weight=False"),
+    (dict(signed="no"), "'signed' must be True or False"),
 ])
 def test_bad_attribute_is_a_clear_error(attrs, needle):
     x = mx.nd.ones((2, 3))

@@ -49,6 +49,12 @@ QO_HD QRange qrange(int nbits, bool narrow) {
   return QRange{narrow ? -qmax : -qmax - 1.0f, qmax};
 }
 
+/*! \brief Integer range of a b-bit unsigned quantizer: codes 0..2^b - 1 (uint8 with zero point
+ *  0 at 8 bits, what oneDNN and onnxruntime run after a ReLU). */
+QO_HD QRange qrange_unsigned(int nbits) {
+  return QRange{0.0f, static_cast<float>((1 << nbits) - 1)};
+}
+
 /*! \brief Scale from a range, computed in float32 as the deployment engine does. */
 QO_HD float scale_of(float amax, float qmax) { return amax / qmax; }
 

@@ -99,8 +99,12 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
     inputs = {q.tensor for q in quantizers if q.tensor in variables}
     methods = {t: (input_method or method) if t in inputs else method for t in tensors}
     bits = {}
+    unsigned = {q.tensor for q in quantizers if q.unsigned}
     for q in quantizers:
-        bits[q.tensor] = min(bits.get(q.tensor, 16), q.bits)
+        # an unsigned b-bit grid on [0, a] has the levels of a signed (b+1)-bit one there,
+        # which is what the observers and the auto scoring model
+        width = q.bits + 1 if q.unsigned else q.bits
+        bits[q.tensor] = min(bits.get(q.tensor, width), width)
     first = np.asarray(batches[0], np.float32)
     probe = _probe(graph, tensors, params, data_name, first.shape)
 
@@ -143,7 +147,10 @@ def calibrate_graph(graph: Graph, params: dict, batches: Iterable[np.ndarray],
         if methods[t] in HISTOGRAM_METHODS and hints.get(t, 0) > 0:
             kw["amax_hint"] = hints[t]
         if methods[t] in BITS_AWARE:
-            kw.setdefault("num_bits", bits[t])
+            # TensorRT's entropy is defined on its signed grid: an unsigned tensor keeps it
+            # (KL over 256 levels clips post-ReLU tensors far too hard)
+            narrow = methods[t] == "entropy" and t in unsigned
+            kw.setdefault("num_bits", bits[t] - 1 if narrow else bits[t])
         return make_observer(methods[t], name=t, **kw)
 
     observers = {t: observer(t) for t in tensors}
@@ -196,9 +203,10 @@ def _auto(graph: Graph, params: dict, batches: list, data_name: str, quantizers:
     from .auto import choose, nearest_float
 
     candidates = {t: o.candidates() for t, o in observers.items() if methods[t] == "auto"}
-    unsigned = {q.tensor for q in quantizers if q.unsigned}
+    # an unsigned quantizer on a tensor with negative values is not the signed grid
+    clipped = {q.tensor for q in quantizers if q.unsigned} & negative
     chosen = choose(graph, params, batches, data_name, candidates, bits,
-                    set(candidates) - unsigned, progress)
+                    set(candidates) - clipped, progress)
     picked = dict(amax, **{t: a for t, (_, a) in chosen.items()})
     minmax = dict(amax, **{t: c["minmax"] for t, c in candidates.items()})
     options = [_with_ranges(quantizers, params, r, negative) for r in (picked, minmax)]

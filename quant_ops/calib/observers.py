@@ -236,7 +236,8 @@ class EntropyObserver(HistogramObserver):
     clipped histogram and its ``2**(num_bits-1)``-level quantization; see
     :mod:`quant_ops.calib.algorithms` for the exact conventions.
 
-    ``start_bin`` (default 128) is the smallest candidate number of kept bins, ``stride`` the step
+    ``start_bin`` (default 128, or the number of levels where that is more: an unsigned 8-bit
+    tensor is observed as 9-bit) is the smallest candidate number of kept bins, ``stride`` the step
     between candidates; ``fix_zero_bin`` replaces the count of bin 0 by that of bin 1 before the
     search (pytorch-quantization does; keeps ReLU zeros from dominating).
     """
@@ -244,11 +245,12 @@ class EntropyObserver(HistogramObserver):
     method = "entropy"
 
     def __init__(self, name: str = "tensor", bins: int = 2048, amax_hint: Optional[float] = None,
-                 num_bits: int = 8, start_bin: int = 128, stride: int = 1, fix_zero_bin: bool = True,
-                 oversample: int = 32):
-        levels = 2 ** (int(num_bits) - 1)
+                 num_bits: int = 8, start_bin: Optional[int] = None, stride: int = 1,
+                 fix_zero_bin: bool = True, oversample: int = 32):
         if int(num_bits) < 2:
             raise QuantOpsError("tensor %r: num_bits must be >= 2, got %r" % (str(name), num_bits))
+        levels = 2 ** (int(num_bits) - 1)
+        start_bin = max(128, levels) if start_bin is None else start_bin
         if not (levels <= int(start_bin) <= int(bins)):
             raise QuantOpsError("tensor %r: need %d (levels) <= start_bin (%r) <= bins (%r)"
                                 % (str(name), levels, start_bin, bins))

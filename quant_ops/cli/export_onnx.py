@@ -27,8 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt-version", type=int, default=8601,
                    help="TensorRT version written in the cache header (e.g. 8601)")
     p.add_argument("--activations", choices=("s8", "u8"), default="s8",
-                   help="activation codes: s8 (TensorRT's convention, default) or u8 (zero "
-                        "point 128, the same values; onnxruntime's fast kernels on x86 CPUs)")
+                   help="activation codes: s8 (as the model's quantizers are: int8, and "
+                        "uint8 for cpu_int8's unsigned ones; default) or u8 (every activation "
+                        "uint8, signed ones at zero point 128: the same values, onnxruntime's "
+                        "fast kernels on x86 CPUs)")
     p.add_argument("--mxnet-int8", action="store_true",
                    help="also write <name>-int8-symbol.json / -0000.params: MXNet's own "
                         "INT8 graph (oneDNN) with this model's ranges")

@@ -7,11 +7,15 @@ implicit INT8, activation tensors by their ONNX names) and ``<name>.ranges.json`
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..fileio import staged_dir
 from ..graph.ir import Graph
+from ..graph.quantizers import quantizers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +42,12 @@ def export_model(graph: Graph, params: dict, out_dir: str | Path, name: str,
         _, dgraph, dparams = export_onnx(graph, params, tmp / f"{name}.onnx", input_shapes,
                                          opset, activations=activations)
         ranges = activation_ranges(dgraph, dparams)
+        unsigned = [q.name for q in quantizers(dgraph) if not q.is_weight and q.unsigned]
+        if unsigned:
+            log.warning("%s: %d activation quantizers are unsigned (e.g. %s): TensorRT's "
+                        "INT8 is signed, so an engine built from %s.calib.cache rounds "
+                        "them on a grid half as fine as the simulation's (a trt_int8 "
+                        "preset matches TensorRT)", name, len(unsigned), unsigned[0], name)
         write_cache(tmp / f"{name}.calib.cache", ranges, trt_version=trt_version,
                     algorithm="EntropyCalibration2")
         write_ranges_json(tmp / f"{name}.ranges.json", ranges)

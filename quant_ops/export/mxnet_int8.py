@@ -12,8 +12,9 @@ Where it agrees with the simulation and where it cannot (measured by
   a learned clip that no weight of a channel reaches gives MXNet a finer scale);
 - activations: a quantizer's amax becomes the threshold of the fused node that produces
   the tensor (conv + BN + ReLU + residual add fuse into one node).  MXNet stores a tensor
-  that cannot be negative as uint8 (scale amax / 255: finer than the simulation's
-  amax / 127, and its choice: a fused ReLU always gives uint8);
+  that cannot be negative as uint8 (scale amax / 255, and its choice: a fused ReLU always
+  gives uint8): the simulation's own grid under the ``cpu_int8`` preset (unsigned
+  activations there), twice as fine as TensorRT's amax / 127 under ``trt_int8*``;
 - MXNet adds the bias in int32 and requantizes int32 sums to the next layer's codes in
   one step, where the simulation adds a float bias and rounds once at the next quantizer;
 - a residual add runs on the quantized shortcut (as in TensorRT); the simulation adds the

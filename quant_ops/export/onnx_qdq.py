@@ -238,7 +238,8 @@ def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
 
     onnxruntime has no quantized Relu or Clip for zero point 128 (it drops them only before
     a zero point of 0), so they stay float between a DQ and a Q; a LeakyRelu there becomes
-    one QLinearLeakyRelu (a 256-entry table on the codes).  The values are the same: max(x,
+    one QLinearLeakyRelu (a 256-entry table on the codes).  One that feeds only zero-point-0
+    quantizers (unsigned activations) stays: onnxruntime removes it itself.  The values are the same: max(x,
     0) with the sign of zero aside, which no quantizer sees; a Clip's upper bound M is
     dropped only where every quantizer it feeds saturates at or below it (127 x scale <= M
     for zero point 128)."""
@@ -267,6 +268,8 @@ def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
         tops = [u8_top(c) if c.op_type == "QuantizeLinear" else None for c in consumers]
         if zp is None or zp.dtype != np.uint8 or not consumers or None in tops:
             continue
+        if all(float(const(c.input[2]).reshape(-1)[0]) == 0 for c in consumers):
+            continue   # before a zero point of 0 onnxruntime removes it outright
         if n.op_type == "Clip":      # opset >= 11: bounds are inputs
             lo_name, hi_name = (list(n.input[1:3]) + ["", ""])[:2]
             lo, hi = (const(lo_name) if lo_name else None), (const(hi_name) if hi_name else None)

@@ -56,6 +56,7 @@ class Param:
     check: Callable[[Any], bool]
     what: str
     attr: bool = True
+    roles: tuple[str, ...] = ("weight", "activation")   # the roles it may be set for
 
 
 def boolean() -> Param:

@@ -1,6 +1,10 @@
 """INT8 QAT, TensorRT-aligned (Jacob et al. 2017): symmetric, zero point 0, EMA activation
 ranges, per-channel weights with narrow range, delayed start.  The deployment format.
 
+``signed: false`` (activations): codes 0..2^b - 1 with scale amax / (2^b - 1) on tensors that
+are never negative (after a ReLU): the uint8 that oneDNN and onnxruntime run on CPUs, with
+twice TensorRT's resolution there; a tensor that can be negative keeps the signed form.
+
 Seed import (``from_seed``; the graph side is quant_ops/graph/seed.py).
 
 What the seed's ``_contrib_Quantization_int8`` was (its ``Quantization_int8Para``):
@@ -73,13 +77,20 @@ class _Int8(Method):
             params = {"fix_act_scale": True, **params}
         return super().op_attrs(bits, per_channel, params, is_weight, channel_axis)
 
+    def unsigned(self, attrs):
+        return not flag(attrs, "is_weight") and not flag(attrs, "signed", True)
+
+    def signed_params(self, params):
+        return {**params, "signed": True}
+
     def from_range(self, attrs, amax, signed):
         return {"minmax": np.array([amax], f32)}
 
     def qdq(self, attrs, value):
         per_axis = self.per_axis(attrs)
-        scale = np.asarray(value, f32).reshape(-1) / f32(2 ** (self.nbits(attrs) - 1) - 1)
-        return QDQ(scale if per_axis else scale[:1].reshape(()), True, per_axis)
+        signed = not self.unsigned(attrs)
+        scale = ref.scale_of(np.asarray(value, f32).reshape(-1), self.nbits(attrs), signed)
+        return QDQ(scale if per_axis else scale[:1].reshape(()), signed, per_axis)
 
     def deploy_state(self, attrs, weight):
         axis = int(attrs.get("channel_axis", "0")) if self.per_axis(attrs) else None
@@ -289,7 +300,8 @@ METHOD = _Int8(
     params={"ema_decay": Param(lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
             "delay_quant": Param(_delay, "an integer >= 0"),
             "grad_mode": choice("ste", "clip"),
-            "fix_act_scale": boolean()},
+            "fix_act_scale": boolean(),
+            "signed": Param(lambda v: isinstance(v, bool), "true or false", roles=("activation",))},
     range_input="minmax", linear=True, scale_follows_weight=True,
     seed_ops={"_contrib_Quantization_int8": ("data", "minmax"),
               "Custom:Quantization_int8_PY": ("data", "minmax"),
