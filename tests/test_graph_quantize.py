@@ -223,6 +223,21 @@ def test_cpu_int8_is_unsigned_exactly_where_a_tensor_cannot_be_negative():
     assert any(v == {True, False} for v in groups.values())   # a residual add's two inputs
 
 
+def test_average_pooling_inputs_are_quantized_and_max_pooling_inputs_are_not():
+    """A max pooling passes codes through (the quantizer after it serves); an average
+    pooling's input gets one, so the engine can pool in integers."""
+    _, _, _, sym, params = zoo_graph("resnet18_v1", (1, 3, 224, 224))
+    g = Graph.from_symbol(sym)
+    rw = insert_quantizers(g, QuantPolicy.preset("cpu_int8"), {k: v.shape for k, v in
+                                                                params.items()})
+    pools = {n.name: n for _, n in rw.graph.ops() if n.op == "Pooling"}
+    kinds = {n.attrs.get("pool_type", "max") for n in pools.values()}
+    assert kinds == {"max", "avg"}
+    for n in pools.values():
+        src = rw.graph.nodes[n.inputs[0][0]]
+        assert (src.op == "Quantization_int8") == (n.attrs.get("pool_type") == "avg"), n.name
+
+
 @pytest.mark.parametrize("weight,activation", [
     ({"method": "lsq", "bits": 4, "per_channel": True}, {"method": "pact", "bits": 4}),
     ({"method": "dorefa", "bits": 4}, {"method": "lsq", "bits": 4}),

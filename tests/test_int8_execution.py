@@ -192,6 +192,41 @@ def test_layer_output_quantizers_keep_values_through_relu6_and_maxpool(tmp_path)
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("scale, dropped", [(6.0 / 255, True), (0.03, False)])
+def test_rectifiers_before_unsigned_quantizers_go_without_changing_a_code(scale, dropped):
+    """A Relu, or a Clip [0, 6], that feeds only uint8 zero-point-0 quantizers is removed
+    when the quantizer saturates at or below the clip (255 s <= 6); the codes are the same
+    on inputs far beyond the range.  A quantizer that reaches above 6 keeps the Clip."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from quant_ops.export.onnx_qdq import drop_rectifiers_before_unsigned
+
+    init = [numpy_helper.from_array(np.float32(scale), "s"),
+            numpy_helper.from_array(np.uint8(0), "z"),
+            numpy_helper.from_array(np.float32(0.0), "lo"),
+            numpy_helper.from_array(np.float32(6.0), "hi")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["rq"]),
+             helper.make_node("DequantizeLinear", ["rq", "s", "z"], ["a"]),
+             helper.make_node("Clip", ["x", "lo", "hi"], ["c"], name="relu6"),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["b"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [4096])], [helper.make_tensor_value_info(
+            o, TensorProto.FLOAT, None) for o in ("a", "b")], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    before = model.SerializeToString()
+    assert drop_rectifiers_before_unsigned(model) == (["relu", "relu6"] if dropped
+                                                       else ["relu"])
+    x = np.random.default_rng(0).normal(0, 8, 4096).astype(np.float32)
+    want = session(before).run(None, {"x": x})
+    got = session(model.SerializeToString()).run(None, {"x": x})
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    assert want[1].max() == pytest.approx(min(6.0, 255 * scale), rel=1e-3)
+
+
 def test_native_int8_takes_unsigned_learned_ranges_at_their_full_width(resnet20):
     """An unsigned 8-bit activation quantizer (PACT: scale alpha/255) gives MXNet the
     threshold alpha, not half of it (the first version read 127 codes: 91.4% against 93.9%

@@ -232,6 +232,50 @@ def quantize_layer_outputs(model: onnx.ModelProto) -> list[str]:
     return done
 
 
+def _uint8_zero_top(inits: dict, q) -> float | None:
+    """The largest value of a per-tensor uint8 QuantizeLinear with zero point 0, else None."""
+    if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+        return None
+    scale, zp = inits.get(q.input[1]), inits.get(q.input[2])
+    if scale is None or zp is None \
+            or zp.data_type != TensorProto.UINT8 or len(zp.dims) or len(scale.dims) \
+            or int(numpy_helper.to_array(zp)) != 0:
+        return None
+    return float(np.float32(255) * numpy_helper.to_array(scale).astype(np.float32))
+
+
+def drop_rectifiers_before_unsigned(model: onnx.ModelProto) -> list[str]:
+    """Remove each Relu, or Clip with bounds [0, M], whose output goes only to uint8
+    quantizers with zero point 0 (all saturating at or below M); returns their names.
+
+    Exact: such a quantizer maps every negative value to code 0 and saturates at 255 s <= M,
+    so it gives the same codes with or without the rectifier.  The layer before then feeds
+    its quantizer directly, which onnxruntime runs as one integer kernel (a rectifier left
+    between a DequantizeLinear and a QuantizeLinear otherwise stays a float pair)."""
+    g = model.graph
+    inits, _, used_by, outputs = _wiring(g)
+    done = []
+    for n in list(g.node):
+        if n.op_type not in ("Relu", "Clip") or n.output[0] in outputs:
+            continue
+        consumers = used_by.get(n.output[0], [])
+        tops = [_uint8_zero_top(inits, c) for c in consumers]
+        if not consumers or None in tops or any(c.input[0] != n.output[0] for c in consumers):
+            continue
+        if n.op_type == "Clip":
+            bounds = [numpy_helper.to_array(inits[i]) if i in inits else None
+                      for i in list(n.input[1:3]) + [""] * (3 - len(n.input))]
+            if any(i and i not in inits for i in n.input[1:3]) or bounds[0] is None \
+                    or float(bounds[0]) != 0.0 \
+                    or (bounds[1] is not None and max(tops) > float(bounds[1])):
+                continue
+        for c in consumers:
+            c.input[0] = n.input[0]
+        g.node.remove(n)
+        done.append(n.name)
+    return done
+
+
 def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
     """Turn each Relu, or Clip with bounds [0, M], that reads a uint8 DequantizeLinear and
     feeds only uint8 QuantizeLinear nodes into LeakyRelu with alpha 0; returns their names.
@@ -289,7 +333,8 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
                 deploy: bool = True, activations: str = "s8") -> tuple[Path, Graph, dict]:
     """Write ``path`` (.onnx) atomically; returns it with the deployment graph and params
     that MXNet runs to match it.  ``input_shapes`` maps input names to shapes;
-    ``activations`` "s8" (TensorRT's convention) or "u8" (``activations_as_uint8`` and
+    ``activations`` "s8" (as the quantizers are: TensorRT's int8, and uint8 for unsigned
+    ones) or "u8" (``activations_as_uint8``, ``drop_rectifiers_before_unsigned`` and
     ``quantize_layer_outputs``: the same values, laid out for onnxruntime's integer
     kernels on CPUs)."""
     if opset not in OPSETS:
@@ -323,6 +368,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     _prune_initializers(model)
     if activations == "u8":
         activations_as_uint8(model)
+        drop_rectifiers_before_unsigned(model)
         quantize_layer_outputs(model)
         rectifiers_as_lookups(model)
     onnx.checker.check_model(model)

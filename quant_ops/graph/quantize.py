@@ -48,9 +48,12 @@ def _known_shape(node: Node, shapes: dict):
 
 
 def _shared_positions(node: Node) -> range:
-    """Data inputs whose scales a runtime fuses into one: all of an add/concat, the one of a
-    pooling."""
-    return range(1) if node.op == "Pooling" else range(len(node.inputs))
+    """Data inputs whose scales a runtime fuses into one: all of an add/concat, the one of an
+    average pooling.  A max pooling gets none: it passes codes through, so the quantizer
+    after it serves, and a second range before it would make the engine requantize."""
+    if node.op == "Pooling":
+        return range(0 if node.attrs.get("pool_type", "max") == "max" else 1)
+    return range(len(node.inputs))
 
 
 def _shared_groups(graph: Graph, policy) -> dict:
