@@ -118,6 +118,10 @@ def _placeholders(cwd: Path) -> None:
     m.quantize("trt_int8", fold_bn="deploy").calibrate(x, "minmax", progress=False)
     (cwd / "out" / "qat_fashion_mnist").mkdir(parents=True)
     m.save(cwd / "out" / "qat_fashion_mnist" / "qat_int8")
+    cpu = QuantizedModel.load(ROOT / "examples" / "models" / "fmnist_resnet20")
+    cpu.quantize("cpu_int8", fold_bn="deploy").calibrate(x, "minmax", progress=False)
+    (cwd / "out" / "cpu").mkdir()
+    cpu.save(cwd / "out" / "cpu" / "fmnist_resnet20-quant")
 
 
 @pytest.mark.parametrize("cmd", _shell_commands(), ids=lambda c: " ".join(c.split()[:2]))
