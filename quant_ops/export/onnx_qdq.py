@@ -244,6 +244,18 @@ def _uint8_zero_top(inits: dict, q) -> float | None:
     return float(np.float32(255) * numpy_helper.to_array(scale).astype(np.float32))
 
 
+def _rectifier_fits(n, inits: dict, top: float) -> bool:
+    """A Relu, or a Clip with constant bounds [0, M] and M >= ``top`` (the largest value its
+    quantizers give): then the quantizers alone give the same codes."""
+    if n.op_type == "Relu":
+        return True
+    lo_name, hi_name = (list(n.input[1:3]) + ["", ""])[:2]   # opset >= 11: bounds are inputs
+    if lo_name not in inits or (hi_name and hi_name not in inits):
+        return False
+    lo = float(numpy_helper.to_array(inits[lo_name]))
+    return lo == 0.0 and (not hi_name or top <= float(numpy_helper.to_array(inits[hi_name])))
+
+
 def drop_rectifiers_before_unsigned(model: onnx.ModelProto) -> list[str]:
     """Remove each Relu, or Clip with bounds [0, M], whose output goes only to uint8
     quantizers with zero point 0 (all saturating at or below M); returns their names.
@@ -260,15 +272,9 @@ def drop_rectifiers_before_unsigned(model: onnx.ModelProto) -> list[str]:
             continue
         consumers = used_by.get(n.output[0], [])
         tops = [_uint8_zero_top(inits, c) for c in consumers]
-        if not consumers or None in tops or any(c.input[0] != n.output[0] for c in consumers):
+        if not consumers or None in tops or any(c.input[0] != n.output[0] for c in consumers) \
+                or not _rectifier_fits(n, inits, max(tops)):
             continue
-        if n.op_type == "Clip":
-            bounds = [numpy_helper.to_array(inits[i]) if i in inits else None
-                      for i in list(n.input[1:3]) + [""] * (3 - len(n.input))]
-            if any(i and i not in inits for i in n.input[1:3]) or bounds[0] is None \
-                    or float(bounds[0]) != 0.0 \
-                    or (bounds[1] is not None and max(tops) > float(bounds[1])):
-                continue
         for c in consumers:
             c.input[0] = n.input[0]
         g.node.remove(n)
@@ -282,11 +288,11 @@ def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
 
     onnxruntime has no quantized Relu or Clip for zero point 128 (it drops them only before
     a zero point of 0), so they stay float between a DQ and a Q; a LeakyRelu there becomes
-    one QLinearLeakyRelu (a 256-entry table on the codes).  One that feeds only zero-point-0
-    quantizers (unsigned activations) stays: onnxruntime removes it itself.  The values are the same: max(x,
-    0) with the sign of zero aside, which no quantizer sees; a Clip's upper bound M is
-    dropped only where every quantizer it feeds saturates at or below it (127 x scale <= M
-    for zero point 128)."""
+    one QLinearLeakyRelu (a 256-entry table on the codes).  (One that feeds only zero-point-0
+    quantizers is gone already: ``drop_rectifiers_before_unsigned``.)  The values are the
+    same: max(x, 0) with the sign of zero aside, which no quantizer sees; a Clip's upper
+    bound M is dropped only where every quantizer it feeds saturates at or below it
+    (127 x scale <= M for zero point 128)."""
     g = model.graph
     inits, made_by, used_by, outputs = _wiring(g)
 
@@ -312,14 +318,8 @@ def rectifiers_as_lookups(model: onnx.ModelProto) -> list[str]:
         tops = [u8_top(c) if c.op_type == "QuantizeLinear" else None for c in consumers]
         if zp is None or zp.dtype != np.uint8 or not consumers or None in tops:
             continue
-        if all(float(const(c.input[2]).reshape(-1)[0]) == 0 for c in consumers):
-            continue   # before a zero point of 0 onnxruntime removes it outright
-        if n.op_type == "Clip":      # opset >= 11: bounds are inputs
-            lo_name, hi_name = (list(n.input[1:3]) + ["", ""])[:2]
-            lo, hi = (const(lo_name) if lo_name else None), (const(hi_name) if hi_name else None)
-            if lo is None or float(lo) != 0.0 \
-                    or (hi_name and (hi is None or max(tops) > float(hi))):
-                continue
+        if not _rectifier_fits(n, inits, max(tops)):
+            continue
         del n.input[1:]
         n.op_type = "LeakyRelu"
         n.ClearField("attribute")
