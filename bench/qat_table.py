@@ -1,13 +1,15 @@
 """QAT results table on Fashion-MNIST: the project's float ResNet-20 fine-tuned with each
 method at W/A 8/8, 4/4, 3/4, 3/3, 2/2 (and the seed toolkit's mixed rows, INT8-grid or GDRQ
-weights with PACT activations), beside the seed's published CIFAR-10 ResNet-20 numbers,
-plus the train-step time of the quantized net against the float net (W8A8 per-channel,
-hybridized, ratio in one run).
+weights with PACT activations), beside the seed's published CIFAR-10 ResNet-20 numbers; the
+bundled MobileNet-v2-style net (depthwise convolutions, ReLU6) with the same recipes at 4/4
+(and INT8 at 8/8); plus the train-step time of the quantized net against the float net
+(W8A8 per-channel, hybridized, ratio in one run).
 
 Writes the QAT section of ``docs/results.md`` and ``bench/results/qat_table.json``.
 
     python bench/qat_table.py --resume             # the whole table, in as many runs as it takes
     python bench/qat_table.py --configs lsq:4/4,int8:8/8 --train-images 12800
+    python bench/qat_table.py --resume --models mobilenetv2  # one model's rows only
 
 Each row is the library's default recipe (``quant_ops.train.recipe``), nothing tuned per
 row; its budget is one epoch over ``--train-images`` images (default: the whole training
@@ -15,6 +17,9 @@ set, about 4-5 minutes a row on 2 cores).  The JSON is written after every row; 
 ``--resume`` a later run keeps the rows measured with the same budget on the same code
 (``code_version``: a hash of the sources in ``MEASURED``) and runs the others again.
 The first convolution and the classifier stay INT8, as in the PACT, DoReFa and LSQ papers.
+A layer that reads a tensor which can be negative (no ReLU before it) gets the row method's
+signed form, or the signed int8 quantizer at the row's activation bits where the method has
+none (DoReFa, QIL, DSQ, GDRQ and FQN activations represent [0, a] only).
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ from mxnet import autograd, gluon  # noqa: E402
 
 import quant_ops  # noqa: E402,F401
 from quant_ops.datasets import fashion_mnist  # noqa: E402
+from quant_ops import methods  # noqa: E402
 from quant_ops.fileio import atomic_write_text  # noqa: E402
+from quant_ops.graph.sign import nonnegative  # noqa: E402
 from quant_ops.model import QuantizedModel  # noqa: E402
 from quant_ops.ops import set_training  # noqa: E402
 from quant_ops.policy import QuantPolicy  # noqa: E402
@@ -40,17 +47,22 @@ from quant_ops.train import FitConfig, fit  # noqa: E402
 from quant_ops.train.recipe import default_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "examples" / "models" / "fmnist_resnet20"
-FIRST_LAST = ("cifarresnetv10_conv0_fwd", "cifarresnetv10_dense0_fwd")
-#: reads the stem's output, which has no ReLU in gluoncv's CIFAR ResNet v1: a signed tensor
-SIGNED_INPUT = ("cifarresnetv10_stage1_conv0_fwd",)
+#: table name -> the bundled checkpoint (examples/models/<name>)
+MODELS = {"resnet20": "fmnist_resnet20", "mobilenetv2": "fmnist_mobilenetv2"}
 #: table name -> (weight method, activation method); the seed's pairings included
 METHODS = {"int8": ("int8", "int8"), "int8+pact": ("int8", "pact"), "gdrq+pact": ("gdrq", "pact"),
            "pact": ("dorefa", "pact"), "dorefa": ("dorefa", "dorefa"), "lsq": ("lsq", "lsq"),
            "qil": ("qil", "qil"), "dsq": ("dsq", "dsq"), "gdrq": ("gdrq", "gdrq"),
            "fqn": ("fqn", "fqn")}
 PER_CHANNEL = {"int8", "lsq", "fqn"}
+#: activation params per method: int8 takes the unsigned grid (codes 0..2^b-1, as oneDNN and
+#: onnxruntime run after a ReLU) wherever the graph proves a tensor non-negative, its signed
+#: form elsewhere; the signed grid would spend half its codes on values ReLU never produces
+UNSIGNED = {"int8": {"signed": False}}
 BITS = ["8/8", "4/4", "2/2", "3/3", "3/4"]
+#: the rows of each model: (method, bits); MobileNet: every method at 4/4, INT8 at 8/8
+ROWS = {"resnet20": [(m, b) for b in BITS for m in METHODS],
+        "mobilenetv2": [("int8", "8/8")] + [(m, "4/4") for m in METHODS]}
 #: the seed toolkit's published top-1 (README of XiaotaoChen/mx_quant_op): CIFAR-10
 #: ResNet-20, fp32 0.920; columns: our method name it corresponds to
 SEED_CIFAR10 = {"pact": {"4/4": 91.8, "3/4": 91.8, "3/3": 91.7, "2/2": 89.7},
@@ -66,22 +78,34 @@ ACTIVATION_NOTES = {
               "recipe gap (PACT is DoReFa's activation quantizer with a learned clip)"}
 
 
-def load_float() -> tuple[QuantizedModel, dict]:
-    info = json.loads((MODEL.parent / "fmnist_resnet20.json").read_text())
-    return QuantizedModel.load(MODEL), info
+def load_float(model: str = "resnet20") -> tuple[QuantizedModel, dict]:
+    path = ROOT / "examples" / "models" / MODELS[model]
+    info = json.loads(path.with_suffix(".json").read_text())
+    return QuantizedModel.load(path), info
 
 
-def policy(name: str, bits: str) -> dict:
+def layers(model: QuantizedModel) -> tuple[list, list]:
+    """([first conv, classifier], [layers whose input can be negative]) of a float net."""
+    graph = model.graph
+    nonneg = nonnegative(graph)
+    quantized = [n for _, n in graph.ops() if n.op in ("Convolution", "FullyConnected")]
+    signed = [n.name for n in quantized if tuple(n.inputs[0][:2]) not in nonneg]
+    return [quantized[0].name, quantized[-1].name], signed
+
+
+def policy(name: str, bits: str, first_last=(), signed_inputs=()) -> dict:
     w, a = METHODS[name]
     wb, ab = (int(b) for b in bits.split("/"))
+    # a method with no signed form reads a signed tensor with the signed int8 quantizer
+    no_signed_form = methods.get(a).signed_params({}) is None
     return {"weight": {"method": w, "bits": wb, "per_channel": w in PER_CHANNEL},
-            "activation": {"method": a, "bits": ab},
-            "overrides": [{"match": n, "weight": {"method": "int8", "bits": 8,
+            "activation": {"method": a, "bits": ab, "params": UNSIGNED.get(a, {})},
+            "overrides": [{"match": n, "activation": {"method": "int8", "bits": ab, "params": {}}}
+                          for n in signed_inputs if no_signed_form and n not in first_last] +
+                         [{"match": n, "weight": {"method": "int8", "bits": 8,
                                                   "per_channel": True, "params": {}},
                            "activation": {"method": "int8", "bits": 8, "params": {}}}
-                          for n in FIRST_LAST] +
-                         [{"match": n, "activation": {"method": "int8", "bits": ab, "params": {}}}
-                          for n in SIGNED_INPUT]}
+                          for n in first_last]}
 
 
 #: what a row measures: the kernels and operator registrations, the method descriptors and
@@ -121,7 +145,7 @@ def step_time(net, x, y, steps=20) -> float:
     return float(np.median(times))
 
 
-def step_times(xtr, ytr) -> dict:
+def step_times() -> dict:
     """Train-step milliseconds of the float net and of W8A8 (BN folded, and BN kept), in
     one run so that their ratio holds on a noisy machine."""
     fnet = load_float()[0].to_block()
@@ -130,19 +154,23 @@ def step_times(xtr, ytr) -> dict:
     qnet.hybridize(static_alloc=True)
     unfolded = load_float()[0].quantize("trt_int8").to_block()   # BN kept as in the float net
     unfolded.hybridize(static_alloc=True)
+    xtr, ytr = _data("resnet20", 128)[:2]
     xb, yb = xtr[:128], ytr[:128]
     return {"float": step_time(fnet, xb, yb) * 1e3, "w8a8": step_time(qnet, xb, yb) * 1e3,
             "w8a8_bn_unfolded": step_time(unfolded, xb, yb) * 1e3}
 
 
-def run_config(name: str, bits: str, data: tuple, args) -> dict:
+def run_config(model_name: str, name: str, bits: str, data: tuple, args) -> dict:
     """One row: the float checkpoint, the policy, then the library's default recipe
-    (``quant_ops.train.recipe``) with nothing tuned for the row."""
+    (``quant_ops.train.recipe``, its training policy included) with nothing tuned for the
+    row."""
     xtr, ytr, xte, yte = data
-    model, info = load_float()
-    pol = QuantPolicy.from_dict(policy(name, bits), f"{name} {bits}")
+    model, info = load_float(model_name)
+    first_last, signed = layers(model)
+    pol = QuantPolicy.from_dict(policy(name, bits, first_last, signed),
+                                f"{model_name} {name} {bits}")
     rec = default_recipe(pol, info["lr"])
-    model.quantize(pol, fold_bn=rec.fold_bn)
+    model.quantize(pol.for_training(), fold_bn=rec.fold_bn)
     model.calibrate(xtr[:rec.calib_images], rec.calib_method, batch_size=128, progress=False)
     acc0 = model.evaluate(xte, yte)
     q = model.to_block()
@@ -154,54 +182,81 @@ def run_config(name: str, bits: str, data: tuple, args) -> dict:
     set_training(q, False)
     acc = model.from_block(q).evaluate(xte, yte)
     loss = prog["history"][-1]["loss"] if prog["history"] else float("nan")
-    return {"method": name, "bits": bits, "weight": METHODS[name][0],
+    return {"model": model_name, "method": name, "bits": bits, "weight": METHODS[name][0],
             "activation": METHODS[name][1], "fold_bn": rec.fold_bn or "no", "lr": rec.lr,
             "recipe": rec.to_dict(), "train_images": len(xtr), "steps": prog["step"],
+            "signed_inputs": [n for n in signed if n not in first_last],
             "accuracy_before": acc0, "accuracy": acc, "train_loss": loss,
             "train_minutes": round((time.time() - t) / 60, 2), "code": code_version()}
 
 
-def render(rows: list, acc_float: float, args, step: dict, missing: list = ()) -> str:
-    lines = ["## QAT on Fashion-MNIST (ResNet-20, test set of 10,000 images)", "",
-             f"Float: **{acc_float:.2f}%**. Each row fine-tunes the float checkpoint with the "
-             "library's default recipe (`quant_ops/train/recipe.py`, nothing tuned per row): "
-             "ranges calibrated first (the `auto` calibrator at the layer's bit width; "
-             "weight ranges by MSE on each method's grid), one epoch over the row's budget of "
-             "training images (batch 128, SGD momentum 0.9, SineScheduler, peak lr float lr "
-             "/ 400 at 8 bits and / 20 below), quantizer parameters with their method's lr "
-             "and weight-decay multipliers. BN is folded with frozen statistics where the "
-             "weight method keeps the weight scale (int8, LSQ, DSQ, FQN) and kept after the "
-             "conv for DoReFa, QIL and GDRQ weights. The first conv and the classifier stay "
-             "INT8; the stem output (no ReLU in this ResNet) is signed, so its one reader "
-             "quantizes it with the signed int8 quantizer at the row's activation bits. "
-             "'before' is the calibrated net before fine-tuning (low for DoReFa, QIL and "
-             "GDRQ weights, which rescale the weights, until training lets BN's running "
-             "statistics follow). Seed: the seed toolkit's published CIFAR-10 ResNet-20 "
-             f"top-1 (fp32 {SEED_FP32}), for context only (another dataset).", "",
-             "| method | W | A | W/A bits | BN folded | budget (images x epochs) | before (%) | "
-             "after (%) | vs float | seed CIFAR-10 (%) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+TITLES = {"resnet20": "ResNet-20", "mobilenetv2": "MobileNet-v2-style (depthwise, ReLU6)"}
+
+
+def _table(rows: list, acc_float: float, seed_column: bool) -> list:
+    head = ("| method | W | A | W/A bits | BN folded | budget (images x epochs) | before (%) | "
+            "after (%) | vs float |")
+    lines = [head + (" seed CIFAR-10 (%) |" if seed_column else ""),
+             "|---" * (10 if seed_column else 9) + "|"]
     for r in rows:
         seed = SEED_CIFAR10.get(r["method"], {}).get(r["bits"])
         lines.append(f"| {r['method']} | {r['weight']} | {r['activation']} | {r['bits']} | "
                      f"{r.get('fold_bn', 'qat')} | "
                      f"{r.get('train_images', '?')} x {r.get('recipe', {}).get('epochs', 1)} | "
                      f"{r['accuracy_before']:.2f} | {r['accuracy']:.2f} | "
-                     f"{r['accuracy'] - acc_float:+.2f} | {'' if seed is None else seed} |")
+                     f"{r['accuracy'] - acc_float:+.2f} |"
+                     + (f" {'' if seed is None else seed} |" if seed_column else ""))
+    return lines
+
+
+def render(rows: list, acc_float: dict, args, step: dict, missing: list = ()) -> str:
+    lines = ["## QAT on Fashion-MNIST (test set of 10,000 images)", "",
+             "Each row fine-tunes a bundled float checkpoint with the library's default recipe "
+             "(`quant_ops/train/recipe.py`, nothing tuned per row or per model): the "
+             "training policy (`QuantPolicy.for_training`: int8 weights below 8 bits keep the "
+             "least-error clip on their grid instead of max|w|), ranges calibrated first (the "
+             "`auto` calibrator at the layer's bit width; weight ranges by MSE on each "
+             "method's grid), one epoch over the row's budget of training images (batch 128, "
+             "SGD momentum 0.9, SineScheduler, peak lr float lr / 400 at 8 bits and / 20 "
+             "below), quantizer parameters with their method's lr and weight-decay "
+             "multipliers. BN is folded with frozen statistics where the weight method keeps "
+             "the weight scale (int8, LSQ, DSQ, FQN) and kept after the conv for DoReFa, QIL "
+             "and GDRQ weights. The first conv and the classifier stay INT8. int8 activations "
+             "use the unsigned grid (codes 0..2^b-1) on tensors the graph proves "
+             "non-negative. A layer whose input can be negative (ResNet-20: the stem output, "
+             "which has no ReLU; MobileNet: the linear bottlenecks and residual sums) reads "
+             "it with the row method's signed form, or with the signed int8 quantizer at the "
+             "row's activation bits where the method has none (DoReFa, QIL, DSQ, GDRQ, FQN). "
+             "'before' is the calibrated net before fine-tuning (low for DoReFa, QIL and "
+             "GDRQ weights, which rescale the weights, until training lets BN's running "
+             "statistics follow)."]
+    for model in MODELS:
+        mine = [r for r in rows if r.get("model", "resnet20") == model]
+        if not mine:
+            continue
+        acc = acc_float[model]
+        lines += ["", f"### {TITLES[model]} (float {acc:.2f}%)", ""]
+        if model == "resnet20":
+            lines += ["Seed: the seed toolkit's published CIFAR-10 ResNet-20 top-1 (fp32 "
+                      f"{SEED_FP32}), for context only (another dataset).", ""]
+        else:
+            n = max(len(r.get("signed_inputs", [])) for r in mine)
+            lines += [f"{n} layers read a tensor that can be negative (see above).", ""]
+        lines += _table(mine, acc, model == "resnet20")
     used = sorted({r["activation"] for r in rows} & set(ACTIVATION_NOTES))
     if used:
         lines += [""] + [f"- {m} activations: {ACTIVATION_NOTES[m]}" for m in used]
     if missing:
         lines += ["", f"Not measured in this run (time): {', '.join(missing)}."]
-    lines += ["", f"Train step (batch 128, hybridized, median of 20, same run): float "
+    lines += ["", f"Train step (ResNet-20, batch 128, hybridized, median of 20, same run): float "
               f"{step['float']:.1f} ms; W8A8 per-channel (`trt_int8`, BN folded as trained "
               f"here) {step['w8a8']:.1f} ms, ratio **{step['w8a8'] / step['float']:.2f}x**"
               + (f"; W8A8 with BN left unfolded {step['w8a8_bn_unfolded']:.1f} ms, ratio "
                  f"**{step['w8a8_bn_unfolded'] / step['float']:.2f}x**"
                  if "w8a8_bn_unfolded" in step else "") + ".", "",
-              "Regenerate: `python bench/qat_table.py`" +
-              (f" (this run: `--train-images {args.train_images}`" +
-               (f" --configs {args.configs}" if args.configs else "") + ")")]
+              "Regenerate: `python bench/qat_table.py --resume` (this run: "
+              f"`--train-images {args.train_images}`"
+              + (f" --configs {args.configs}" if args.configs else "") + ")"]
     return "\n".join(lines) + "\n"
 
 
@@ -216,9 +271,22 @@ def write_section(path: Path, section: str, marker: str = "## QAT on Fashion-MNI
     atomic_write_text(path, head.rstrip() + "\n\n" + section + ("\n" + rest if rest else ""))
 
 
+def _data(model: str, train_images: int) -> tuple:
+    """(train x, train y, test x, test y) normalized as the model was trained; the same
+    ``train_images`` images (seed 0) for every row."""
+    info = load_float(model)[1]
+    mean, std = info["normalize"]["mean"], info["normalize"]["std"]
+    xtr, ytr = fashion_mnist("train")
+    xte, yte = fashion_mnist("test")
+    order = np.random.RandomState(0).permutation(len(xtr))[:train_images]
+    return (xtr[order] - mean) / std, ytr[order], (xte - mean) / std, yte
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", help="comma list of method:W/A (default: all)")
+    ap.add_argument("--configs", help="comma list of method:W/A (default: each model's rows)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma list of models (default: {','.join(MODELS)})")
     ap.add_argument("--train-images", type=int, default=60000)
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of --json measured with the same setup")
@@ -231,53 +299,73 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "qat_table.json")
     args = ap.parse_args(argv)
-    float_model, info = load_float()
-    mean, std = info["normalize"]["mean"], info["normalize"]["std"]
-    xtr, ytr = fashion_mnist("train")
-    xte, yte = fashion_mnist("test")
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    order = np.random.RandomState(0).permutation(len(xtr))[:args.train_images]
-    data = (xtr[order], ytr[order], xte, yte)
-    acc_float = float_model.evaluate(xte, yte)
-    configs = ([c.split(":") for c in args.configs.split(",")] if args.configs else
-               [(m, b) for b in BITS for m in METHODS])
-    for name, bits in configs:
-        if name not in METHODS:
-            ap.error(f"unknown method {name!r} (known: {', '.join(METHODS)})")
+    chosen = args.models.split(",")
+    for m in chosen:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r} (known: {', '.join(MODELS)})")
+    if args.configs:
+        pairs = [tuple(c.split(":")) for c in args.configs.split(",")]
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] not in METHODS:
+                ap.error(f"--configs: {':'.join(pair)!r} is not method:W/A with a known "
+                         f"method ({', '.join(METHODS)})")
+        configs = [(m, n, b) for m in chosen for n, b in pairs]
+    else:
+        configs = [(m, n, b) for m in chosen for n, b in ROWS[m]]
+    old = json.loads(args.json.read_text()) if args.json.is_file() else None
+    if old is not None and not isinstance(old.get("float_accuracy"), dict):
+        old["float_accuracy"] = {"resnet20": old["float_accuracy"]}   # before MobileNet rows
     if args.render_only or args.step_only:
-        old = json.loads(args.json.read_text())
+        if old is None:
+            ap.error(f"{args.json} does not exist: run the table first")
         if args.step_only:
-            old["step_ms"] = step_times(xtr, ytr)
+            old["step_ms"] = step_times()
             atomic_write_text(args.json, json.dumps(old, indent=1))
         args.train_images = old["train_images"]
-        have = {(r["method"], r["bits"]) for r in old["rows"]}
-        missing = [f"{m}:{b}" for m, b in configs if (m, b) not in have]
+        have = {(r.get("model", "resnet20"), r["method"], r["bits"]) for r in old["rows"]}
+        missing = [f"{m}/{n}:{b}" for m, n, b in configs if (m, n, b) not in have]
         section = render(old["rows"], old["float_accuracy"], args, old["step_ms"], missing)
         write_section(args.out, section)
         print(section)
         return 0
-    step = step_times(xtr, ytr)
+    step = step_times()
     print(json.dumps({"step_ms": step}), flush=True)
     setup = {"train_images": args.train_images}
     code = code_version()
-    done = {}
-    if args.resume and args.json.is_file():  # rows of an earlier run with the same setup
-        old = json.loads(args.json.read_text())
-        if all(old.get(k) == v for k, v in setup.items()):
-            done = {(r["method"], r["bits"]): r for r in old["rows"]
-                    if r.get("code") == code}   # rows of other code are stale: re-run
-    rows = []
+    kept = []
+    if args.resume and old is not None and all(old.get(k) == v for k, v in setup.items()):
+        # rows of other code are stale and run again; other models' rows stay in the file
+        kept = [r for r in old["rows"] if r.get("code") == code]
+    done = {(r.get("model", "resnet20"), r["method"], r["bits"]): r for r in kept}
+    acc_float = dict(old["float_accuracy"]) if kept else {}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name, bits in configs:
-        rows.append(done.get((name, bits)) or run_config(name, bits, data, args))
-        print(json.dumps(rows[-1]), flush=True)
+    data = {}
+    for model, name, bits in configs:
+        if (model, name, bits) in done:
+            continue
+        if model not in data:
+            data[model] = _data(model, args.train_images)
+            fm = load_float(model)[0]
+            acc_float[model] = fm.evaluate(data[model][2], data[model][3])
+        done[(model, name, bits)] = run_config(model, name, bits, data[model], args)
+        print(json.dumps(done[(model, name, bits)]), flush=True)
         # written after every row, so a long run that is stopped keeps what it measured
+        rows = [done[k] for k in sorted(done, key=_order)]
         atomic_write_text(args.json, json.dumps({"float_accuracy": acc_float, "rows": rows,
                                                  "step_ms": step, **setup}, indent=1))
         write_section(args.out, render(rows, acc_float, args, step))
+    rows = [done[k] for k in sorted(done, key=_order)]
     print(render(rows, acc_float, args, step))
     return 0
+
+
+def _order(key: tuple) -> tuple:
+    """Table order: model, then its rows as listed (configs outside ``ROWS`` last)."""
+    model, name, bits = key
+    listed = ROWS.get(model, [])
+    pos = listed.index((name, bits)) if (name, bits) in listed else len(listed)
+    return (list(MODELS).index(model), pos, name, bits)
 
 
 if __name__ == "__main__":

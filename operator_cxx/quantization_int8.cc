@@ -4,6 +4,8 @@
 // Output:  dequant(quant(data)).
 // signed=False (activations): codes 0..2^b - 1, scale amax / (2^b - 1), for tensors that are
 // never negative: the uint8 a CPU engine runs after a ReLU, with all 256 codes in use.
+// fix_weight_scale=True (weights): a stored range > 0 is kept (a calibrated clip, e.g. the
+// least-error one below 8 bits); a range of 0 is not set yet and is taken from max|w|.
 // The kernels are in kernels/fake_quant.h; this file binds them to lib_api.h.
 #include <string>
 #include <vector>
@@ -27,14 +29,15 @@ struct Int8Params {
   float ema_decay;
   bool clip_grad;
   bool fix_act_scale;
+  bool fix_weight_scale;
   int channel_axis;
   bool is_signed;
 
   explicit Int8Params(const qo::AttrMap& a) {
     qo::check_known_keys(kOp, a,
                          {"nbits", "is_weight", "is_weight_perchannel", "delay_quant",
-                          "ema_decay", "grad_mode", "fix_act_scale", "channel_axis",
-                          "signed"});
+                          "ema_decay", "grad_mode", "fix_act_scale", "fix_weight_scale",
+                          "channel_axis", "signed"});
     nbits = static_cast<int>(qo::attr_int(kOp, a, "nbits", 8, 2, 16));
     is_weight = qo::attr_bool(kOp, a, "is_weight", false);
     perchannel = qo::attr_bool(kOp, a, "is_weight_perchannel", false);
@@ -42,12 +45,17 @@ struct Int8Params {
     ema_decay = qo::attr_float(kOp, a, "ema_decay", 0.99f, 0.0f, 1.0f);
     clip_grad = qo::attr_choice(kOp, a, "grad_mode", {"ste", "clip"}, 0) == 1;
     fix_act_scale = qo::attr_bool(kOp, a, "fix_act_scale", false);
+    fix_weight_scale = qo::attr_bool(kOp, a, "fix_weight_scale", false);
     channel_axis = static_cast<int>(qo::attr_int(kOp, a, "channel_axis", 0, 0, 7));
     is_signed = qo::attr_bool(kOp, a, "signed", true);
     if (!is_signed && is_weight)
       throw qo::AttrError(std::string(kOp) +
                           ": signed=False needs is_weight=False (weights are symmetric int8; "
                           "unsigned codes are for non-negative activations)");
+    if (fix_weight_scale && !is_weight)
+      throw qo::AttrError(std::string(kOp) +
+                          ": fix_weight_scale=True needs is_weight=True (an activation keeps "
+                          "its range with fix_act_scale)");
     if (perchannel && !is_weight)
       throw qo::AttrError(std::string(kOp) +
                           ": is_weight_perchannel=True needs is_weight=True (activations are "
@@ -59,6 +67,20 @@ struct Int8Params {
     return is_signed ? qo::qrange(nbits, is_weight) : qo::qrange_unsigned(nbits);
   }
 };
+
+// A weight's stored ranges where they are set (> 0); the unset ones from max|w| now.
+void keep_set_ranges(const Int8Params& p, const float* x, int64_t n, const qo::AxisView& v,
+                     float* mm) {
+  const int64_t count = p.per_channel() ? v.channels : 1;
+  bool unset = false;
+  for (int64_t c = 0; c < count; ++c) unset = unset || !(mm[c] > 0.0f);
+  if (!unset) return;
+  std::vector<float> now(static_cast<size_t>(count));
+  if (p.per_channel()) qo::abs_max_channels(x, v.outer, v.channels, v.inner, now.data());
+  else now[0] = qo::abs_max(x, n);
+  for (int64_t c = 0; c < count; ++c)
+    if (!(mm[c] > 0.0f)) mm[c] = now[static_cast<size_t>(c)];
+}
 
 // Shape of `data` seen around the channel axis (a per-tensor quantizer has one channel).
 qo::AxisView view_of(const Int8Params& p, const std::vector<int64_t>& shape) {
@@ -113,11 +135,13 @@ MXReturnValue forward(const qo::AttrMap& attrs, std::vector<MXTensor>* inputs,
     const float step = st[0];
 
     const bool delayed = training && step < static_cast<float>(p.delay_quant);
-    if (p.per_channel() && v.outer == 1 && !delayed) {
+    if (p.per_channel() && v.outer == 1 && !delayed && !p.fix_weight_scale) {
       // the common weight layout: each channel's range found and applied in one pass
       qo::fake_quant_channels_own_range(x, y, v.channels, v.inner, mm, p.range());
     } else {
-      if (p.is_weight) {
+      if (p.is_weight && p.fix_weight_scale) {
+        keep_set_ranges(p, x, n, v, mm);
+      } else if (p.is_weight) {
         if (p.per_channel()) qo::abs_max_channels(x, v.outer, v.channels, v.inner, mm);
         else mm[0] = qo::abs_max(x, n);
       } else if (training) {

@@ -298,7 +298,9 @@ class QuantizedModel:
                  fold_bn: str | None = None, relu6: bool = False) -> QuantizedModel:
         """Insert quantizers as ``policy`` says (a preset name, a dict, a JSON/YAML file or
         a ``QuantPolicy``); optionally fold BatchNorm (``deploy`` or ``qat``) and turn ReLU6
-        into ReLU first.  Running it again does not double the quantizers."""
+        into ReLU first.  Running it again does not double the quantizers.  For QAT pass
+        ``policy.for_training()`` (what the default recipe does): methods that train better
+        with other params than PTQ uses get them."""
         from .prepare import as_policy, quantize_graph
 
         pol = QuantPolicy.load(policy) if isinstance(policy, Path) else as_policy(policy)

@@ -29,7 +29,8 @@ DEFAULT_QUANTIZE_OPS = ("Convolution", "FullyConnected", "Deconvolution")
 
 Fail = Callable[[str], NoReturn]
 _SPEC_KEYS = ("method", "bits", "per_channel", "params")
-_TOP_KEYS = ("preset", "weight", "activation", "quantize_ops", "shared_inputs", "skip", "overrides")
+_TOP_KEYS = ("preset", "weight", "activation", "quantize_ops", "shared_inputs", "skip", "overrides",
+             "training")
 _SKIP_KEYS = ("names", "ops", "first_layer", "last_layer")
 _OVERRIDE_KEYS = ("match", "weight", "activation")
 
@@ -124,6 +125,14 @@ class QuantSpec:
         return self.descriptor.op_attrs(self.bits, self.per_channel, self.params, is_weight,
                                         channel_axis)
 
+    def for_training(self, is_weight: bool) -> QuantSpec:
+        """This spec with its method's fine-tuning params for the role and width under the
+        ones it sets (``Method.training_params``)."""
+        extra = self.descriptor.training_params(self.bits, is_weight)
+        if not extra:
+            return self
+        return QuantSpec(self.method, self.bits, self.per_channel, {**extra, **self.params})
+
     def initial(self, is_weight: bool, channels: int, weight=None,
                 channel_axis: int = 0) -> dict:
         """Starting value of each operator input after ``data`` (see ``Method.initial``)."""
@@ -175,6 +184,8 @@ class QuantPolicy:
     skip_last: bool = False
     overrides: tuple[Override, ...] = ()
     preset: str | None = None
+    #: for fine-tuning: each spec takes its method's training params (``for_training``)
+    training: bool = False
     source: str = field(default="<QuantPolicy>", compare=False, repr=False)  # named in errors
 
     def __post_init__(self) -> None:
@@ -200,6 +211,8 @@ class QuantPolicy:
         for name, path in (("skip_first", "skip.first_layer"), ("skip_last", "skip.last_layer")):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{path} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.training, bool):
+            fail(f"training must be true or false, got {self.training!r}")
         if self.preset is not None and not isinstance(self.preset, str):
             fail(f"preset must be a string, got {self.preset!r}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -243,7 +256,8 @@ class QuantPolicy:
                    skip_first=skip.get("first_layer", base.skip_first),
                    skip_last=skip.get("last_layer", base.skip_last),
                    overrides=tuple(parsed) if "overrides" in d else base.overrides,
-                   preset=base.preset, source=source)
+                   preset=base.preset, training=d.get("training", base.training),
+                   source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> QuantPolicy:
@@ -272,7 +286,15 @@ class QuantPolicy:
                  skip={"names": list(self.skip_names), "ops": list(self.skip_ops),
                        "first_layer": self.skip_first, "last_layer": self.skip_last},
                  overrides=[o.to_dict() for o in self.overrides])
+        if self.training:
+            d["training"] = True
         return d
+
+    def for_training(self) -> QuantPolicy:
+        """This policy for fine-tuning: where a method trains better with other params than
+        PTQ and deployment use (int8 weights below 8 bits keep a calibrated clip), they
+        apply unless the policy sets them."""
+        return dataclasses.replace(self, training=True)
 
     def skipped(self, node_name: str) -> bool:
         """The node is named by a skip pattern."""
@@ -292,7 +314,12 @@ class QuantPolicy:
                 weight = _apply(weight, self.weight, o.weight, f"overrides[{i}].weight", fail)
                 activation = _apply(activation, self.activation, o.activation,
                                     f"overrides[{i}].activation", fail)
-        return None if weight is None and activation is None else NodeRule(weight, activation)
+        if weight is None and activation is None:
+            return None
+        if self.training:
+            weight = weight and weight.for_training(True)
+            activation = activation and activation.for_training(False)
+        return NodeRule(weight, activation)
 
     def check_patterns(self, node_names: Iterable[str]) -> None:
         """Fail on a pattern that matches no node: a name in the policy that is not in the

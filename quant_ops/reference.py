@@ -83,6 +83,7 @@ class Int8Attrs:
     ema_decay: float = 0.99
     grad_mode: str = "ste"
     fix_act_scale: bool = False
+    fix_weight_scale: bool = False   # weights: a stored range > 0 is kept (0: from max|w|)
     channel_axis: int = 0
     signed: bool = True          # False: unsigned activation codes 0..2^b - 1
 
@@ -95,20 +96,25 @@ def quantization_int8_forward(x, minmax, qstate, attrs: Int8Attrs):
     """Forward of ``Quantization_int8``; returns ``(y, new_minmax, new_qstate)``.
 
     ``qstate = [step, training]``.  Weights: range = max|w| (per channel on ``channel_axis``
-    when per-channel), narrow range.  Activations: in training, EMA of the batch max|x|
+    when per-channel), narrow range; with ``fix_weight_scale`` a stored range > 0 is kept
+    (a calibrated clip) and only an unset one (0) is taken from max|w|.  Activations: in training, EMA of the batch max|x|
     (initialized by the first batch; ``fix_act_scale`` keeps an initialized range); frozen in
     inference.  During the first ``delay_quant`` training steps the output is ``x``.
     ``signed`` False (activations only): codes 0..2^b - 1, scale amax / (2^b - 1).
     """
     if attrs.is_weight and not attrs.signed:
         raise ValueError("signed=False is for activations (weights are symmetric)")
+    if attrs.fix_weight_scale and not attrs.is_weight:
+        raise ValueError("fix_weight_scale is for weights (activations: fix_act_scale)")
     x = np.asarray(x, dtype=f32)
     minmax = np.array(minmax, dtype=f32).reshape(-1)
     qstate = np.array(qstate, dtype=f32).reshape(-1)
     training = qstate[1] > 0.5
     step = qstate[0]
     if attrs.is_weight:
-        minmax = abs_max(x, attrs.axis)
+        now = abs_max(x, attrs.axis)
+        minmax = np.where(minmax > 0, minmax, now).astype(f32) if attrs.fix_weight_scale \
+            else now
     elif training:
         batch = abs_max(x)[0]
         if not (attrs.fix_act_scale and minmax[0] > 0):

@@ -172,3 +172,39 @@ def test_dorefa_has_no_onnx_format(tmp_path):
     with pytest.raises(QuantOpsError, match="DoReFa\\) has no ONNX format"):
         export_model(q.graph, q.params, tmp_path / "o", "m", {"data": x.shape})
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bits,opset", [(8, 13), (4, 21)])
+def test_stored_weight_clip_exports_bit_exact(bits, opset, tmp_path):
+    """int8 weights with a stored clip under max|w| (``fix_weight_scale``, what a training
+    policy gives below 8 bits): the weights beyond the clip take the narrow code -qmax in
+    onnxruntime too, per channel."""
+    g, params, x = zoo("cifar_resnet20_v1", (4, 3, 32, 32))
+    pol = {"preset": "trt_int8", "weight": {"params": {"fix_weight_scale": True}},
+           "overrides": [{"match": "*dense0_fwd", "weight": {"bits": bits},
+                          "activation": {"bits": bits}}]}
+    qg, qp = calibrated(g, params, x, policy=pol, fold_bn="qat")   # a stored clip: BN first
+    model = QuantizedModel(qg, qp)
+    clipped = 0
+    for q in model.quantizers:           # clip every weight at half its range
+        if q.is_weight:
+            qp[q.inputs["minmax"]] = np.asarray(qp[q.inputs["minmax"]]) * np.float32(0.5)
+            clipped += 1
+    assert clipped > 20 and all(q.attrs.get("fix_weight_scale") == "True"
+                                for q in model.quantizers if q.is_weight)
+    ex = export_model(qg, qp, tmp_path, "m", {"data": x.shape}, opset=opset)
+    r = check_alignment(ex.onnx, ex.graph, ex.params, {"data": x})
+    assert r["isolated_identical_min"] == 1.0
+    assert r["outputs"][0]["cosine"] > 0.9999
+    assert r["identical_all"] > 0.99
+    # the engine gets each weight clipped at its stored range (many lay beyond it)
+    beyond = 0
+    for q in QuantizedModel(ex.graph, ex.params).quantizers:
+        if q.is_weight:
+            w = np.asarray(ex.params[ex.graph.nodes[q.source[0]].name])
+            bound = np.asarray(ex.params[q.inputs["minmax"]]).reshape(-1)
+            rows = w.reshape(len(bound), -1) if bound.size > 1 else w
+            assert np.all(np.abs(rows) <= (bound[:, None] if bound.size > 1 else bound[0]))
+            beyond += int((np.abs(rows) == (bound[:, None] if bound.size > 1
+                                             else bound[0])).sum())
+    assert beyond > 100

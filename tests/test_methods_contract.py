@@ -224,6 +224,27 @@ def test_role_defaults_are_valid_policy_params_and_the_operator_takes_them(m):
 
 
 @each_method
+def test_training_params_are_valid_for_their_role_and_the_operator_takes_them(m):
+    """What ``QuantPolicy.for_training`` adds is a policy param the role accepts, and the
+    operator runs with it (training forward, then inference)."""
+    for role in m.roles:
+        is_weight = role == "weight"
+        for bits in range(m.bits[0], min(m.bits[1], 8) + 1):
+            params = m.training_params(bits, is_weight)
+            for k, v in params.items():
+                assert k in m.params and m.params[k].check(v) and role in m.params[k].roles
+            if not params:
+                continue
+            attrs = m.op_attrs(bits, False, params, is_weight)
+            x = mx.nd.array(np.linspace(-2, 2, 12, dtype=np.float32).reshape(4, 3))
+            init = m.initial(bits, False, params, is_weight, 1, x.asnumpy(), 0)
+            args = [x] + [mx.nd.array(init[i.name]) for i in m.inputs]
+            with autograd.record():
+                getattr(mx.nd, m.op)(*args, **attrs).wait_to_read()
+            getattr(mx.nd, m.op)(*args, **attrs).wait_to_read()
+
+
+@each_method
 def test_policy_params_refuse_bad_values_and_the_operator_takes_good_ones(m):
     args = [mx.nd.ones((4, 3))] + [mx.nd.ones(i.size(1)) for i in m.inputs]
     for k, p in m.params.items():

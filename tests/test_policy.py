@@ -205,6 +205,9 @@ def test_check_patterns():
     ({"activation": {"params": {"decay": 0.9}}},
      "unknown key 'activation.params.decay' (known: delay_quant,"),
     ({"activation": {"params": [1]}}, "activation.params must be a mapping"),
+    ({"activation": {"params": {"fix_weight_scale": True}}},
+     "activation.params.fix_weight_scale: 'int8' takes 'fix_weight_scale' for weights only"),
+    ({"training": "yes"}, "training must be true or false, got 'yes'"),
     ({"preset": "trt_int9"}, "preset: unknown preset 'trt_int9' (known: cpu_int8, lsq_w2a2, "),
     ({"quantize_ops": "Convolution"}, "quantize_ops must be a list of strings, got 'Convolution'"),
     ({"shared_inputs": ["Add"]}, "shared_inputs: 'Add' cannot share input scales (allowed: elemwise_add,"),
@@ -293,3 +296,25 @@ def test_override_that_switches_method_drops_the_other_methods_params():
                       {"match": "c2", "activation": {"bits": 3}}]})
     assert pol.rule_for("c1", "Convolution").activation.params == {}
     assert pol.rule_for("c2", "Convolution").activation.params == {"signed": True}
+
+
+def test_training_policy_gives_methods_their_fine_tuning_params():
+    """``for_training``: int8 weights below 8 bits keep a calibrated clip; 8-bit layers,
+    activations and an explicit setting are left alone; the flag round-trips."""
+    p = QuantPolicy.from_dict({
+        "preset": "trt_int8", "weight": {"bits": 4}, "activation": {"bits": 4},
+        "overrides": [{"match": "first", "weight": {"bits": 8}},
+                      {"match": "pinned", "weight": {"params": {"fix_weight_scale": False}}},
+                      {"match": "lsq", "weight": {"method": "lsq", "params": {}}}]})
+    assert not p.training and p.rule_for("body", "Convolution").weight is p.weight
+    t = p.for_training()
+    assert t.training and t != p and not p.training
+    body = t.rule_for("body", "Convolution")
+    assert body.weight.params["fix_weight_scale"] is True
+    assert "fix_weight_scale" in body.weight.op_attrs(is_weight=True)
+    assert dict(body.activation.params) == dict(p.activation.params)
+    assert "fix_weight_scale" not in t.rule_for("first", "Convolution").weight.params
+    assert t.rule_for("pinned", "Convolution").weight.params["fix_weight_scale"] is False
+    assert "fix_weight_scale" not in t.rule_for("lsq", "Convolution").weight.params
+    assert QuantPolicy.from_dict(t.to_dict()) == t and "training" not in p.to_dict()
+    assert QuantPolicy.from_dict({"preset": "trt_int8", "training": True}).training

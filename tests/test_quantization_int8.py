@@ -423,6 +423,60 @@ def test_checkpoint_save_parameters_and_export_keep_ranges(tmp_path):
     assert any(k.startswith("aux:") and k.endswith("_minmax") for k in saved)
 
 
+@pytest.mark.parametrize("nbits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel,axis", [(False, 0), (True, 0), (True, 1)])
+def test_fix_weight_scale_keeps_the_stored_clip(nbits, per_channel, axis):
+    """A stored weight clip is used as it is (values beyond it saturate), in training and in
+    inference; only an unset channel (range 0) takes max|w|; the reference agrees."""
+    rng = np.random.default_rng(nbits)
+    w = rng.normal(0, 1, (6, 5, 3, 3)).astype(f32)
+    attrs = dict(is_weight=True, fix_weight_scale=True, nbits=nbits)
+    if per_channel:
+        attrs.update(is_weight_perchannel=True, channel_axis=axis)
+    a = Int8Attrs(**attrs)
+    nch = w.shape[axis] if per_channel else 1
+    clip = (ref.abs_max(w, a.axis) * f32(0.4)).astype(f32)
+    if per_channel:
+        clip[1] = 0.0                       # not set yet: from max|w|
+    qmax = 2 ** (nbits - 1) - 1
+    for qstate in (INFER, TRAIN):
+        y, mm, st = op(w, clip, qstate, **attrs)
+        ry, rmm, rst = ref.quantization_int8_forward(w, clip, qstate, a)
+        assert np.array_equal(bits(y), bits(ry)) and np.array_equal(mm, rmm)
+        want = clip.copy()
+        if per_channel:
+            want[1] = ref.abs_max(w, axis)[1]
+        assert np.array_equal(mm, want)
+        s = want / f32(qmax)
+        s_b = s[0] if a.axis is None else ref._broadcast(s, 4, a.axis)
+        assert np.nanmax(np.abs(y / s_b)) == pytest.approx(qmax)    # saturated at the clip
+        assert np.array_equal(bits(y), bits(ref.fake_quant(w, want if a.axis is not None
+                                                           else want[0], nbits, True, a.axis)))
+    # without the flag the range is max|w| again, whatever was stored
+    plain = {k: v for k, v in attrs.items() if k != "fix_weight_scale"}
+    _, mm, _ = op(w, clip, TRAIN, **plain)
+    assert np.array_equal(mm, ref.abs_max(w, a.axis))
+    assert nch == mm.size
+
+
+def test_fix_weight_scale_backward_is_straight_through_like_ref():
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 1, (4, 3, 3, 3)).astype(f32)
+    g = rng.normal(0, 1, w.shape).astype(f32)
+    clip = np.full(4, 0.5, f32)
+    xs = mx.nd.array(w)
+    xs.attach_grad()
+    mm, st = mx.nd.array(clip), mx.nd.array(TRAIN)
+    with autograd.record():
+        y = mx.nd.Quantization_int8(xs, mm, st, is_weight=True, is_weight_perchannel=True,
+                                    fix_weight_scale=True, nbits=3)
+    y.backward(mx.nd.array(g))
+    a = Int8Attrs(nbits=3, is_weight=True, is_weight_perchannel=True, fix_weight_scale=True)
+    want = ref.quantization_int8_backward(g, w, clip, np.array([1, 1], f32), a)
+    assert np.array_equal(xs.grad.asnumpy(), want)
+    assert np.array_equal(want, g)                    # weights: straight through, also beyond
+
+
 # -- bad input ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("attrs,needle", [
@@ -433,6 +487,7 @@ def test_checkpoint_save_parameters_and_export_keep_ranges(tmp_path):
     (dict(is_weight_perchannel=True), "needs is_weight=True"),
     (dict(is_weight=True, signed=False), "signed=False needs is_weight=False"),
     (dict(signed="no"), "'signed' must be True or False"),
+    (dict(fix_weight_scale=True), "fix_weight_scale=True needs is_weight=True"),
 ])
 def test_bad_attribute_is_a_clear_error(attrs, needle):
     x = mx.nd.ones((2, 3))

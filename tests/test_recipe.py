@@ -82,3 +82,34 @@ def test_methods_whose_estimator_sums_over_the_tensor_get_small_steps():
     for name in ("dsq", "qil"):
         m = methods.get(name)
         assert m.lr_mult <= 0.01 and m.wd_mult == 0
+
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_low_bit_int8_weights_train_from_the_least_error_clip(per_channel):
+    """The issue's int8 2/2 failure: max-scaled ternary weights zero everything under
+    max/2.  A training policy starts each int8 weight below 8 bits at the MSE clip on its
+    grid and keeps it there (the stored range is the deployed one); PTQ keeps max|w|."""
+    from quant_ops.graph.deploy import weight_ranges
+    from quant_ops.model import QuantizedModel
+
+    m = QuantizedModel.load("examples/models/fmnist_resnet20")
+    pol = QuantPolicy.from_dict({"preset": "trt_int8", "activation": {"bits": 2},
+                                 "weight": {"bits": 2, "per_channel": per_channel}})
+    ptq = m.copy().quantize(pol)
+    qat = m.copy().quantize(pol.for_training())
+    (q,) = [q for q in qat.quantizers if q.is_weight and "stage2_conv1_" in q.name]
+    assert q.attrs["fix_weight_scale"] == "True"
+    w = np.asarray(qat.params["cifarresnetv10_stage2_conv1_weight"])
+    stored = np.asarray(qat.params[q.inputs["minmax"]]).reshape(-1)
+    want = mse_clip(w, int_grid(-1, 1), 0 if per_channel else None)
+    np.testing.assert_array_equal(stored, want)
+    amax = np.abs(w).reshape(len(want), -1).max(axis=1) if per_channel else np.abs(w).max()
+    assert np.all(stored < 0.8 * amax)
+    assert all("fix_weight_scale" not in p.attrs for p in ptq.quantizers)
+    # deployment reads the stored clip; a max-following quantizer gets max|w| again
+    ranges = weight_ranges(qat.run_graph, qat.params)
+    np.testing.assert_array_equal(np.asarray(ranges[q.inputs["minmax"]]).reshape(-1), stored)
+    (p,) = [p for p in ptq.quantizers if p.is_weight and "stage2_conv1_" in p.name]
+    np.testing.assert_array_equal(np.asarray(weight_ranges(ptq.run_graph, ptq.params)[
+        p.inputs["minmax"]]).reshape(-1), np.asarray(amax, np.float32).reshape(-1))

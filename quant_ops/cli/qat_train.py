@@ -192,7 +192,7 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         rec = recipe_for(args, policy, float_lr)
         train, test = _load_sets(args, model, norm, fmnist, progress_bars)
         mx.random.seed(args.seed)
-        model.quantize(policy, fold_bn=rec.fold_bn)
+        model.quantize(policy.for_training(), fold_bn=rec.fold_bn)
         if rec.calib_images:
             model.calibrate(train.x[:rec.calib_images], rec.calib_method, batch_size=128,
                             progress=progress_bars)

@@ -66,13 +66,18 @@ def _prune(graph: Graph) -> Graph:
 
 def weight_ranges(graph: Graph, params: dict) -> dict:
     """Recompute the state an engine derives from each final weight (int8 ranges), as the
-    operator does."""
+    operator does, and give the engine the weight in the form it quantizes exactly (a
+    weight beyond a stored clip is clipped: QuantizeLinear alone would saturate one code
+    lower than the narrow-range operator)."""
     params = dict(params)
     for q in quantizers(graph):
         w = graph.nodes[q.source[0]]
         if q.is_weight and w.is_var and w.name in params:
-            for k, v in q.method.deploy_state(q.attrs, as_numpy(params[w.name])).items():
+            value = as_numpy(params[w.name])
+            for k, v in q.method.deploy_state(q.attrs, value).items():
                 params[q.inputs[k]] = v
+            state = {k: as_numpy(params[v]) for k, v in q.inputs.items() if v in params}
+            params[w.name] = q.method.deploy_weight(q.attrs, value, state)
     return params
 
 

@@ -142,10 +142,11 @@ def _fold_one(graph, li, bn, params, mode, emit, remap) -> int:
     if mode == "deploy":
         q = graph.nodes[layer.inputs[1][0]]
         m = methods.of_op(q.op)
-        if m is not None and not m.scale_follows_weight:
-            raise QuantOpsError(f"{graph.source}: '{layer.name}' has a learned-scale weight "
-                                f"quantizer ({q.op}): folding BatchNorm now would change the "
-                                "weights under it; fold BatchNorm before QAT (fold_bn='qat')")
+        if m is not None and not m.follows_weight(q.attrs):
+            raise QuantOpsError(f"{graph.source}: '{layer.name}' has a weight quantizer with a "
+                                f"learned or stored scale ({q.op}): folding BatchNorm now would "
+                                "change the weights under it; fold BatchNorm before QAT "
+                                "(fold_bn='qat')")
         if w_name not in params:
             raise QuantOpsError(f"{graph.source}: weight '{w_name}' of '{layer.name}' is not "
                                 "in the params")

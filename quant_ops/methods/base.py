@@ -324,6 +324,11 @@ class Method:
                      if self.params[k].attr)
         return attrs
 
+    def training_params(self, bits: int, is_weight: bool) -> dict[str, Any]:
+        """Policy params fine-tuning gives this role at ``bits`` unless the policy sets them
+        (a training policy, ``QuantPolicy.for_training``; PTQ keeps the plain defaults)."""
+        return {}
+
     # -- starting values --------------------------------------------------------------
     def initial(self, bits: int, per_channel: bool, params: Mapping[str, Any], is_weight: bool,
                 channels: int, weight: np.ndarray | None, axis: int) -> dict[str, np.ndarray]:
@@ -375,10 +380,21 @@ class Method:
         """The QDQ form from the range input's value; methods without one raise."""
         raise NotImplementedError(self.qdq_reason or f"{self.op} has no QDQ form")
 
+    def follows_weight(self, attrs: Mapping[str, str]) -> bool:
+        """This quantizer's weight scale is recomputed from the weight (``scale_follows_weight``
+        unless its attributes pin a stored one)."""
+        return self.scale_follows_weight
+
     def deploy_state(self, attrs: Mapping[str, str],
                      weight: np.ndarray) -> dict[str, np.ndarray]:
         """State a deployment engine derives from the final weight itself (int8 ranges)."""
         return {}
+
+    def deploy_weight(self, attrs: Mapping[str, str], weight: np.ndarray,
+                      state: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The float weight an engine is given, so that its own quantization of it gives
+        this operator's codes (the weight itself unless the method says more)."""
+        return weight
 
     def fixed(self, x: np.ndarray, attrs: Mapping[str, str],
               state: Mapping[str, np.ndarray]) -> np.ndarray:

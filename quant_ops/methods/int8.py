@@ -5,6 +5,10 @@ ranges, per-channel weights with narrow range, delayed start.  The deployment fo
 are never negative (after a ReLU): the uint8 that oneDNN and onnxruntime run on CPUs, with
 twice TensorRT's resolution there; a tensor that can be negative keeps the signed form.
 
+``fix_weight_scale: true`` (weights): the stored range is a clip that stays, not max|w| at
+every forward.  A training policy (``QuantPolicy.for_training``) sets it below 8 bits and the
+range starts at the least-error clip on the layer's grid; deployment reads the stored clip.
+
 Seed import (``from_seed``; the graph side is quant_ops/graph/seed.py).
 
 What the seed's ``_contrib_Quantization_int8`` was (its ``Quantization_int8Para``):
@@ -54,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from .. import reference as ref
+from ..calib.weights import int_grid, mse_clip
 from .base import (QDQ, Input, Method, Param, SeedMapped, SeedNode, SeedState, boolean, choice,
                    f32, flag, is_int, is_num)
 
@@ -77,6 +82,23 @@ class _Int8(Method):
             params = {"fix_act_scale": True, **params}
         return super().op_attrs(bits, per_channel, params, is_weight, channel_axis)
 
+    def training_params(self, bits, is_weight):
+        # below 8 bits a max-scaled weight grid spends its few levels on the outliers (at 2
+        # bits every weight under max/2 becomes 0): fine-tuning keeps the least-error clip
+        return {"fix_weight_scale": True} if is_weight and bits < 8 else {}
+
+    def initial(self, bits, per_channel, params, is_weight, channels, weight, axis):
+        init = super().initial(bits, per_channel, params, is_weight, channels, weight, axis)
+        if is_weight and weight is not None and params.get("fix_weight_scale"):
+            qmax = 2 ** (bits - 1) - 1        # narrow range: codes -qmax..qmax
+            clip = mse_clip(np.asarray(weight, f32), int_grid(-qmax, qmax),
+                            axis if per_channel else None)
+            init["minmax"] = np.asarray(clip, f32).reshape(channels)
+        return init
+
+    def follows_weight(self, attrs):
+        return not flag(attrs, "fix_weight_scale", False)
+
     def unsigned(self, attrs):
         return not flag(attrs, "is_weight") and not flag(attrs, "signed", True)
 
@@ -93,8 +115,20 @@ class _Int8(Method):
         return QDQ(scale if per_axis else scale[:1].reshape(()), signed, per_axis)
 
     def deploy_state(self, attrs, weight):
+        if not self.follows_weight(attrs):   # the stored clip is the state
+            return {}
         axis = int(attrs.get("channel_axis", "0")) if self.per_axis(attrs) else None
         return {"minmax": ref.abs_max(np.asarray(weight), axis)}
+
+    def deploy_weight(self, attrs, weight, state):
+        if self.follows_weight(attrs) or "minmax" not in state:
+            return weight
+        # a stored clip under max|w|: the engine's QuantizeLinear would give the weights
+        # beyond it code -qmax-1 where the narrow-range operator gives -qmax
+        mm = np.asarray(state["minmax"], f32).reshape(-1)
+        axis = int(attrs.get("channel_axis", "0")) if self.per_axis(attrs) else None
+        bound = mm[0] if axis is None else ref._broadcast(mm, np.ndim(weight), axis)
+        return np.clip(weight, -bound, bound).astype(weight.dtype, copy=False)
 
     def fixed(self, x, attrs, state):
         import mxnet as mx
@@ -106,6 +140,7 @@ class _Int8(Method):
         # a weight with its recorded ranges: the range is given, not recomputed
         kw["is_weight"] = "False"
         kw.pop("is_weight_perchannel", None)
+        kw.pop("fix_weight_scale", None)
         axis = int(kw.pop("channel_axis", 0))
 
         def run(xc: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -301,6 +336,8 @@ METHOD = _Int8(
             "delay_quant": Param(_delay, "an integer >= 0"),
             "grad_mode": choice("ste", "clip"),
             "fix_act_scale": boolean(),
+            "fix_weight_scale": Param(lambda v: isinstance(v, bool), "true or false",
+                                      roles=("weight",)),
             "signed": Param(lambda v: isinstance(v, bool), "true or false", roles=("activation",))},
     range_input="minmax", linear=True, scale_follows_weight=True,
     seed_ops={"_contrib_Quantization_int8": ("data", "minmax"),

@@ -133,12 +133,13 @@ def adaround(graph: Graph, params: dict, batches: Sequence[np.ndarray], *,
         if not ok:
             raise QuantOpsError(f"adaround: {name} = {v!r} is out of range")
     layers, skipped = find_layers(graph, "adaround")
-    op_of = {n.name: n.op for n in graph.nodes}
+    node_of = {n.name: n for n in graph.nodes}
     chosen = []
     for ly in layers:
-        m = methods.of_op(op_of[ly.w_q]) if ly.w_q else None
+        q = node_of[ly.w_q] if ly.w_q else None
+        m = methods.of_op(q.op) if q is not None else None
         why = ("no weight quantizer" if m is None else
-               "its weight scale does not follow the weight" if not m.scale_follows_weight else
+               "its weight scale does not follow the weight" if not m.follows_weight(q.attrs) else
                "its weight is shared with another layer" if not ly.w_search else
                "Deconvolution is not simulated here" if ly.op == "Deconvolution" else None)
         if why:

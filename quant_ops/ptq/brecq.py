@@ -119,7 +119,7 @@ def _learnable(graph: Graph) -> tuple[set, set, dict]:
     ws, acts, why = set(), set(), {}
     for q in quantizers(graph):
         if q.is_weight:
-            if not q.method.scale_follows_weight:
+            if not q.method.follows_weight(q.attrs):
                 why[q.name] = "its weight scale does not follow the weight"
             elif not graph.nodes[q.source[0]].is_var or len(readers[q.source[0]]) > 1:
                 why[q.name] = "its weight is not a parameter of its own"

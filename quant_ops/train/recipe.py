@@ -15,6 +15,9 @@ should get, measured on the bundled models (docs/results.md).
   absorbs the new scale, as those papers train).
 * Quantizer parameters: each method's lr / wd multipliers (descriptor), projected into
   their domains after every step (``train.constraints``).
+* The policy: ``policy.for_training()``, each method's fine-tuning params under the ones the
+  policy sets (``Method.training_params``: int8 weights below 8 bits keep the least-error
+  clip instead of max|w|, which at 2 bits zeroes every weight under max/2).
 """
 from __future__ import annotations
 
