@@ -193,14 +193,15 @@ def run_config(model_name: str, name: str, bits: str, data: tuple, args) -> dict
 TITLES = {"resnet20": "ResNet-20", "mobilenetv2": "MobileNet-v2-style (depthwise, ReLU6)"}
 
 
-def _table(rows: list, acc_float: float, seed_column: bool) -> list:
+def _table(rows: list, acc_float: float, seed_column: bool, current: str) -> list:
     head = ("| method | W | A | W/A bits | BN folded | budget (images x epochs) | before (%) | "
             "after (%) | vs float |")
     lines = [head + (" seed CIFAR-10 (%) |" if seed_column else ""),
              "|---" * (10 if seed_column else 9) + "|"]
     for r in rows:
         seed = SEED_CIFAR10.get(r["method"], {}).get(r["bits"])
-        lines.append(f"| {r['method']} | {r['weight']} | {r['activation']} | {r['bits']} | "
+        stale = " (stale)" if r.get("code") != current else ""
+        lines.append(f"| {r['method']}{stale} | {r['weight']} | {r['activation']} | {r['bits']} | "
                      f"{r.get('fold_bn', 'qat')} | "
                      f"{r.get('train_images', '?')} x {r.get('recipe', {}).get('epochs', 1)} | "
                      f"{r['accuracy_before']:.2f} | {r['accuracy']:.2f} | "
@@ -214,7 +215,8 @@ def render(rows: list, acc_float: dict, args, step: dict, missing: list = ()) ->
              "Each row fine-tunes a bundled float checkpoint with the library's default recipe "
              "(`quant_ops/train/recipe.py`, nothing tuned per row or per model): the "
              "training policy (`QuantPolicy.for_training`: int8 weights below 8 bits keep the "
-             "least-error clip on their grid instead of max|w|), ranges calibrated first (the "
+             "least-error clip on their grid instead of max|w|, int8 activations below 8 bits "
+             "take the clip gradient), ranges calibrated first (the "
              "`auto` calibrator at the layer's bit width; weight ranges by MSE on each "
              "method's grid), one epoch over the row's budget of training images (batch 128, "
              "SGD momentum 0.9, SineScheduler, peak lr float lr / 400 at 8 bits and / 20 "
@@ -230,6 +232,7 @@ def render(rows: list, acc_float: dict, args, step: dict, missing: list = ()) ->
              "'before' is the calibrated net before fine-tuning (low for DoReFa, QIL and "
              "GDRQ weights, which rescale the weights, until training lets BN's running "
              "statistics follow)."]
+    current = code_version()
     for model in MODELS:
         mine = [r for r in rows if r.get("model", "resnet20") == model]
         if not mine:
@@ -242,10 +245,13 @@ def render(rows: list, acc_float: dict, args, step: dict, missing: list = ()) ->
         else:
             n = max(len(r.get("signed_inputs", [])) for r in mine)
             lines += [f"{n} layers read a tensor that can be negative (see above).", ""]
-        lines += _table(mine, acc, model == "resnet20")
+        lines += _table(mine, acc, model == "resnet20", current)
     used = sorted({r["activation"] for r in rows} & set(ACTIVATION_NOTES))
     if used:
         lines += [""] + [f"- {m} activations: {ACTIVATION_NOTES[m]}" for m in used]
+    if any(r.get("code") != current for r in rows):
+        lines += ["", "(stale): measured on code that has changed since (`code` in the JSON); "
+                  "`--resume` runs it again."]
     if missing:
         lines += ["", f"Not measured in this run (time): {', '.join(missing)}."]
     lines += ["", f"Train step (ResNet-20, batch 128, hybridized, median of 20, same run): float "

@@ -299,11 +299,12 @@ def test_override_that_switches_method_drops_the_other_methods_params():
 
 
 def test_training_policy_gives_methods_their_fine_tuning_params():
-    """``for_training``: int8 weights below 8 bits keep a calibrated clip; 8-bit layers,
-    activations and an explicit setting are left alone; the flag round-trips."""
+    """``for_training``: int8 weights below 8 bits keep a calibrated clip and activations
+    train with the clip gradient; 8-bit layers and an explicit setting are left alone; the
+    flag round-trips."""
     p = QuantPolicy.from_dict({
         "preset": "trt_int8", "weight": {"bits": 4}, "activation": {"bits": 4},
-        "overrides": [{"match": "first", "weight": {"bits": 8}},
+        "overrides": [{"match": "first", "weight": {"bits": 8}, "activation": {"bits": 8}},
                       {"match": "pinned", "weight": {"params": {"fix_weight_scale": False}}},
                       {"match": "lsq", "weight": {"method": "lsq", "params": {}}}]})
     assert not p.training and p.rule_for("body", "Convolution").weight is p.weight
@@ -312,7 +313,8 @@ def test_training_policy_gives_methods_their_fine_tuning_params():
     body = t.rule_for("body", "Convolution")
     assert body.weight.params["fix_weight_scale"] is True
     assert "fix_weight_scale" in body.weight.op_attrs(is_weight=True)
-    assert dict(body.activation.params) == dict(p.activation.params)
+    assert body.activation.params["grad_mode"] == "clip"     # below 8 bits, a fixed clip
+    assert "grad_mode" not in t.rule_for("first", "Convolution").activation.params
     assert "fix_weight_scale" not in t.rule_for("first", "Convolution").weight.params
     assert t.rule_for("pinned", "Convolution").weight.params["fix_weight_scale"] is False
     assert "fix_weight_scale" not in t.rule_for("lsq", "Convolution").weight.params

@@ -17,7 +17,8 @@ should get, measured on the bundled models (docs/results.md).
   their domains after every step (``train.constraints``).
 * The policy: ``policy.for_training()``, each method's fine-tuning params under the ones the
   policy sets (``Method.training_params``: int8 weights below 8 bits keep the least-error
-  clip instead of max|w|, which at 2 bits zeroes every weight under max/2).
+  clip instead of max|w|, which at 2 bits zeroes every weight under max/2; their activations
+  take the clip gradient, as the clip itself stays fixed).
 """
 from __future__ import annotations
 
