@@ -15,7 +15,7 @@ import pytest
 from quant_ops import QuantizedModel, QuantOpsError
 from quant_ops.datasets import load_data
 from quant_ops.export.onnx_qdq import export_onnx, quantize_layer_outputs
-from quant_ops.export.ort import dequantized_outputs, session
+from quant_ops.export.ort import dequantized_outputs, quantize_points, session
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models"
@@ -111,22 +111,28 @@ def test_export_with_mxnet_int8_is_all_or_none(resnet20, tmp_path):
 @pytest.mark.parametrize("name, policy", [("fmnist_resnet20", "trt_int8"),
                                           ("fmnist_mobilenetv2", "trt_int8_shared")])
 def test_u8_export_dequantizes_to_the_int8_exports_values(name, policy, tmp_path):
-    """At every DequantizeLinear of the int8 export the uint8 export gives the same floats,
-    on inputs far outside the calibrated range (saturation included)."""
+    """At every quantizer of the int8 export the uint8 export gives the same codes (and
+    the same floats wherever both dequantize), on inputs far outside the calibrated range
+    (saturation included); the classifier, which reads the codes in the uint8 export
+    (MatMulInteger), gives the same logits up to float32 rounding."""
     q, _, x, _ = _bundled(name, policy, n_test=16)
     x = np.concatenate([x, 4 * x]).astype(np.float32)
     s8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "s8.onnx", {"data": x.shape})
     u8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "u8.onnx", {"data": x.shape},
                            activations="u8")
+    ca, cb = quantize_points(s8, {"data": x}), quantize_points(u8, {"data": x})
+    assert ca and set(ca) <= set(cb)         # u8 adds layer-output quantizers
+    for k in ca:
+        np.testing.assert_array_equal(ca[k][1], cb[k][1], err_msg=k)
     a = dequantized_outputs(s8, {"data": x})
     b = dequantized_outputs(u8, {"data": x})
-    assert a and set(a) <= set(b)
-    for k in a:
+    assert len(set(a) & set(b)) >= len(a) - 2            # the classifier's input and weight
+    for k in set(a) & set(b):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert np.abs(a["data_int8"]).max() < np.abs(x).max()      # the input range clips
     ya = session(s8).run(None, {"data": x})[0]
     yb = session(u8).run(None, {"data": x})[0]
-    np.testing.assert_array_equal(ya, yb)
+    np.testing.assert_allclose(yb, ya, rtol=0, atol=1e-5 * np.abs(ya).max())
     zps = [t for t in onnx.load(str(u8)).graph.initializer if t.name.endswith("_zero_point")
            and t.data_type == onnx.TensorProto.UINT8]
     assert zps and all(onnx.numpy_helper.to_array(t).max() == 128 for t in zps)
@@ -289,6 +295,11 @@ def test_cpu_int8_runs_every_conv_in_integers_with_no_rectifier_left(name, convs
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == convs
     assert not {"Conv", "FusedConv", "Relu", "Clip", "QLinearLeakyRelu"} & set(ops)
+    # the classifier (no quantizer after it) multiplies codes: no float GEMM, and the
+    # alignment still checks its input and weight quantizers
+    assert ops.count("MatMulInteger") == 1 and not {"Gemm", "FusedGemm", "MatMul"} & set(ops)
+    assert set(a["quantizers_isolated"]) == set(a["quantizers"])
+    assert any("dense0_weight" in k for k in a["quantizers_isolated"])
     got = np.array([sess.run(None, {"data": x[i:i + 1]})[0].argmax(1)[0] for i in range(len(x))])
     assert (got == q.predict(x).argmax(1)).mean() >= 0.99
 
@@ -299,3 +310,87 @@ def test_cpu_int8_native_int8_agrees_with_its_simulation():
     got = _predict(q.to_mxnet_int8(cal), x).argmax(1)
     assert (got == sim).mean() >= 0.985
     assert abs((got == y).mean() - (sim == y).mean()) <= 0.005
+
+
+def _conv_classifier(tmp_path):
+    """conv -> relu -> global average pool -> 1x1 conv (the classifier, as gluoncv writes
+    MobileNet's) -> flatten, quantized with cpu_int8 and calibrated."""
+    d = mx.sym.var("data")
+    x = mx.sym.Convolution(d, kernel=(3, 3), pad=(1, 1), num_filter=16, name="c0")
+    x = mx.sym.Activation(x, act_type="relu", name="r0")
+    x = mx.sym.Pooling(x, global_pool=True, pool_type="avg", kernel=(1, 1), name="gap")
+    x = mx.sym.Convolution(x, kernel=(1, 1), num_filter=10, name="pred")
+    x = mx.sym.Flatten(x, name="flat")
+    rng = np.random.default_rng(0)
+    shapes, _, _ = x.infer_shape(data=(8, 3, 12, 12))
+    params = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
+              for n, s in zip(x.list_arguments(), shapes) if n != "data"}
+    from quant_ops.graph.ir import Graph
+
+    q = QuantizedModel(Graph.from_symbol(x), params).quantize("cpu_int8")
+    cal = rng.standard_normal((32, 3, 12, 12)).astype(np.float32)
+    q.calibrate(cal, "minmax", progress=False)
+    return q, rng.standard_normal((8, 3, 12, 12)).astype(np.float32) * 1.5
+
+
+def test_a_classifier_written_as_a_1x1_convolution_multiplies_codes(tmp_path):
+    """A 1x1 convolution on a 1x1 map with no quantizer after it runs as MatMulInteger in
+    the u8 export, with the logits of the s8 export (float convolution) up to float32
+    rounding; every quantizer still matches MXNet exactly."""
+    import onnxruntime as ort
+
+    q, x = _conv_classifier(tmp_path)
+    s8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "s8.onnx", {"data": x.shape})
+    ex = q.export(tmp_path / "u8", input_shape=x.shape, check_input=x, activations="u8")
+    ops = [n.op_type for n in onnx.load(str(ex.onnx)).graph.node]
+    assert "MatMulInteger" in ops and ops.count("Conv") == 1       # only c0 is a Conv
+    ya = session(s8).run(None, {"data": x})[0]
+    yb = session(ex.onnx).run(None, {"data": x})[0]
+    assert ya.shape == yb.shape == (8, 10)
+    np.testing.assert_allclose(yb, ya, rtol=0, atol=1e-5 * np.abs(ya).max())
+    np.testing.assert_allclose(yb, q.predict(x), rtol=0, atol=1e-4 * np.abs(ya).max())
+    assert ex.alignment["isolated_identical_min"] == 1.0
+    assert any("pred_weight" in k for k in ex.alignment["quantizers_isolated"])
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(ex.onnx), so, providers=["CPUExecutionProvider"])
+    opt = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "MatMulInteger" in opt and not {"Conv", "FusedConv", "Gemm"} & set(opt)
+
+
+def test_layers_with_an_output_quantizer_are_left_to_onnxruntime_fusion():
+    """A Gemm that feeds a QuantizeLinear (QGemm material) and one that reads float values
+    are not rewritten; one reading codes with no quantizer after it is."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from quant_ops.export.integer_layers import float_layers_as_integer
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (4, 6)).astype(np.float32)
+    inits = [nh.from_array(w, "w"), nh.from_array(np.full(4, 0.01, np.float32), "ws"),
+             nh.from_array(np.zeros(4, np.int8), "wz"), nh.from_array(np.float32(0.1), "xs"),
+             nh.from_array(np.uint8(0), "xz"), nh.from_array(np.zeros(4, np.float32), "b")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="x_int8_quantize"),
+             h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="x_int8"),
+             h.make_node("QuantizeLinear", ["w", "ws", "wz"], ["wq"], name="w_int8_quantize",
+                         axis=0),
+             h.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="w_int8", axis=0),
+             h.make_node("Gemm", ["xd", "wd", "b"], ["y1"], name="to_q", transB=1),
+             h.make_node("QuantizeLinear", ["y1", "xs", "xz"], ["y1q"], name="y_quantize"),
+             h.make_node("DequantizeLinear", ["y1q", "xs", "xz"], ["y1d"], name="y"),
+             h.make_node("Gemm", ["x", "wd", "b"], ["y2"], name="float_input", transB=1),
+             h.make_node("Gemm", ["xd", "wd", "b"], ["y3"], name="codes", transB=1)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 6])],
+                     [h.make_tensor_value_info(n, T.FLOAT, [2, 4]) for n in ("y1d", "y2", "y3")],
+                     inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    x = rng.random((2, 6), np.float32) * 5
+    before = session(model.SerializeToString()).run(None, {"x": x})
+    assert float_layers_as_integer(model) == ["codes"]
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Gemm") == 2 and ops.count("MatMulInteger") == 1
+    assert "w_int8" in {n.name for n in model.graph.node}      # still read by two Gemms
+    after = session(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * np.abs(a).max())

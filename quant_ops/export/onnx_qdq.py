@@ -24,6 +24,7 @@ from .. import methods
 from ..graph.ir import Graph
 from ..graph.quantizers import quantizers
 from ..graph.deploy import deploy_graph
+from .integer_layers import float_layers_as_integer
 
 log = logging.getLogger(__name__)
 ACTIVATION_CODES = ("s8", "u8")
@@ -334,11 +335,14 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
     """Write ``path`` (.onnx) atomically; returns it with the deployment graph and params
     that MXNet runs to match it.  ``input_shapes`` maps input names to shapes;
     ``activations`` "s8" (as the quantizers are: TensorRT's int8, and uint8 for unsigned
-    ones) or "u8" (``activations_as_uint8``, ``drop_rectifiers_before_unsigned`` and
-    ``quantize_layer_outputs``: the same values, laid out for onnxruntime's integer
-    kernels on CPUs)."""
-    if opset not in OPSETS:
-        raise QuantOpsError(f"opset {opset} is not supported (use one of {OPSETS})")
+    ones) or "u8" (``activations_as_uint8``, ``drop_rectifiers_before_unsigned``,
+    ``quantize_layer_outputs``, ``rectifiers_as_lookups`` and
+    ``integer_layers.float_layers_as_integer``: the same quantized values, laid out for
+    onnxruntime's integer kernels on CPUs)."""
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) \
+            or opset not in OPSETS:
+        raise QuantOpsError(f"opset {opset!r} is not supported (use one of the integers "
+                            f"{OPSETS[0]}..{OPSETS[-1]})")
     if activations not in ACTIVATION_CODES:
         raise QuantOpsError(f"activations {activations!r}: use one of "
                             f"{', '.join(ACTIVATION_CODES)}")
@@ -371,6 +375,7 @@ def export_onnx(graph: Graph, params: dict, path: str | Path,
         drop_rectifiers_before_unsigned(model)
         quantize_layer_outputs(model)
         rectifiers_as_lookups(model)
+        float_layers_as_integer(model)
     onnx.checker.check_model(model)
     p = atomic_write_bytes(path, model.SerializeToString())
     return p, graph, params

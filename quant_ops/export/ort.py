@@ -34,6 +34,22 @@ def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False)
     vals.update({k: v for k, v in inits.items() if k in wanted})
     vals.update(_run_with_outputs(model, [w for w in wanted if w not in vals], feeds, optimize))
     deq = dequantized_outputs(model_path, feeds, optimize)
+    # a quantizer whose dequantized values nothing reads (its layer reads the codes:
+    # ``integer_layers``) is read at its QuantizeLinear: codes minus zero point, times scale
+    bare = [n for n in qs if n.name[: -len("_quantize")] not in deq]
+    zps = {t.name: t for t in model.graph.initializer}
+    raw = _run_with_outputs(model, [n.output[0] for n in bare], feeds, optimize,
+                            [zps[n.input[2]].data_type for n in bare])
+    for n in bare:
+        zp = numpy_helper.to_array(zps[n.input[2]]).astype(np.float32)
+        scale = inits[n.input[1]]
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        codes = raw[n.output[0]].astype(np.float32)
+        if scale.ndim:
+            shape = [1] * codes.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        deq[n.name[: -len("_quantize")]] = (codes - zp) * scale
     res = {}
     for n in qs:
         name = n.name[: -len("_quantize")]
@@ -51,16 +67,17 @@ def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False)
 
 
 def _run_with_outputs(model: onnx.ModelProto, names: list, feeds: dict,
-                      optimize: bool) -> dict:
-    """Values of intermediate float tensors, made graph outputs for one run."""
+                      optimize: bool, types: list | None = None) -> dict:
+    """Values of intermediate tensors (float unless ``types`` says), made graph outputs for
+    one run."""
     if not names:
         return {}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
-    for t in names:
+    for t, kind in zip(names, types or [TensorProto.FLOAT] * len(names)):
         if t not in have:
-            m.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
+            m.graph.output.append(helper.make_tensor_value_info(t, kind, None))
     return dict(zip(names, session(m.SerializeToString(), optimize).run(names, feeds)))
 
 
