@@ -188,6 +188,23 @@ def check_labels(y, n: int, source: str) -> np.ndarray | None:
     return y.astype(np.int64)
 
 
+def align_classes(train: Data, test: Data) -> Data:
+    """``test`` with its labels numbered as ``train``'s where both are image folders: labels
+    follow the sorted class folders, so a validation folder with fewer classes would
+    otherwise be scored against the wrong ones; a class the training data lacks is an
+    error naming it."""
+    if train.classes is None or test.classes is None or train.classes == test.classes:
+        return test
+    unknown = sorted(set(test.classes) - set(train.classes))
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise QuantOpsError(f"{test.source}: class folder(s) {', '.join(unknown[:5])}{more} "
+                            f"are not classes of the training data ({train.source})")
+    index = np.array([train.classes.index(c) for c in test.classes], np.int64)
+    return Data(test.x, index[test.y], test.source, list(train.classes),
+                test.notes + ["labels numbered as the training folder's classes"])
+
+
 def _as_inputs(x: np.ndarray, source: str, normalize, notes: list) -> np.ndarray:
     """Integer pixels are scaled to [0, 1] and normalized; float values are the network's
     input as they are."""

@@ -1,5 +1,7 @@
 """The package's own error types, so callers can catch toolkit failures apart from MXNet's."""
 
+import re
+
 
 class QuantOpsError(Exception):
     """Any error the toolkit raises on bad input, configuration or environment."""
@@ -15,5 +17,9 @@ def mxnet_message(err: Exception) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     for ln in reversed(lines):
         if ln.startswith("MXNetError:") or "Check failed" in ln or "Error in operator" in ln:
-            return " ".join(ln.removeprefix("MXNetError:").split())
+            return _SOURCE_LOCATION.sub("", " ".join(ln.removeprefix("MXNetError:").split()))
     return " ".join(lines[-1].split()) if lines else type(err).__name__
+
+
+#: "[02:21:40] ../src/operator/nn/convolution.cc:151: ": when and where in MXNet's C++
+_SOURCE_LOCATION = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")

@@ -12,13 +12,22 @@ from typing import Callable, Iterator
 from .errors import QuantOpsError
 
 
+#: the longest output name stem, in UTF-8 bytes: file systems take 255 per name, and the
+#: staging prefixes and suffixes (``.<name>.staged-…``, ``-symbol.json``) need the rest
+MAX_NAME_BYTES = 200
+
+
 def plain_name(name: str, what: str = "name") -> str:
     """A file-name stem for outputs: no folder part and no leading '.', so what is written
-    with it stays in its output folder."""
+    with it stays in its output folder, and short enough to be a file name."""
     if not isinstance(name, str) or not name or "/" in name or "\\" in name \
             or name.startswith(".") or "\0" in name:
         raise QuantOpsError(f"{what} {name!r}: give a plain file name (no '/', no leading "
                             "'.'); outputs go into the output folder")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise QuantOpsError(f"{what} '{name[:40]}...' is {size} bytes long: at most "
+                            f"{MAX_NAME_BYTES}")
     return name
 
 
@@ -70,29 +79,80 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, write)
 
 
+def _missing_parents(path: Path) -> list:
+    """The folders above ``path`` that do not exist yet, outermost first."""
+    missing = []
+    for parent in path.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Move every file of ``tmp`` into ``out``, replacing files of the same names, all or
+    none: the files replaced are set aside in ``tmp`` first and put back if a move fails."""
+    new = sorted(f for f in tmp.iterdir() if f.name != ".previous")
+    for f in new:
+        t = out / f.name
+        if (t.is_dir() and not t.is_symlink()) != f.is_dir() and (t.exists() or t.is_symlink()):
+            kind = "a folder" if t.is_dir() else "a file"
+            raise QuantOpsError(f"{t}: is {kind}, where this run writes its output "
+                                f"'{f.name}': move it away or choose another output folder")
+    previous = tmp / ".previous"
+    previous.mkdir()
+    set_aside, placed = [], []
+    try:
+        for f in new:
+            t = out / f.name
+            if t.exists() or t.is_symlink():
+                os.rename(t, previous / f.name)
+                set_aside.append(f.name)
+            os.rename(f, t)
+            placed.append(f.name)
+    except OSError as e:
+        for name in reversed(placed):
+            os.rename(out / name, tmp / name)
+        for name in reversed(set_aside):
+            os.rename(previous / name, out / name)
+        raise QuantOpsError(f"{out}: cannot write there ({e.strerror}); nothing was "
+                            "changed") from None
+
+
 @contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """A hidden folder to write into.  On success: when ``out`` did not exist the folder is
     renamed to ``out`` (one atomic step: a kill leaves it whole or absent); otherwise its
-    files move into ``out``.  On failure it is removed, with ``out`` when this call would
-    have created it."""
-    out = Path(out)
+    files move into ``out``, all or none.  On failure it is removed, with ``out`` and the
+    folders above it that this call would have created."""
+    out = Path(os.path.abspath(out))        # '..' resolved by name, as the user meant it
     created = not out.exists()
+    made = _missing_parents(out) if created else []
+    tmp = None
     try:
-        if created:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staged-"))
-        else:
-            tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
-    except OSError as e:
-        raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
-    try:
+        try:
+            if created:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staged-"))
+            else:
+                tmp = Path(tempfile.mkdtemp(dir=out, prefix=".staged-"))
+        except OSError as e:
+            raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
         yield tmp
         if created:
             os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700: the usual folder mode
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError as e:
+                raise QuantOpsError(f"{out}: cannot write there ({e.strerror})") from None
+            made = []
         else:
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
+            _move_in(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()                  # only if still empty
+            except OSError:
+                break

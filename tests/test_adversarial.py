@@ -177,6 +177,12 @@ def world(tmp_path_factory):
     np.savez(d / "lblshort.npz", x=x, y=np.zeros(3, np.int64))
     np.savez(d / "lblneg.npz", x=x[:4], y=np.array([0, 1, -1, 2]))
     np.savez(d / "lblfrac.npz", x=x[:4], y=np.array([0, 1, 0.5, 2]))
+    np.savez(d / "lbl7.npz", x=x[:4], y=np.array([0, 1, 7, 2]))     # the net has 3 classes
+    np.save(d / "nan1.npy", np.where(np.arange(64).reshape(1, 1, 8, 8) == 5, np.nan,
+                                     0.5).astype(f32))
+    mx.nd.save(str(d / "dupkey-0000.params"),
+               {**{f"arg:{k}": mx.nd.array(v) for k, v in params.items()},
+                "aux:c1_weight": mx.nd.array(params["c1_weight"] + 1)})
     (d / "imgs_empty").mkdir()
     (d / "imgs_bad").mkdir()
     (d / "imgs_bad" / "broken.png").write_bytes(b"not a png")
@@ -184,6 +190,7 @@ def world(tmp_path_factory):
     for name, v in _symbol_variants(sym_json).items():
         (d / f"{name}-symbol.json").write_text(v if isinstance(v, str) else json.dumps(v))
     (d / "binary-symbol.json").write_bytes(b"\x00\xff\xfe")
+    (d / "deep-symbol.json").write_text("[" * 100_000 + "]" * 100_000)
     (d / "seed-symbol.json").write_text(json.dumps(_seed_symbol()))
     _save_params(d / "seed-0000.params", {"fc_weight": params["fc_weight"],
                                           "fc_bias": params["fc_bias"],
@@ -685,6 +692,18 @@ API_ROWS = [
         "quantizer 'data_int8' is 3-bit"),
     api("export-opset-5", lambda c: _load(c, "netc").export(c.out, input_shape=SHAPE, opset=5),
         "opset 5 is not supported"),
+    api("export-opset-text", lambda c: _load(c, "netc").export(c.out, input_shape=SHAPE,
+                                                               opset="13"),
+        "opset '13' is not supported (use one of the integers 13..21)"),
+    api("export-trt-version-0", lambda c: _load(c, "netc").export(c.out, input_shape=SHAPE,
+                                                                  trt_version=0),
+        "trt_version must be a positive integer", "got 0"),
+    api("export-name-too-long", lambda c: _load(c, "netc").export(c.out, "n" * 300,
+                                                                  input_shape=SHAPE),
+        "export name 'nnnn", "is 300 bytes long"),
+    api("export-check-input-nan", lambda c: _load(c, "netc").export(
+        c.out, input_shape=SHAPE, check_input=np.full(SHAPE, np.nan, f32)),
+        "the check input for 'data' has NaN or infinite values"),
     api("export-input-shape-does-not-fit", lambda c: _load(c, "netc").export(
         c.out, input_shape=(1, 3, 8, 8)), "input shape (1, 3, 8, 8) does not fit", "c1"),
     api("export-name-with-parent", lambda c: _load(c, "netc").export(
@@ -916,6 +935,19 @@ CLI_ROWS = [
     cli("name-with-slash", GO, lambda c: go(c, "--name", "sub/net"),
         "--name 'sub/net': give a plain file name"),
     cli("name-dotdot", GO, lambda c: go(c, "--name", ".."), "--name '..'"),
+    cli("zoo-model-input-of-wrong-rank", GO, lambda c: ["--model", "resnet18_v1",
+                                                        "--input-shape", "1,3", "--out",
+                                                        str(c.out)],
+        "resnet18_v1: cannot build it for --input-shape 1,3", "Input data should be 4D"),
+    cli("name-empty", GO, lambda c: go(c, "--name", ""), "--name '': give a plain file name"),
+    cli("name-too-long", GO, lambda c: go(c, "--name", "n" * 300),
+        "--name 'nnnn", "is 300 bytes long: at most 200"),
+    cli("an-output-is-a-folder", GO, lambda c: go(c), "summary.md: is a folder",
+        prep=lambda c: (c.out / "summary.md").mkdir(parents=True)),
+    cli("params-with-a-name-twice", GO, lambda c: go(c, params="dupkey"),
+        "dupkey-0000.params: parameter 'c1_weight' is in the file twice"),
+    cli("json-nested-too-deep", GO, lambda c: go(c, model="deep", params="net"),
+        "deep-symbol.json: not an MXNet symbol file"),
     cli("out-is-input-folder", GO, lambda c: in_place(c, "--no-draw"),
         "re-quant-symbol.json: this output would overwrite an input", prep=re_quant),
     cli("out-holds-policy-as-summary", GO, lambda c: [
@@ -994,6 +1026,12 @@ CLI_ROWS = [
                                  "calib.npy=netc.ranges.json")),
     cli("no-out", EX, lambda c: ex(c)[:-2], "the following arguments are required: --out",
         usage=True),
+    cli("check-input-npz", EX, lambda c: ex(c, "--check-input", c.f("test.npz")),
+        "test.npz: --check-input takes a .npy array"),
+    cli("check-input-nan", EX, lambda c: ex(c, "--check-input", c.f("nan1.npy")),
+        "nan1.npy: has NaN or infinite values"),
+    cli("an-output-is-a-folder", EX, lambda c: ex(c), "netc.ranges.json: is a folder",
+        prep=lambda c: (c.out / "netc.ranges.json").mkdir(parents=True)),
     # -- qat_train ----------------------------------------------------------------------------
     cli("lr-nan", QT, lambda c: qt(c, "--lr", "nan"), "--lr must be a number > 0, got nan"),
     cli("lr-negative", QT, lambda c: qt(c, "--lr", "-1"), "--lr must be a number > 0, got -1"),
@@ -1045,7 +1083,28 @@ CLI_ROWS = [
     cli("unknown-kvstore", QT, lambda c: qt_tiny(c, "--data", c.f("test.npz"), "--test",
                                                  c.f("test.npz"), "--kvstore", "devcie"),
         "--kvstore", "devcie"),
+    cli("seed-negative", QT, lambda c: qt(c, "--seed", "-1"), "--seed must be in 0..",
+        "got -1"),
+    cli("train-label-beyond-the-classes", QT, lambda c: qt_tiny(
+        c, "--data", c.f("lbl7.npz"), "--test", c.f("test.npz")),
+        "lbl7.npz: label 7 is out of range: the model has 3 classes"),
+    cli("test-label-beyond-the-classes", QT, lambda c: qt_tiny(
+        c, "--data", c.f("test.npz"), "--test", c.f("lbl7.npz")),
+        "lbl7.npz: label 7 is out of range"),
+    cli("policy-quantizes-nothing", QT, lambda c: qt_tiny(
+        c, "--data", c.f("test.npz"), "--test", c.f("test.npz"), "--policy", "lsq_w4a4"),
+        "lsq_w4a4: the policy quantizes no layer of net"),
+    cli("out-holds-the-model", QT, lambda c: [
+        "--model", str(c.out / "rank0" / "final"), "--data", c.f("test.npz"), "--test",
+        c.f("test.npz"), "--no-progress", "--calib-images", "0", "--out", str(c.out)],
+        "final-symbol.json: this output would overwrite an input",
+        prep=lambda c: [c.out.joinpath("rank0").mkdir(parents=True),
+                        shutil.copy(c.d / "net-symbol.json", c.out / "rank0" / "final-symbol.json"),
+                        shutil.copy(c.d / "net-0000.params", c.out / "rank0" / "final-0000.params")]),
     # -- sensitivity --------------------------------------------------------------------------
+    cli("test-label-beyond-the-classes", SE, lambda c: calib(c, "--test", c.f("lbl7.npz"),
+                                                             "--eval-images", "4"),
+        "lbl7.npz: label 7 is out of range"),
     cli("max-layers-negative", SE, lambda c: calib(c, "--max-layers", "-1"),
         "--max-layers must be >= 0, got -1"),
     cli("calib-images-0", SE, lambda c: calib(c, "--calib-images", "0"),
@@ -1155,7 +1214,7 @@ def test_cli_refuses(case: Cli, world, tmp_path, capfd):
     for needle in case.needles:
         assert needle in text, err
     assert ".staged-" not in text, err     # never a hidden temporary path
-    assert not ctx.out.exists()
+    assert case.prep is not None or not ctx.out.exists()  # (a prep may make --out itself)
     _assert_nothing_written(before, ctx)
 
 

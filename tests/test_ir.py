@@ -128,3 +128,18 @@ def test_every_saved_fuzz_crash_is_now_a_clean_error():
     for d in cases:
         with pytest.raises(QuantOpsError, match="the operator takes"):
             QuantizedModel.from_symbol(d / "m-symbol.json", d / "m-0000.params")
+
+
+def test_unicode_node_names_survive_the_round_trip_through_mxnet(tmp_path):
+    """MXNet reads UTF-8 names but not JSON's \\u escapes: the graph writes them as text."""
+    x = mx.sym.Convolution(mx.sym.var("data"), kernel=(1, 1), num_filter=2, name="cü中1")
+    g = Graph.from_symbol(x)
+    assert "cü中1_weight" in g.to_symbol().list_arguments()
+    path = tmp_path / "u-symbol.json"
+    path.write_text(g.to_json(), encoding="utf-8")
+    assert mx.sym.load(str(path)).list_arguments() == x.list_arguments()
+
+
+def test_json_nested_past_the_recursion_limit_is_a_clear_error():
+    with pytest.raises(QuantOpsError, match="deep.json: not an MXNet symbol file"):
+        Graph.from_json("[" * 100_000 + "]" * 100_000, "deep.json")

@@ -106,3 +106,14 @@ def test_random_damage_never_escapes_as_another_error(tmp_path):
             read_params_file(f)
         except QuantOpsError:
             pass
+
+
+def test_a_parameter_saved_both_as_arg_and_aux_is_refused_by_name(tmp_path):
+    """Module files prefix names with arg:/aux:; one name under both is ambiguous (one
+    copy would silently win)."""
+    path = tmp_path / "dup-0000.params"
+    mx.nd.save(str(path), {"arg:c1_weight": mx.nd.ones((2, 2)),
+                           "aux:c1_weight": mx.nd.zeros((2, 2))})
+    with pytest.raises(QuantOpsError, match=r"parameter 'c1_weight' is in the file twice "
+                                            r"\('arg:c1_weight' and 'aux:c1_weight'\)"):
+        load_params(path)

@@ -201,3 +201,69 @@ def test_qat_train_any_model_and_policy_file_on_an_image_folder(tmp_path):
     assert res["train_images"] == 24 and res["test_images"] == 8 and res["steps"] == 3
     assert res["recipe"]["lr"] == pytest.approx(0.1 / 20)     # 4-bit weights, no float lr
     assert res["test"].endswith("val")
+
+
+def _tiny_run(out, *extra):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, str(root / "tests" / "qat_worker.py"), "--model",
+                           "tiny", "--epochs", "1", "--train-limit", "256", "--test-limit",
+                           "64", "--batch-size", "64", "--calib-images", "0", "--no-progress",
+                           "--checkpoint-every", "1",
+                           *extra, "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_resume_with_other_settings_is_refused_and_the_same_run_continues(tmp_path):
+    """The checkpoints in --out belong to one run (model, policy, recipe, seed, data): a
+    second run there with another lr, seed or training set is refused with the setting
+    named, and nothing in --out changes; the same settings continue from the checkpoint."""
+    import hashlib
+    import json
+
+    def snapshot():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    r = _tiny_run(tmp_path / "o", "--fail-at-step", "2", "--fail-rank", "0")
+    assert r.returncode != 0 and (tmp_path / "o" / "checkpoint.json").is_file()
+    before = snapshot()
+    for extra, what in ((["--lr", "0.01"], "recipe"), (["--seed", "3"], "seed"),
+                        (["--train-limit", "128"], "train")):
+        bad = _tiny_run(tmp_path / "o", *extra)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+        assert "holds the checkpoints of a run with a different" in lines[0] and what in lines[0]
+        assert snapshot() == before
+    ok = _tiny_run(tmp_path / "o")
+    assert ok.returncode == 0, ok.stderr
+    res = json.loads((tmp_path / "o" / "rank0" / "result.json").read_text())
+    assert res["steps"] == 4
+
+
+def test_a_diverged_run_writes_no_model(tmp_path):
+    r = _tiny_run(tmp_path / "o", "--lr", "1e30")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: training diverged") and "lower --lr" in lines[0]
+    assert not (tmp_path / "o" / "rank0").exists()
+
+
+def test_validation_classes_are_numbered_as_the_training_folders():
+    """Image folders number classes by their sorted folder names: a val/ with fewer classes
+    gets the training folder's numbers; a class training never saw is an error."""
+    from quant_ops.datasets import Data, align_classes
+    from quant_ops.errors import QuantOpsError
+
+    x = np.zeros((3, 1, 2, 2), np.float32)
+    train = Data(x, np.array([0, 1, 2]), "data/train", ["cat", "dog", "fox"])
+    val = Data(x, np.array([0, 1, 1]), "data/val", ["cat", "fox"])
+    got = align_classes(train, val)
+    assert got.y.tolist() == [0, 2, 2] and got.classes == train.classes
+    assert align_classes(train, train) is train
+    with pytest.raises(QuantOpsError, match="data/val: class folder.s. emu are not classes of "
+                                            "the training data .data/train."):
+        align_classes(train, Data(x, np.array([0, 1, 1]), "data/val", ["cat", "emu"]))

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
         raise QuantOpsError(f"--trt-version must be a positive integer (TensorRT's number "
                             f"for itself, 8601 for 8.6.1), got {args.trt_version}")
     model = QuantizedModel.from_symbol(args.symbol, args.params)
-    name = output_name(args.name) if args.name else model.name
+    name = output_name(args.name) if args.name is not None else model.name
     outputs = [f"{name}{ext}" for ext in (".onnx", ".calib.cache", ".ranges.json",
                                           ".alignment.json")]
     if args.mxnet_int8:
@@ -66,9 +66,16 @@ def run(args: argparse.Namespace) -> dict:
     calib = _calib(args, model) if args.calib else None
     if args.check_input:
         try:
-            x = np.load(args.check_input, allow_pickle=False).astype(np.float32)
+            x = np.load(args.check_input, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise QuantOpsError(f"{args.check_input}: cannot read ({e})") from None
+        if not isinstance(x, np.ndarray) or x.dtype.kind not in "fiu":
+            raise QuantOpsError(f"{args.check_input}: --check-input takes a .npy array of "
+                                "the model's input (numbers), not "
+                                f"{'an .npz archive' if not isinstance(x, np.ndarray) else x.dtype}")
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise QuantOpsError(f"{args.check_input}: has NaN or infinite values")
     else:
         x = np.random.default_rng(0).uniform(0, 1, args.input_shape).astype(np.float32)
     ex = model.export(args.out, name, tuple(x.shape), args.opset, args.trt_version,

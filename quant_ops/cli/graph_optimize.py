@@ -19,7 +19,7 @@ from ..errors import QuantOpsError
 from ..fileio import atomic_write_text, staged_dir
 from ..model import QuantizedModel
 from ..policy import QuantPolicy
-from .common import no_overwrite, output_name, run_command, shape
+from .common import no_overwrite, output_name, run_command, shape, zoo_model
 from .model_data import DATA_HELP, floats
 
 CALIB_METHODS = ("auto", "entropy", "minmax", "percentile", "mse")
@@ -123,7 +123,7 @@ def _calibrate(model: QuantizedModel, args: argparse.Namespace) -> None:
 def _load_input(args: argparse.Namespace) -> QuantizedModel:
     """The float model from --symbol/--params or --model, checked against --input-shape."""
     if args.model:
-        return QuantizedModel.from_zoo(args.model, args.input_shape)
+        return zoo_model(args.model, args.input_shape)
     if args.params is None:
         raise QuantOpsError("--symbol needs --params")
     model = QuantizedModel.from_symbol(args.symbol, args.params)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> Path:
     _example_defaults(args)
     policy = QuantPolicy.load(args.policy) if args.policy else QuantPolicy.preset(args.preset)
     model = _load_input(args)
-    name = output_name(args.name) if args.name else model.name
+    name = output_name(args.name) if args.name is not None else model.name
     no_overwrite(args.out, [f"{name}-quant-symbol.json", f"{name}-quant-0000.params",
                             "summary.md", "summary.json", f"{name}-float.svg",
                             f"{name}-float.png", f"{name}-quantized.svg",

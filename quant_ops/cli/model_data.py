@@ -171,8 +171,16 @@ def load_set(spec: str, src: ModelSource, flag: str, split: str, limit: int | No
 
 
 def check_fits(model, data) -> None:
-    """The data's images fit the model (the error names the layer that does not)."""
+    """The data's images fit the model (the error names the layer that does not), and its
+    labels, if any, are classes the model has (a classifier's output width)."""
     model.set_input_shape((1,) + tuple(data.x.shape[1:]))
+    if data.y is None or not len(data.y):
+        return
+    _, outs, _ = model.run_graph.to_symbol().infer_shape(
+        **{model.data_names[0]: (1,) + tuple(data.x.shape[1:])})
+    if outs and len(outs[0]) == 2 and int(data.y.max()) >= outs[0][1]:
+        raise QuantOpsError(f"{data.source}: label {int(data.y.max())} is out of range: the "
+                            f"model has {outs[0][1]} classes (labels 0..{outs[0][1] - 1})")
 
 
 def load_policy(text: str) -> QuantPolicy:
@@ -262,7 +270,7 @@ class PTQRun:
         self.model = self.src.load()
         if self.model.is_quantized:
             raise QuantOpsError(f"{self.src.label}: already quantized: give the float model")
-        self.name = output_name(args.name) if args.name else self.src.name
+        self.name = output_name(args.name) if args.name is not None else self.src.name
         no_overwrite(args.out, [f"{self.name}-quant-symbol.json",
                                 f"{self.name}-quant-0000.params", "report.json", "report.md",
                                 *extra_files],

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import QuantOpsError
-from .common import BUNDLED_MODELS, error, stoppable
-from .model_data import DATA_HELP, add_model_args, load_policy, model_source
+from .common import BUNDLED_MODELS, error, no_overwrite, stoppable, zoo_model
+from .model_data import (DATA_HELP, add_model_args, check_fits, load_policy,
+                         model_source)
 
 #: a model loader: () -> (float Gluon block, (input mean, std), the float training lr)
 ModelLoader = Callable[[], tuple]
@@ -84,6 +85,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
                          ("--freeze-bn-after", args.freeze_bn_after, 0)):
         if v is not None and v < low:
             raise QuantOpsError(f"{flag} must be >= {low}, got {v}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise QuantOpsError(f"--seed must be in 0..{2 ** 32 - 1}, got {args.seed}")
     if args.kvstore not in KVSTORES:
         raise QuantOpsError(f"--kvstore {args.kvstore!r}: use one of {', '.join(KVSTORES)}")
     for flag, v in (("--lr", args.lr), ("--float-lr", args.float_lr)):
@@ -109,10 +112,11 @@ def _load_model(args, models: Mapping[str, ModelLoader]):
                                 f"({', '.join(BUNDLED_MODELS)}), no checkpoint "
                                 f"{args.model}-symbol.json; a gluoncv name needs "
                                 "--input-shape")
-        m = QuantizedModel.from_zoo(args.model, args.input_shape)
+        m = zoo_model(args.model, args.input_shape)
         norm = None if args.mean is None else (args.mean, args.std)
         return m, norm, None, args.model, False
     src = model_source(args, "fmnist_resnet20")
+    args.input_files = [src.symbol, src.params]
     m = src.load()
     float_lr = src.info.get("lr") if src.info else None
     return m, src.normalize, float_lr, src.name, src.fmnist
@@ -143,7 +147,7 @@ def _data_specs(args, fmnist: bool) -> tuple[str, str]:
 
 
 def _load_sets(args, model, norm, fmnist: bool, progress: bool):
-    from ..datasets import load_data
+    from ..datasets import align_classes, load_data
 
     train_spec, test_spec = _data_specs(args, fmnist)
     shape = args.input_shape or model.input_shape
@@ -155,7 +159,9 @@ def _load_sets(args, model, norm, fmnist: bool, progress: bool):
         if d.y is None:
             raise QuantOpsError(f"{d.source}: no labels (an .npz with 'y' or 'label', or "
                                 "an image folder with class subfolders)")
-    model.set_input_shape((1,) + tuple(train.x.shape[1:]))
+    test = align_classes(train, test)
+    for d in (train, test):
+        check_fits(model, d)
     return train, test
 
 
@@ -175,6 +181,66 @@ def recipe_for(args, policy, float_lr):
     return replace(rec, **over)
 
 
+#: what a run writes into ``--out/rank<r>/``
+OUTPUTS = ("final-symbol.json", "final-0000.params", "result.json", "metrics.csv",
+           "curves.png")
+
+
+def _env_rank(args) -> int:
+    return int(os.environ.get("DMLC_WORKER_ID", "0")) if "dist" in args.kvstore else 0
+
+
+def _digest(arrays) -> str:
+    """SHA-256 over named arrays (name, dtype, shape and bytes), in name order."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for k, v in sorted(arrays):
+        a = np.ascontiguousarray(v)
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def run_manifest(args, model, policy, rec, train) -> dict:
+    """What makes a run the same run: the float model, policy, recipe, seed, data and the
+    options that change training.  A checkpoint only continues a run with all of these
+    the same."""
+    return {"model": _digest([("graph", model.graph.to_json().encode()),
+                              *model.params.items()]),
+            "policy": policy.for_training().to_dict(), "recipe": rec.to_dict(),
+            "seed": args.seed, "kvstore": args.kvstore,
+            "freeze_bn_after": args.freeze_bn_after,
+            "train": {"images": len(train), "digest": _digest([("x", train.x),
+                                                               ("y", train.y)])}}
+
+
+def check_resume(out: Path, manifest: dict) -> None:
+    """Record the run's settings beside its checkpoints, or, when ``out`` holds the
+    checkpoints of an interrupted run, refuse unless that run had the same settings."""
+    from ..fileio import atomic_write_text
+
+    record, ckpt = out / "checkpoint.json", out / "checkpoint"
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            raise QuantOpsError(f"{ckpt}: checkpoints without a readable record of their run "
+                                f"({record}): cannot tell whether this is the same run; use "
+                                f"another --out, or delete {ckpt} to start over") from None
+        differ = [k for k in manifest if saved.get(k) != json.loads(json.dumps(manifest[k]))]
+        if differ:
+            raise QuantOpsError(f"{ckpt}: holds the checkpoints of a run with a different "
+                                f"{', '.join(differ)}; resuming would not continue it: "
+                                f"run it with the same settings, use another --out, or "
+                                f"delete {ckpt} to start over")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(manifest, indent=1))
+
+
 def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
         on_step: Callable[[int, int], None] | None = None) -> int:
     """Fine-tune the model; ``on_step(step, rank)`` is called after every optimizer step.
@@ -188,28 +254,38 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
     try:
         _check_numbers(args)
         policy = load_policy(args.policy)
+        args.input_files = []
         model, norm, float_lr, name, fmnist = _load_model(args, models or {})
+        no_overwrite(args.out / f"rank{_env_rank(args)}", list(OUTPUTS),
+                     args.input_files + [args.policy, args.data, args.test])
         rec = recipe_for(args, policy, float_lr)
         train, test = _load_sets(args, model, norm, fmnist, progress_bars)
+        manifest = run_manifest(args, model, policy, rec, train)
         mx.random.seed(args.seed)
         model.quantize(policy.for_training(), fold_bn=rec.fold_bn)
+        if not model.quantizers:
+            raise QuantOpsError(f"{args.policy}: the policy quantizes no layer of {name}: "
+                                "nothing to fine-tune")
         if rec.calib_images:
             model.calibrate(train.x[:rec.calib_images], rec.calib_method, batch_size=128,
                             progress=progress_bars)
         before = model.evaluate(test.x, test.y) if rec.calib_images else None
+        check_resume(args.out, manifest)
         return _train(args, model, rec, train, test, before, name, on_step)
     except (QuantOpsError, OSError, mx.base.MXNetError) as e:
         return error(e)
 
 
 def _train(args, model, rec, train, test, before, name, on_step) -> int:
+    import numpy as np
+
     from ..fileio import atomic_write_text, staged_dir
     from ..ops import set_training
     from ..train.loop import FitConfig, fit, plot_curve
 
     q = model.to_block()
     q.hybridize(static_alloc=True)
-    kv_rank = int(os.environ.get("DMLC_WORKER_ID", "0")) if "dist" in args.kvstore else 0
+    kv_rank = _env_rank(args)
     cfg = FitConfig(epochs=rec.epochs, lr=rec.lr, batch_size=rec.batch_size, wd=rec.wd,
                     seed=args.seed,
                     freeze_bn_after=args.freeze_bn_after,
@@ -221,6 +297,11 @@ def _train(args, model, rec, train, test, before, name, on_step) -> int:
     progress = fit(q, (train.x, train.y), None, cfg)
     set_training(q, False)
     model.from_block(q)
+    bad = [k for k, v in model.params.items() if not np.isfinite(np.asarray(v)).all()]
+    if bad:
+        raise QuantOpsError(f"training diverged: {len(bad)} parameter(s), e.g. '{bad[0]}', "
+                            f"are NaN or infinite after {progress['step']} steps (last loss "
+                            f"{progress.get('last_loss')}); nothing was written: lower --lr")
     rank = progress.get("rank", kv_rank)
     acc = model.evaluate(test.x, test.y)
     result = {"model": name, "policy": args.policy, "rank": rank, "accuracy": acc,

@@ -37,6 +37,14 @@ def export_model(graph: Graph, params: dict, out_dir: str | Path, name: str,
     from .onnx_qdq import activation_ranges, export_onnx
     from .trt_cache import write_cache, write_ranges_json
 
+    import numpy as np
+
+    from ..errors import QuantOpsError
+
+    if isinstance(trt_version, bool) or not isinstance(trt_version, (int, np.integer)) \
+            or trt_version <= 0:
+        raise QuantOpsError(f"trt_version must be a positive integer (TensorRT's number for "
+                            f"itself, 8601 for 8.6.1), got {trt_version!r}")
     out = Path(out_dir)
     with staged_dir(out) as tmp:
         _, dgraph, dparams = export_onnx(graph, params, tmp / f"{name}.onnx", input_shapes,

@@ -8,6 +8,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
+from ..errors import QuantOpsError
 from ..graph.ir import Graph, Node
 from ..graph.quantizers import quantizers
 from ..graph.runner import run_once
@@ -109,8 +110,12 @@ def check_alignment(onnx_path: str | Path, graph: Graph, params: dict, inputs: d
                     optimize: bool = False) -> dict:
     """Compare MXNet (``graph``/``params``: the deployment form ``export_onnx`` returned) and
     onnxruntime on ``inputs`` ({input name: array})."""
-    sess = session(onnx_path, optimize)
     feeds = {k: np.ascontiguousarray(v, np.float32) for k, v in inputs.items()}
+    for k, v in feeds.items():
+        if not np.isfinite(v).all():
+            raise QuantOpsError(f"the check input for '{k}' has NaN or infinite values: the "
+                                "alignment would compare nothing meaningful")
+    sess = session(onnx_path, optimize)
     ort_out = sess.run(None, feeds)
     mx_out = run_once(graph.to_symbol(), params, feeds)
     outputs = []

@@ -45,6 +45,9 @@ class Graph:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise QuantOpsError(f"{source}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise QuantOpsError(f"{source}: not an MXNet symbol file (its JSON nests deeper "
+                                "than any symbol does)") from None
         if not isinstance(d, dict) or not isinstance(d.get("nodes"), list) \
                 or not isinstance(d.get("heads"), list):
             raise QuantOpsError(f"{source}: not an MXNet symbol file (needs 'nodes' and "
@@ -131,7 +134,8 @@ class Graph:
             "arg_nodes": [i for i, n in enumerate(self.nodes) if n.is_var],
             "heads": [list(h) for h in self.heads],
             "attrs": self.attrs or {"mxnet_version": ["int", 10901]},
-        }, separators=(",", ":"))  # no indent: json's C encoder is ~5x faster without it
+        }, separators=(",", ":"),  # no indent: json's C encoder is ~5x faster without it
+            ensure_ascii=False)        # MXNet's reader takes UTF-8 names, not \u escapes
 
     def to_symbol(self):
         import mxnet as mx

@@ -46,8 +46,14 @@ def load_params(path: str | Path, cast: bool = False) -> dict:
     raw = read_params_file(p)     # (not mx.nd.load: a spliced file can crash it)
     if not isinstance(raw, dict):
         raise QuantOpsError(f"{p}: holds unnamed arrays, not parameters")
-    return check_arrays({k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k:
-                         v for k, v in raw.items()}, str(p), cast)
+    named: dict = {}
+    for k, v in raw.items():
+        name = k.split(":", 1)[1] if k.startswith(("arg:", "aux:")) else k
+        if name in named:
+            raise QuantOpsError(f"{p}: parameter '{name}' is in the file twice ("
+                                f"'{named[name][0]}' and '{k}'): which one is meant?")
+        named[name] = (k, v)
+    return check_arrays({name: v for name, (_, v) in named.items()}, str(p), cast)
 
 
 def check_params(sym, params: dict, source: str, data_names=("data",)) -> None:
