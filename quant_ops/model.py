@@ -17,9 +17,10 @@ model, so they chain.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -76,6 +77,9 @@ def _fresh_names():
 
 def _batches(data, batch_size: int) -> list[np.ndarray]:
     """Input batches from an (N, ...) array, a list of batches, or (x, y) batches."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise QuantOpsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(data, (np.ndarray, mx.nd.NDArray)):
         x = as_numpy(data).astype(np.float32, copy=False)
         return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
@@ -85,6 +89,42 @@ def _batches(data, batch_size: int) -> list[np.ndarray]:
             b = b[0]
         out.append(as_numpy(b).astype(np.float32, copy=False))
     return out
+
+
+def _as_samples(sample) -> list:
+    """A Gluon sample (one batch or a list of them, numpy or NDArray) as float32 NDArrays."""
+    items = list(sample) if isinstance(sample, (list, tuple)) else [sample]
+    out = []
+    for x in items:
+        try:
+            a = as_numpy(x).astype(np.float32, copy=False)
+        except (TypeError, ValueError):
+            a = None
+        if a is None or a.dtype.kind != "f" or a.ndim == 0:
+            raise QuantOpsError(f"a sample is an input batch (a numpy array or an NDArray), "
+                                f"not {type(x).__name__}")
+        out.append(mx.nd.array(a, dtype="float32"))
+    return out
+
+
+def _checked_labels(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Evaluation labels as class indices, the inputs finite: otherwise an accuracy would be
+    computed from nothing meaningful."""
+    from .datasets import check_labels
+
+    if not np.isfinite(x).all():
+        raise QuantOpsError("evaluation set: the inputs have NaN or infinite values")
+    return check_labels(y, len(x), "evaluation set")
+
+
+def _checked_logits(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    if logits.ndim != 2:
+        raise QuantOpsError(f"evaluation: the model's output has shape {logits.shape}; "
+                            "top-1 accuracy needs (batch, classes)")
+    if len(y) and int(y.max()) >= logits.shape[1]:
+        raise QuantOpsError(f"evaluation set: label {int(y.max())} is out of range: the model "
+                            f"has {logits.shape[1]} classes")
+    return logits
 
 
 class QuantizedModel:
@@ -110,6 +150,8 @@ class QuantizedModel:
         self.table: list[dict] = []      # what was quantized: one row per quantizer
         self.ranges: dict[str, float] = {}
         self.input_shape: tuple | None = None
+        #: the files it was read from: what save and export never write over
+        self.sources: set[Path] = set()
         self._check_params()
 
     # -- making one ---------------------------------------------------------------------
@@ -124,10 +166,15 @@ class QuantizedModel:
             graph, name = symbol, Path(symbol.source).name
         elif isinstance(symbol, mx.sym.Symbol):
             graph, name = Graph.from_symbol(symbol), "model"
-        else:
+        elif isinstance(symbol, (str, Path)):
             graph, name = load_graph(symbol), Path(symbol).name
+        else:
+            raise QuantOpsError(f"symbol must be a symbol file, an mx.sym.Symbol or a Graph, "
+                                f"not {type(symbol).__name__}")
         name = name.split("-symbol")[0].removesuffix(".json") or "model"
-        return cls(graph, as_params(params, cast), data_names, name)
+        m = cls(graph, as_params(params, cast), data_names, name)
+        m.sources = {Path(f).resolve() for f in (symbol, params) if isinstance(f, (str, Path))}
+        return m
 
     @classmethod
     def load(cls, prefix: str | Path, epoch: int = 0,
@@ -149,7 +196,15 @@ class QuantizedModel:
             raise QuantOpsError(f"{block.name}: parameter {uninitialized[0]} is not "
                                 "initialized: call block.initialize() first")
         if sample is not None:
-            block(*(sample if isinstance(sample, (list, tuple)) else [sample]))
+            sample = _as_samples(sample)
+            try:   # (MXNet prints every argument's shape to stdout when inference fails)
+                with redirect_stdout(io.StringIO()):
+                    block(*sample)
+            except (ValueError, mx.base.MXNetError) as e:
+                shapes = " and ".join("x".join(map(str, x.shape)) for x in sample)
+                raise QuantOpsError(f"{name or block.name}: cannot run on a sample of shape "
+                                    f"{shapes}: {mxnet_message(e)}") from None
+            sample = sample if len(sample) > 1 else sample[0]
         from .prepare import trace
 
         try:
@@ -178,6 +233,11 @@ class QuantizedModel:
         here): for graph work and speed, not accuracy."""
         from .zoo import get_model
 
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+        if not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                                and d >= 1 for d in shape):
+            raise QuantOpsError(f"{name}: input_shape must be positive integers such as "
+                                f"(1, 3, 224, 224), got {input_shape!r}")
         mx.random.seed(seed)
         with _fresh_names():   # the zoo's own node names, whatever was built before
             net = get_model(name, **kwargs)
@@ -189,7 +249,7 @@ class QuantizedModel:
         sample = mx.nd.zeros(tuple(input_shape))
         try:
             return cls.from_gluon(net, sample, name=name)
-        except ValueError as e:
+        except QuantOpsError as e:
             if "Deferred initialization failed" not in str(e):
                 raise
             # a hybridized block infers every parameter's shape, also of layers its forward
@@ -265,7 +325,7 @@ class QuantizedModel:
                            self.data_names, self.name)
         m.policy, m.table, m.notes = self.policy, list(self.table), list(self.notes)
         m.ranges, m.input_shape = dict(self.ranges), self.input_shape
-        m.reports = dict(self.reports)
+        m.reports, m.sources = dict(self.reports), set(self.sources)
         return m
 
     def float_model(self) -> QuantizedModel:
@@ -274,7 +334,7 @@ class QuantizedModel:
         used = set(g.to_symbol().list_arguments()) | set(g.to_symbol().list_auxiliary_states())
         m = QuantizedModel(g, {k: v for k, v in self.params.items() if k in used},
                            self.data_names, self.name)
-        m.input_shape = self.input_shape
+        m.input_shape, m.sources = self.input_shape, set(self.sources)
         return m
 
     def summary(self, title: str | None = None) -> str:
@@ -380,17 +440,21 @@ class QuantizedModel:
             x, y = as_numpy(x).astype(np.float32, copy=False), as_numpy(y).reshape(-1)
             if len(x) != len(y):
                 raise QuantOpsError(f"evaluation set: {len(x)} inputs but {len(y)} labels")
-            return float((self.predict(x, batch_size).argmax(1) == y).mean() * 100)
+            y = _checked_labels(x, y)
+            return float((_checked_logits(self.predict(x, batch_size), y).argmax(1) == y)
+                         .mean() * 100)
         self._warn_uncalibrated()
         correct = seen = 0
         runners: dict = {}
         graph = self.run_graph
         for xb, yb in tqdm(x, desc="eval", leave=False, disable=not progress):
             xb, yb = as_numpy(xb).astype(np.float32, copy=False), as_numpy(yb).reshape(-1)
+            yb = _checked_labels(xb, yb)
             if xb.shape not in runners:
                 runners[xb.shape] = Runner(graph, self.params, xb.shape,
                                            self.data_names[0])
-            correct += int((runners[xb.shape](xb)[0].argmax(1) == yb).sum())
+            logits = _checked_logits(runners[xb.shape](xb)[0], yb)
+            correct += int((logits.argmax(1) == yb).sum())
             seen += len(yb)
         if seen == 0:
             raise QuantOpsError("the evaluation set is empty")
@@ -517,10 +581,20 @@ class QuantizedModel:
         and ``utils/export_onnx.py`` read them."""
         prefix = Path(prefix)
         sym_name, par_name = f"{prefix.name}-symbol.json", f"{prefix.name}-{epoch:04d}.params"
+        self._not_over_sources(prefix.parent, [sym_name, par_name])
         with staged_dir(prefix.parent) as tmp:
             (tmp / sym_name).write_text(self.graph.to_json())
             save_params(tmp / par_name, self.graph.to_symbol(), self.params)
         return prefix.parent / sym_name, prefix.parent / par_name
+
+    def _not_over_sources(self, folder: Path, names: Sequence[str]) -> None:
+        """Refuse to write ``names`` into ``folder`` where one is a file this model was
+        read from: inputs are never overwritten."""
+        for n in names:
+            if (Path(folder) / n).resolve() in self.sources:
+                raise QuantOpsError(f"{Path(folder) / n}: this model was read from it; write "
+                                    "to another prefix or folder (inputs are never "
+                                    "overwritten)")
 
     def to_mxnet_int8(self, data: ArrayLike | None = None, method: str = "entropy"):
         """MXNet's own INT8 graph (oneDNN kernels) with this model's ranges and weights,
@@ -558,6 +632,9 @@ class QuantizedModel:
         x = (as_numpy(check_input).astype(np.float32) if check_input is not None else
              np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
         out = Path(out_dir)
+        self._not_over_sources(out, [f"{name}{ext}" for ext in (
+            ".onnx", ".calib.cache", ".ranges.json", ".alignment.json", "-int8-symbol.json",
+            "-int8-0000.params")])
         with staged_dir(out) as tmp:
             ex = export_model(self.run_graph, self.params, tmp, name, {self.data_names[0]: shape},
                               opset, trt_version, activations)
@@ -576,5 +653,8 @@ def quantize(model: QuantizedModel | gluon.HybridBlock, preset: str = "trt_int8"
     """One call from a float network to a quantized model (MQBench's
     ``prepare_by_platform``): ``quant_ops.quantize(net, "trt_int8", sample=x)``."""
     if not isinstance(model, QuantizedModel):
+        if not isinstance(model, gluon.HybridBlock):
+            raise QuantOpsError(f"quantize() takes a QuantizedModel or a Gluon HybridBlock, "
+                                f"not {type(model).__name__}")
         model = QuantizedModel.from_gluon(model, sample)
     return model.quantize(preset, **kwargs)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NoReturn
 
+import numpy as np
 import yaml
 
 from . import methods
@@ -51,6 +52,17 @@ def _no_unknown(d: Mapping, known: Iterable[str], path: str, fail: Fail) -> None
 def _mapping(v: Any, path: str, fail: Fail) -> Mapping:
     if not isinstance(v, Mapping):
         fail(f"{path} must be a mapping, got {v!r}")
+    return v
+
+
+def _plain(v: Any) -> Any:
+    """``v`` with numpy scalars as Python ones (a policy built in code may hold them)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_plain(x) for x in v)
     return v
 
 
@@ -232,6 +244,7 @@ class QuantPolicy:
     def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> QuantPolicy:
         """Policy from plain data: an optional ``preset`` as the base, other keys override it."""
         fail = _raiser(source)
+        d = _plain(d)
         if not isinstance(d, Mapping):
             fail(f"the top level must be a mapping, got {'nothing' if d is None else type(d).__name__}")
         _no_unknown(d, _TOP_KEYS, "", fail)
@@ -262,6 +275,8 @@ class QuantPolicy:
     @classmethod
     def load(cls, path: str | Path) -> QuantPolicy:
         """Policy from a .json, .yaml or .yml file (YAML through safe_load: data only)."""
+        if not isinstance(path, (str, Path)):
+            raise QuantOpsError(f"a policy file is a path, not {type(path).__name__}")
         path = Path(path)
         fail = _raiser(str(path))
         suffix = path.suffix.lower()

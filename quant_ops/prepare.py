@@ -37,6 +37,8 @@ def as_policy(policy: QuantPolicy | str | dict) -> QuantPolicy:
     if isinstance(policy, QuantPolicy):
         return policy
     if isinstance(policy, str):
+        if policy.lower().endswith((".json", ".yaml", ".yml")) or "/" in policy:
+            return QuantPolicy.load(policy)          # a file, not a preset name
         return QuantPolicy.preset(policy)
     if isinstance(policy, dict):
         return QuantPolicy.from_dict(policy)

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from mxnet import gluon
 
+import quant_ops
 from quant_ops import QuantizedModel, methods
 from quant_ops.cli import (dfq, easyquant, export_onnx, graph_optimize, launch, qat_train,
                            sensitivity)
@@ -437,6 +438,12 @@ def _fit(c: Ctx, y=None, **cfg):
                                                            "progress": False, **cfg}))
 
 
+def _gluon_deferred_net():
+    net = gluon.nn.Dense(3)
+    net.initialize()
+    return net
+
+
 def _gluon_uninitialized(c: Ctx):
     return QuantizedModel.from_gluon(gluon.nn.Dense(3))
 
@@ -734,6 +741,54 @@ API_ROWS = [
         "FitConfig.optimizer must be an MXNet optimizer name"),
     api("fit-unknown-kvstore", lambda c: _fit(c, kvstore="devcie"),
         "FitConfig.kvstore must be one of local, device", "got 'devcie'"),
+    api("fit-label-beyond-the-classes", lambda c: _fit(c, y=np.full(16, 7)),
+        "the training set has label 7; the net has 3 classes"),
+    api("fit-nan-inputs", lambda c: _load(c, "netc").fit(
+        (np.full((16, 1, 8, 8), np.nan, f32), np.zeros(16, np.int64)), None,
+        FitConfig(epochs=1, batch_size=8, progress=False)),
+        "the training set has NaN or infinite inputs"),
+    api("fit-seed-negative", lambda c: _fit(c, seed=-1),
+        "FitConfig.seed must be an integer in 0..4294967295, got -1"),
+    api("fit-diverges", lambda c: _fit(c, y=np.arange(16) % 3, lr=1e30, epochs=3),
+        "training diverged at step", "lower the learning rate"),
+    api("evaluate-label-beyond-the-classes", lambda c: _load(c, "netc").evaluate(
+        _x(c), np.full(16, 7)), "evaluation set: label 7 is out of range: the model has 3 "
+                                "classes"),
+    api("evaluate-negative-label", lambda c: _load(c, "netc").evaluate(_x(c), np.full(16, -1)),
+        "evaluation set: negative label -1"),
+    api("evaluate-fractional-labels", lambda c: _load(c, "netc").evaluate(
+        _x(c), np.full(16, 0.5)), "evaluation set: the labels are float64, not class indices"),
+    api("evaluate-nan-inputs", lambda c: _load(c, "netc").evaluate(
+        np.full((4, 1, 8, 8), np.nan, f32), np.zeros(4, np.int64)),
+        "evaluation set: the inputs have NaN or infinite values"),
+    api("calibrate-batch-size-0", lambda c: _load(c, "netq").calibrate(
+        _x(c), "minmax", batch_size=0, progress=False),
+        "batch_size must be an integer >= 1, got 0"),
+    api("save-over-the-files-it-was-read-from", lambda c: QuantizedModel.load(
+        c.prep / "net").quantize("trt_int8").save(c.prep / "net"),
+        "net-symbol.json: this model was read from it",
+        prep=lambda c: c.copy_in("net-symbol.json", "net-0000.params")),
+    api("export-int8-over-the-files-it-was-read-from", lambda c: QuantizedModel.load(
+        c.prep / "m-int8").export(c.prep, "m", input_shape=SHAPE, mxnet_int8=True,
+                                  data=_x(c)),
+        "m-int8-symbol.json: this model was read from it",
+        prep=lambda c: c.copy_in("netc-symbol.json=m-int8-symbol.json",
+                                 "netc-0000.params=m-int8-0000.params")),
+    api("symbol-of-a-wrong-type", lambda c: QuantizedModel.from_symbol(5, c.d / "net-0000.params"),
+        "symbol must be a symbol file, an mx.sym.Symbol or a Graph, not int"),
+    api("quantize-a-string", lambda c: quant_ops.quantize("resnet", "trt_int8"),
+        "quantize() takes a QuantizedModel or a Gluon HybridBlock, not str"),
+    api("quantize-with-a-missing-policy-file", lambda c: _load(c).quantize(
+        str(c.tmp / "nosuch.yaml")), "nosuch.yaml: cannot read the file"),
+    api("policy-load-of-a-number", lambda c: QuantPolicy.load(5),
+        "a policy file is a path, not int"),
+    api("zoo-model-of-an-empty-shape", lambda c: QuantizedModel.from_zoo(
+        "resnet18_v1", (1, 3, 0, 32)), "resnet18_v1: input_shape must be positive integers"),
+    api("zoo-model-of-a-shape-it-cannot-take", lambda c: QuantizedModel.from_zoo(
+        "resnet18_v1", (1, 3)), "resnet18_v1", "cannot run on a sample of shape 1x3",
+        "Input data should be 4D"),
+    api("gluon-sample-of-text", lambda c: QuantizedModel.from_gluon(
+        _gluon_deferred_net(), "abc"), "a sample is an input batch"),
     api("fit-negative-labels", lambda c: _fit(c, y=np.full(16, -1)),
         "the training set: negative label -1"),
     api("fit-float-labels", lambda c: _fit(c, y=np.full(16, 0.5)),
@@ -938,7 +993,7 @@ CLI_ROWS = [
     cli("zoo-model-input-of-wrong-rank", GO, lambda c: ["--model", "resnet18_v1",
                                                         "--input-shape", "1,3", "--out",
                                                         str(c.out)],
-        "resnet18_v1: cannot build it for --input-shape 1,3", "Input data should be 4D"),
+        "resnet18_v1: cannot run on a sample of shape 1x3", "Input data should be 4D"),
     cli("name-empty", GO, lambda c: go(c, "--name", ""), "--name '': give a plain file name"),
     cli("name-too-long", GO, lambda c: go(c, "--name", "n" * 300),
         "--name 'nnnn", "is 300 bytes long: at most 200"),

@@ -171,6 +171,26 @@ def test_from_gluon_and_one_call_quantize():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_one_call_quantize_takes_numpy_and_float64_samples():
+    """The README's ``quant_ops.quantize(net, "trt_int8", sample=x)`` with ``x`` a numpy
+    array (float32 or float64) or a float64 NDArray: the sample becomes float32."""
+    x, _ = _data(4)
+    for sample in (x, x.astype(np.float64), mx.nd.array(x, dtype="float64")):
+        net = gluon.nn.HybridSequential()
+        net.add(gluon.nn.Conv2D(4, 3), gluon.nn.Activation("relu"), gluon.nn.Dense(3))
+        net.initialize(mx.init.Xavier())
+        m = quant_ops.quantize(net, "trt_int8", sample=sample)
+        assert len(m.quantizers) == 4 and m.input_shape == x.shape
+
+
+def test_policies_built_in_code_may_hold_numpy_numbers():
+    from quant_ops.policy import QuantPolicy
+
+    p = QuantPolicy.from_dict({"weight": {"bits": np.int64(4), "per_channel": np.bool_(True)},
+                               "activation": {"params": {"ema_decay": np.float32(0.9)}}})
+    assert p.weight.bits == 4 and type(p.weight.bits) is int and p.weight.per_channel is True
+
+
 def test_a_shorter_last_batch_runs_on_a_quantized_model():
     """Gluon exports weights with a partial __shape__ (4, 0, 3, 3); reshaping the executor
     for a last batch of 2 re-inferred them from it and the weight quantizer refused."""

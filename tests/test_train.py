@@ -248,7 +248,8 @@ def test_a_diverged_run_writes_no_model(tmp_path):
     r = _tiny_run(tmp_path / "o", "--lr", "1e30")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
-    assert lines[0].startswith("error: training diverged") and "lower --lr" in lines[0]
+    assert lines[0].startswith("error: training diverged") and "lower the learning rate" \
+        in lines[0]
     assert not (tmp_path / "o" / "rank0").exists()
 
 
@@ -267,3 +268,37 @@ def test_validation_classes_are_numbered_as_the_training_folders():
     with pytest.raises(QuantOpsError, match="data/val: class folder.s. emu are not classes of "
                                             "the training data .data/train."):
         align_classes(train, Data(x, np.array([0, 1, 1]), "data/val", ["cat", "emu"]))
+
+
+def test_progressive_stages_lower_the_widths_and_resume_exactly(tmp_path):
+    """--progressive 8,4 with a 4-bit policy: a W8A8 stage, then W4A4 from its weights,
+    each recalibrated; killed in the second stage and resumed, the run ends with the
+    params of a run never stopped."""
+    import json
+
+    from quant_ops.graph.params import load_params
+    from quant_ops.train.progressive import stage_widths
+    from quant_ops.policy import QuantPolicy
+
+    pol = tmp_path / "w4a4.yaml"
+    pol.write_text("weight: {method: int8, bits: 4, per_channel: true}\n"
+                   "activation: {method: int8, bits: 4}\n")
+    assert stage_widths(QuantPolicy.load(pol), (8, 4, 3, 2)) == [(8, 8), (4, 4)]
+    args = ["--policy", str(pol), "--progressive", "8,4", "--calib-images", "64"]
+    whole = _tiny_run(tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stderr
+    res = json.loads((tmp_path / "whole" / "rank0" / "result.json").read_text())
+    stages = res["progressive"]
+    assert [(s["weight_bits"], s["activation_bits"]) for s in stages] == [(8, 8), (4, 4)]
+    assert [s["steps"] for s in stages] == [4, 4] and res["steps"] == 8
+    assert stages[0]["recipe"]["lr"] < stages[1]["recipe"]["lr"]     # lr/400 at 8 bits
+    killed = _tiny_run(tmp_path / "resumed", *args, "--fail-at-step", "2", "--fail-rank", "0")
+    assert killed.returncode != 0
+    # the kill hook fires at step 2 of the first stage; run stage 2's kill separately
+    resumed = _tiny_run(tmp_path / "resumed", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_params(tmp_path / "whole" / "rank0" / "final-0000.params")
+    b = load_params(tmp_path / "resumed" / "rank0" / "final-0000.params")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -3,8 +3,6 @@ the source checkout (``examples/models/``), which only command lines resolve by 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import sys
 from pathlib import Path
@@ -62,22 +60,6 @@ def checked_symbol(graph: Graph, params: dict, params_source: str | Path):
                             f"{mxnet_message(e)}") from None
     check_params(sym, params, str(params_source))
     return sym
-
-
-def zoo_model(name: str, input_shape):
-    """A gluoncv architecture (random weights) built for ``input_shape``; a shape it cannot
-    take is one line naming the model and the shape, not MXNet's traceback."""
-    import mxnet as mx
-
-    from ..model import QuantizedModel
-
-    try:   # (MXNet prints every argument's shape to stdout when inference fails)
-        with contextlib.redirect_stdout(io.StringIO()):
-            return QuantizedModel.from_zoo(name, input_shape)
-    except (ValueError, mx.base.MXNetError) as e:
-        why = mxnet_message(e)
-        raise QuantOpsError(f"{name}: cannot build it for --input-shape "
-                            f"{','.join(map(str, input_shape))}: {why}") from None
 
 
 def output_name(name: str) -> str:

@@ -19,7 +19,7 @@ from ..errors import QuantOpsError
 from ..fileio import atomic_write_text, staged_dir
 from ..model import QuantizedModel
 from ..policy import QuantPolicy
-from .common import no_overwrite, output_name, run_command, shape, zoo_model
+from .common import no_overwrite, output_name, run_command, shape
 from .model_data import DATA_HELP, floats
 
 CALIB_METHODS = ("auto", "entropy", "minmax", "percentile", "mse")
@@ -123,7 +123,7 @@ def _calibrate(model: QuantizedModel, args: argparse.Namespace) -> None:
 def _load_input(args: argparse.Namespace) -> QuantizedModel:
     """The float model from --symbol/--params or --model, checked against --input-shape."""
     if args.model:
-        return zoo_model(args.model, args.input_shape)
+        return QuantizedModel.from_zoo(args.model, args.input_shape)
     if args.params is None:
         raise QuantOpsError("--symbol needs --params")
     model = QuantizedModel.from_symbol(args.symbol, args.params)

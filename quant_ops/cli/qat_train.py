@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from ..errors import QuantOpsError
-from .common import BUNDLED_MODELS, error, no_overwrite, stoppable, zoo_model
+from .common import BUNDLED_MODELS, error, no_overwrite, stoppable
 from .model_data import (DATA_HELP, add_model_args, check_fits, load_policy,
                          model_source)
 
@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--freeze-bn-after", type=int, default=None,
                    help="freeze BatchNorm statistics after N steps (BN not folded)")
     r.add_argument("--batch-size", type=int, help="per worker (default: the recipe's, 128)")
+    r.add_argument("--progressive", type=_widths, metavar="BITS",
+                   help="lower the widths in stages, e.g. 8,4,3,2: each stage is the recipe "
+                        "at max(stage, policy) bits per role, calibrated again, starting from "
+                        "the weights the stage before trained (off by default; the budget is "
+                        "the recipe's epochs per stage)")
     ap.add_argument("--kvstore", default="device",
                     help="local | device | dist_sync | dist_device_sync")
     ap.add_argument("--checkpoint-every", type=int, default=20)
@@ -72,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--out", type=Path, required=True)
     return ap
+
+
+def _widths(text: str) -> tuple:
+    """argparse type of ``--progressive``: ``8,4,3,2`` -> (8, 4, 3, 2)."""
+    try:
+        bits = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of bit widths: {text!r} (e.g. 8,4,3,2)")
+    if not bits or any(not 2 <= b <= 16 for b in bits):
+        raise argparse.ArgumentTypeError(f"bit widths must be within 2..16, got {text!r}")
+    return bits
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -112,7 +128,7 @@ def _load_model(args, models: Mapping[str, ModelLoader]):
                                 f"({', '.join(BUNDLED_MODELS)}), no checkpoint "
                                 f"{args.model}-symbol.json; a gluoncv name needs "
                                 "--input-shape")
-        m = zoo_model(args.model, args.input_shape)
+        m = QuantizedModel.from_zoo(args.model, args.input_shape)
         norm = None if args.mean is None else (args.mean, args.std)
         return m, norm, None, args.model, False
     src = model_source(args, "fmnist_resnet20")
@@ -213,6 +229,7 @@ def run_manifest(args, model, policy, rec, train) -> dict:
             "policy": policy.for_training().to_dict(), "recipe": rec.to_dict(),
             "seed": args.seed, "kvstore": args.kvstore,
             "freeze_bn_after": args.freeze_bn_after,
+            "progressive": list(getattr(args, "progressive", None) or []),
             "train": {"images": len(train), "digest": _digest([("x", train.x),
                                                                ("y", train.y)])}}
 
@@ -262,34 +279,76 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         train, test = _load_sets(args, model, norm, fmnist, progress_bars)
         manifest = run_manifest(args, model, policy, rec, train)
         mx.random.seed(args.seed)
+        float_model = model.copy()
         model.quantize(policy.for_training(), fold_bn=rec.fold_bn)
         if not model.quantizers:
             raise QuantOpsError(f"{args.policy}: the policy quantizes no layer of {name}: "
                                 "nothing to fine-tune")
-        if rec.calib_images:
-            model.calibrate(train.x[:rec.calib_images], rec.calib_method, batch_size=128,
-                            progress=progress_bars)
+        _calibrate(model, rec, train, progress_bars)
         before = model.evaluate(test.x, test.y) if rec.calib_images else None
         check_resume(args.out, manifest)
-        return _train(args, model, rec, train, test, before, name, on_step)
+        if not args.progressive:
+            progress = _fit(args, model, rec, train, on_step, args.out / "checkpoint")
+            return _write(args, model, rec, train, test, before, name, progress)
+        return _progressive(args, float_model, policy, float_lr, train, test, before, name,
+                            on_step)
     except (QuantOpsError, OSError, mx.base.MXNetError) as e:
         return error(e)
 
 
-def _train(args, model, rec, train, test, before, name, on_step) -> int:
+def _calibrate(model, rec, train, progress: bool) -> None:
+    if rec.calib_images:
+        model.calibrate(train.x[:rec.calib_images], rec.calib_method, batch_size=128,
+                        progress=progress)
+
+
+def _progressive(args, float_model, policy, float_lr, train, test, before, name,
+                 on_step) -> int:
+    """``--progressive``: one recipe run per stage (``train.progressive``), each with its
+    own checkpoints, so a resume continues the stage it was in."""
+    from ..train.progressive import fit_progressive
+
+    stages = []
+
+    def run_stage(model, stage_policy, i, widths):
+        rec = recipe_for(args, stage_policy, float_lr)
+        _calibrate(model, rec, train, not args.no_progress)
+        ckpt = args.out / "checkpoint" / f"stage{i}-W{widths[0]}A{widths[1]}"
+        progress = _fit(args, model, rec, train, on_step, ckpt)
+        stages.append({"weight_bits": widths[0], "activation_bits": widths[1],
+                       "recipe": rec.to_dict(), "steps": progress["step"],
+                       "accuracy": model.evaluate(test.x, test.y)})
+        print(f"stage {i + 1}: W{widths[0]}A{widths[1]} {stages[-1]['accuracy']:.2f}%",
+              flush=True)
+        return progress
+
+    model, results = fit_progressive(float_model, policy, args.progressive, run_stage,
+                                     recipe_for(args, policy, float_lr).fold_bn)
+    # one curve over the stages: steps and epochs counted from the first stage's start
+    curve, steps, epochs = [], 0, 0.0
+    for r in results:
+        curve += [dict(row, step=row["step"] + steps, epoch=row["epoch"] + epochs)
+                  for row in r["curve"]]
+        steps += r["step"]
+        epochs += r["epoch"]
+    last = dict(results[-1], curve=curve, step=steps)
+    return _write(args, model, recipe_for(args, policy, float_lr), train, test, before, name,
+                  last, stages)
+
+
+def _fit(args, model, rec, train, on_step, checkpoint_dir: Path) -> dict:
+    """Fine-tune ``model`` in place with ``rec``; its progress record."""
     import numpy as np
 
-    from ..fileio import atomic_write_text, staged_dir
     from ..ops import set_training
-    from ..train.loop import FitConfig, fit, plot_curve
+    from ..train.loop import FitConfig, fit
 
     q = model.to_block()
     q.hybridize(static_alloc=True)
-    kv_rank = _env_rank(args)
     cfg = FitConfig(epochs=rec.epochs, lr=rec.lr, batch_size=rec.batch_size, wd=rec.wd,
                     seed=args.seed,
                     freeze_bn_after=args.freeze_bn_after,
-                    checkpoint_dir=str(args.out / "checkpoint"),
+                    checkpoint_dir=str(checkpoint_dir),
                     checkpoint_every=args.checkpoint_every, kvstore=args.kvstore,
                     progress=not args.no_progress)
     if on_step is not None:
@@ -302,12 +361,23 @@ def _train(args, model, rec, train, test, before, name, on_step) -> int:
         raise QuantOpsError(f"training diverged: {len(bad)} parameter(s), e.g. '{bad[0]}', "
                             f"are NaN or infinite after {progress['step']} steps (last loss "
                             f"{progress.get('last_loss')}); nothing was written: lower --lr")
+    return progress
+
+
+def _write(args, model, rec, train, test, before, name, progress, stages=None) -> int:
+    """Evaluate and write ``rank<r>/`` (all or none)."""
+    from ..fileio import atomic_write_text, staged_dir
+    from ..train.loop import plot_curve
+
+    kv_rank = _env_rank(args)
     rank = progress.get("rank", kv_rank)
     acc = model.evaluate(test.x, test.y)
     result = {"model": name, "policy": args.policy, "rank": rank, "accuracy": acc,
               "accuracy_before": before, "steps": progress["step"], "kvstore": args.kvstore,
               "recipe": rec.to_dict(), "train": train.source, "train_images": len(train),
               "test": test.source, "test_images": len(test), "history": progress["history"]}
+    if stages is not None:
+        result["progressive"] = stages
     with staged_dir(args.out / f"rank{rank}") as tmp:
         model.save(tmp / "final")        # final-symbol.json + final-0000.params
         atomic_write_text(tmp / "result.json", json.dumps(result, indent=1))

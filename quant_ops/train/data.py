@@ -66,6 +66,9 @@ class Source:
                                     f"{len(y)} labels")
             self.y = check_labels(y.asnumpy() if isinstance(y, mx.nd.NDArray) else y,
                                   len(y), "the training set")
+            x = self.x.asnumpy() if isinstance(self.x, mx.nd.NDArray) else np.asarray(self.x)
+            if x.dtype.kind in "fc" and not np.isfinite(x).all():
+                raise QuantOpsError("the training set has NaN or infinite inputs")
             self.n = len(self.x)
         elif isinstance(train, gluon.data.Dataset):
             self.dataset, self.n = train, len(train)

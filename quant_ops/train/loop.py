@@ -76,6 +76,8 @@ class FitConfig:
             raise QuantOpsError(f"freeze_bn_after must be >= 0 steps, got {self.freeze_bn_after}")
         if not count(self.num_workers, 0):
             raise bad("num_workers", "an integer >= 0")
+        if not count(self.seed, 0) or self.seed >= 2 ** 32:
+            raise bad("seed", f"an integer in 0..{2 ** 32 - 1}")
         for name, low_ok in (("lr", False), ("momentum", True), ("wd", True)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) \
@@ -98,6 +100,13 @@ KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
 # settings that decide the run: resuming with other values continues a different run
 RUN_KEYS = ("epochs", "lr", "batch_size", "optimizer", "schedule", "seed", "freeze_bn_after",
             "max_steps_per_epoch")
+
+
+def _check_labels(yb: mx.nd.NDArray, out: mx.nd.NDArray) -> None:
+    """Labels the net has classes for: the loss would otherwise read past its outputs."""
+    if out.ndim == 2 and yb.size and float(yb.max().asscalar()) >= out.shape[1]:
+        raise QuantOpsError(f"the training set has label {int(yb.max().asscalar())}; the net "
+                            f"has {out.shape[1]} classes (labels 0..{out.shape[1] - 1})")
 
 
 def _net_ctx(net) -> mx.Context:
@@ -192,9 +201,11 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
         saved = progress.get("config", {})
         differ = [k for k in RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
         if differ:
-            log.warning("resuming with a different %s than the checkpoint's run (%s): the "
-                        "run is no longer the one that was interrupted", ", ".join(differ),
-                        ", ".join(f"{k}={saved[k]!r}" for k in differ))
+            was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+            now = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in differ)
+            raise QuantOpsError(f"{ckpt}: its run had {was}; resuming with {now} would not "
+                                "continue it: use its settings, another checkpoint_dir, or "
+                                "delete it to start over")
         log.info("resumed at epoch %d batch %d (step %d)", progress["epoch"],
                  progress["batch"], progress["step"])
     bn_after = cfg.freeze_bn_after
@@ -221,7 +232,9 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
                 _freeze_bn_now(net, progress, bn_after, False)
                 bn_frozen = True
             with autograd.record():
-                loss = loss_fn(net(xb), yb.astype("float32", copy=False))
+                out = net(xb)
+                loss = loss_fn(out, yb.astype("float32", copy=False))
+            _check_labels(yb, out)
             loss.backward()
             trainer.step(xb.shape[0] * workers)   # gradients are summed over the workers
             if project:
@@ -229,6 +242,10 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
             if sync_state is not None:
                 sync_state()
             batch_loss = float(loss.sum().asscalar())
+            if not np.isfinite(batch_loss):
+                raise QuantOpsError(f"training diverged at step {progress['step'] + 1}: the "
+                                    f"loss is {batch_loss} (lr {trainer.learning_rate:g}); "
+                                    "lower the learning rate")
             run_loss += batch_loss
             run_n += xb.shape[0]
             b += 1

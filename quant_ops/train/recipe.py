@@ -15,6 +15,8 @@ should get, measured on the bundled models (docs/results.md).
   absorbs the new scale, as those papers train).
 * Quantizer parameters: each method's lr / wd multipliers (descriptor), projected into
   their domains after every step (``train.constraints``).
+* Off by default, switched on by the caller: BatchNorm statistics frozen after a warm-up
+  (``FitConfig.freeze_bn_after``) and progressive bit lowering (``train.progressive``).
 * The policy: ``policy.for_training()``, each method's fine-tuning params under the ones the
   policy sets (``Method.training_params``: int8 weights below 8 bits keep the least-error
   clip instead of max|w|, which at 2 bits zeroes every weight under max/2; their activations
