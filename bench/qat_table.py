@@ -317,7 +317,10 @@ def main(argv=None) -> int:
                          f"method ({', '.join(METHODS)})")
         configs = [(m, n, b) for m in chosen for n, b in pairs]
     else:
-        configs = [(m, n, b) for m in chosen for n, b in ROWS[m]]
+        # the widths the targets name first (8/8, 4/4, 2/2 of every model), then 3/3, 3/4
+        order = {b: i for i, b in enumerate(BITS)}
+        configs = sorted(((m, n, b) for m in chosen for n, b in ROWS[m]),
+                         key=lambda c: min(order[c[2]], 2))
     old = json.loads(args.json.read_text()) if args.json.is_file() else None
     if old is not None and not isinstance(old.get("float_accuracy"), dict):
         old["float_accuracy"] = {"resnet20": old["float_accuracy"]}   # before MobileNet rows
