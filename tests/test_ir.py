@@ -143,3 +143,21 @@ def test_unicode_node_names_survive_the_round_trip_through_mxnet(tmp_path):
 def test_json_nested_past_the_recursion_limit_is_a_clear_error():
     with pytest.raises(QuantOpsError, match="deep.json: not an MXNet symbol file"):
         Graph.from_json("[" * 100_000 + "]" * 100_000, "deep.json")
+
+
+def test_partitioned_graphs_are_refused_before_mxnet_builds_their_operators():
+    """A fused or native INT8 graph (oneDNN subgraph ops) is not a model this toolkit reads;
+    building such an operator without its subgraph crashes MXNet, so even a hand-written
+    node naming one is refused by name."""
+    x = mx.sym.Convolution(mx.sym.var("data"), kernel=(3, 3), num_filter=4, name="c")
+    x = mx.sym.Activation(x, act_type="relu", name="r")
+    fused = json.loads(x.get_backend_symbol("MKLDNN").tojson())
+    assert any(n["op"].startswith("_sg_") for n in fused["nodes"])
+    with pytest.raises(QuantOpsError, match=r"fused-symbol.json: node '.*' \(_sg_mkldnn_conv\) "
+                                            r"runs a subgraph"):
+        Graph.from_json(json.dumps(fused), "fused-symbol.json")
+    bare = {"nodes": [{"op": "null", "name": "data", "inputs": []},
+                      {"op": "_sg_mkldnn_conv", "name": "c", "inputs": [[0, 0, 0]]}],
+            "arg_nodes": [0], "heads": [[1, 0, 0]]}
+    with pytest.raises(QuantOpsError, match=r"node 'c' \(_sg_mkldnn_conv\) runs a subgraph"):
+        Graph.from_json(json.dumps(bare), "bare-symbol.json")

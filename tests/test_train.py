@@ -231,8 +231,9 @@ def test_a_resume_with_other_settings_is_refused_and_the_same_run_continues(tmp_
     r = _tiny_run(tmp_path / "o", "--fail-at-step", "2", "--fail-rank", "0")
     assert r.returncode != 0 and (tmp_path / "o" / "checkpoint.json").is_file()
     before = snapshot()
-    for extra, what in ((["--lr", "0.01"], "recipe"), (["--seed", "3"], "seed"),
-                        (["--train-limit", "128"], "train")):
+    for extra, what in ((["--lr", "0.01"], "recipe.lr 0.00025 -> 0.01"),
+                        (["--seed", "3"], "seed 0 -> 3"),
+                        (["--train-limit", "128"], "train.images 256 -> 128")):
         bad = _tiny_run(tmp_path / "o", *extra)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1, bad.stderr
@@ -245,12 +246,17 @@ def test_a_resume_with_other_settings_is_refused_and_the_same_run_continues(tmp_
 
 
 def test_a_diverged_run_writes_no_model(tmp_path):
+    """A non-finite loss stops the run before it writes a model; checkpoints it saved
+    before stay (with their record), and a run that never saved one leaves nothing."""
     r = _tiny_run(tmp_path / "o", "--lr", "1e30")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: training diverged") and "lower the learning rate" \
         in lines[0]
     assert not (tmp_path / "o" / "rank0").exists()
+    assert (tmp_path / "o" / "checkpoint.json").is_file()
+    r = _tiny_run(tmp_path / "a" / "b", "--lr", "1e30", "--checkpoint-every", "100")
+    assert r.returncode == 2 and not (tmp_path / "a").exists(), r.stderr
 
 
 def test_validation_classes_are_numbered_as_the_training_folders():

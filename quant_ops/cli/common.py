@@ -68,13 +68,14 @@ def output_name(name: str) -> str:
     return plain_name(name, "--name")
 
 
-def no_overwrite(out: Path, names: list[str], inputs: list) -> None:
+def no_overwrite(out: Path, names: list[str], inputs: list,
+                 choose: str = "another --out or --name") -> None:
     """Refuse an output that would replace an input (the same file, through any path)."""
     ins = {Path(i).resolve() for i in inputs if i is not None}
     for n in names:
         if (Path(out) / n).resolve() in ins:
             raise QuantOpsError(f"{Path(out) / n}: this output would overwrite an input; "
-                                "choose another --out or --name")
+                                f"choose {choose}")
 
 
 def error(e: Exception | str) -> int:

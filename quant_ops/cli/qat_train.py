@@ -234,9 +234,10 @@ def run_manifest(args, model, policy, rec, train) -> dict:
                                                                ("y", train.y)])}}
 
 
-def check_resume(out: Path, manifest: dict) -> None:
+def check_resume(out: Path, manifest: dict):
     """Record the run's settings beside its checkpoints, or, when ``out`` holds the
-    checkpoints of an interrupted run, refuse unless that run had the same settings."""
+    checkpoints of an interrupted run, refuse unless that run had the same settings.
+    Returns False for a resume, else the folders it made (for ``_forget_record``)."""
     from ..fileio import atomic_write_text
 
     record, ckpt = out / "checkpoint.json", out / "checkpoint"
@@ -247,15 +248,47 @@ def check_resume(out: Path, manifest: dict) -> None:
             raise QuantOpsError(f"{ckpt}: checkpoints without a readable record of their run "
                                 f"({record}): cannot tell whether this is the same run; use "
                                 f"another --out, or delete {ckpt} to start over") from None
-        differ = [k for k in manifest if saved.get(k) != json.loads(json.dumps(manifest[k]))]
+        differ = _differences(saved, json.loads(json.dumps(manifest)))
         if differ:
             raise QuantOpsError(f"{ckpt}: holds the checkpoints of a run with a different "
-                                f"{', '.join(differ)}; resuming would not continue it: "
+                                f"{'; '.join(differ)}; resuming would not continue it: "
                                 f"run it with the same settings, use another --out, or "
                                 f"delete {ckpt} to start over")
-        return
+        return False
+    made = [d for d in (out, *out.parents) if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(record, json.dumps(manifest, indent=1))
+    return made
+
+
+def _differences(saved: dict, now: dict, path: str = "") -> list[str]:
+    """What differs between two run records, by key ("recipe.lr 0.0005 -> 0.1"); a model
+    or data digest is named without its value."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b, where = saved.get(k), now.get(k), f"{path}{k}"
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{where}.")
+        elif k == "digest" or path == "" and k == "model":
+            out.append(where)
+        else:
+            out.append(f"{where} {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def _forget_record(out: Path, made) -> None:
+    """After a run that failed before its first checkpoint: no record of it, and no folder
+    this run made, is left behind."""
+    if made is False or any((out / "checkpoint").glob("*")):
+        return
+    (out / "checkpoint.json").unlink(missing_ok=True)
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
@@ -274,7 +307,7 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         args.input_files = []
         model, norm, float_lr, name, fmnist = _load_model(args, models or {})
         no_overwrite(args.out / f"rank{_env_rank(args)}", list(OUTPUTS),
-                     args.input_files + [args.policy, args.data, args.test])
+                     args.input_files + [args.policy, args.data, args.test], "another --out")
         rec = recipe_for(args, policy, float_lr)
         train, test = _load_sets(args, model, norm, fmnist, progress_bars)
         manifest = run_manifest(args, model, policy, rec, train)
@@ -286,12 +319,16 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
                                 "nothing to fine-tune")
         _calibrate(model, rec, train, progress_bars)
         before = model.evaluate(test.x, test.y) if rec.calib_images else None
-        check_resume(args.out, manifest)
-        if not args.progressive:
-            progress = _fit(args, model, rec, train, on_step, args.out / "checkpoint")
-            return _write(args, model, rec, train, test, before, name, progress)
-        return _progressive(args, float_model, policy, float_lr, train, test, before, name,
-                            on_step)
+        made = check_resume(args.out, manifest)
+        try:
+            if not args.progressive:
+                progress = _fit(args, model, rec, train, on_step, args.out / "checkpoint")
+                return _write(args, model, rec, train, test, before, name, progress)
+            return _progressive(args, float_model, policy, float_lr, train, test, before,
+                                name, on_step)
+        except BaseException:
+            _forget_record(args.out, made)
+            raise
     except (QuantOpsError, OSError, mx.base.MXNetError) as e:
         return error(e)
 

@@ -31,6 +31,12 @@ class Node:
         return self.op == "null"
 
 
+#: operators that hold a subgraph (MXNet crashes building one without it; the IR keeps
+#: no subgraphs): partitioned graphs' ops (all ``_sg_*``) and control flow
+SUBGRAPH_OPS = frozenset({"_CachedOp", "_default_subgraph_op", "_tensorrt_subgraph_op",
+                          "_foreach", "_while_loop", "_cond"})
+
+
 @dataclass
 class Graph:
     nodes: list
@@ -57,6 +63,12 @@ class Graph:
             if not isinstance(n, dict) or not isinstance(n.get("op"), str) \
                     or not isinstance(n.get("name"), str):
                 raise QuantOpsError(f"{source}: node #{i} lacks a string 'op' or 'name'")
+            if n.get("subgraphs") or n["op"].startswith("_sg_") or n["op"] in SUBGRAPH_OPS:
+                raise QuantOpsError(
+                    f"{source}: node '{n['name']}' ({n['op']}) runs a subgraph: this is a "
+                    "graph MXNet has partitioned (fused oneDNN or native INT8 operators, "
+                    "control flow); the toolkit reads float and fake-quantized graphs: give "
+                    "the model it was made from")
             attrs = n.get("attrs", n.get("param", {})) or {}
             if not isinstance(attrs, dict):
                 raise QuantOpsError(f"{source}: node '{n['name']}' has attributes that are "
