@@ -308,3 +308,19 @@ def test_progressive_stages_lower_the_widths_and_resume_exactly(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_stage_widths_never_go_below_the_policy_and_end_at_it():
+    from quant_ops.errors import QuantOpsError
+    from quant_ops.policy import QuantPolicy
+    from quant_ops.train.progressive import at_widths, stage_widths
+
+    w4a8 = QuantPolicy.from_dict({"weight": {"bits": 4}, "activation": {"bits": 8}})
+    assert stage_widths(w4a8, (8, 4, 3, 2)) == [(8, 8), (4, 8)]
+    w2a2 = QuantPolicy.from_dict({"weight": {"bits": 2}, "activation": {"bits": 2},
+                                  "overrides": [{"match": "fc*", "weight": {"bits": 8}}]})
+    assert stage_widths(w2a2, (4, 8)) == [(8, 8), (4, 4), (2, 2)]
+    p = at_widths(w2a2, 4, 3)
+    assert (p.weight.bits, p.activation.bits) == (4, 3) and p.overrides == w2a2.overrides
+    with pytest.raises(QuantOpsError, match="progressive widths must be integers"):
+        stage_widths(w2a2, ("a",))
