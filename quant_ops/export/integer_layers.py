@@ -82,7 +82,7 @@ def _per_tensor_codes(w: _Wiring, dq) -> bool:
         and zp.dtype in (np.uint8, np.int8) and dq.input[0] not in w.inits
 
 
-def _weight_codes(w: _Wiring, dq, out_axis: int, n_out: int) -> np.ndarray | None:
+def _weight_scales(w: _Wiring, dq, out_axis: int, n_out: int) -> np.ndarray | None:
     """The per-output-channel scales of a weight DequantizeLinear with int8 codes and zero
     point 0, scaled along ``out_axis`` (or per tensor); None if it is not such a weight."""
     scale = _const(w.inits, dq.input[1])
@@ -138,7 +138,7 @@ def _plan(w: _Wiring, n) -> dict | None:
         reshape_to = (0, wshape[0], 1, 1)
     else:
         return None
-    scales = _weight_codes(w, wdq, out_axis, n_out)
+    scales = _weight_scales(w, wdq, out_axis, n_out)
     if scales is None:
         return None
     b = _const(w.inits, bias) if bias else None
