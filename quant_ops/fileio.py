@@ -79,6 +79,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, write)
 
 
+def _hard_link(src: Path, dst: Path) -> bool:
+    """Link ``dst`` to ``src``; False where the file system has no hard links."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        return False
+
+
+def remove_empty(folders) -> None:
+    """Remove each folder (innermost first) while it is empty; one never made is skipped."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+
+
 def _missing_parents(path: Path) -> list:
     """The folders above ``path`` that do not exist yet, outermost first."""
     missing = []
@@ -101,22 +121,28 @@ def _move_in(tmp: Path, out: Path) -> None:
                                 f"'{f.name}': move it away or choose another output folder")
     previous = tmp / ".previous"
     previous.mkdir()
-    set_aside, placed = [], []
+    kept, placed = [], []     # replaced files (a hard link, or moved aside), files moved in
     try:
         for f in new:
             t = out / f.name
-            if t.exists() or t.is_symlink():
+            if t.is_file() and not t.is_symlink() and not f.is_dir() \
+                    and _hard_link(t, previous / f.name):   # a reader still sees the old file
+                kept.append((f.name, True))
+            elif t.exists() or t.is_symlink():
                 os.rename(t, previous / f.name)
-                set_aside.append(f.name)
-            os.rename(f, t)
+                kept.append((f.name, False))
+            os.replace(f, t)
             placed.append(f.name)
-    except OSError as e:
+    except BaseException as e:    # also a stop signal: put everything back, then go on
         for name in reversed(placed):
-            os.rename(out / name, tmp / name)
-        for name in reversed(set_aside):
-            os.rename(previous / name, out / name)
-        raise QuantOpsError(f"{out}: cannot write there ({e.strerror}); nothing was "
-                            "changed") from None
+            os.replace(out / name, tmp / name)
+        for name, linked in reversed(kept):
+            if linked or not (out / name).exists():
+                os.replace(previous / name, out / name)
+        if isinstance(e, OSError):
+            raise QuantOpsError(f"{out}: cannot write there ({e.strerror}); nothing was "
+                                "changed") from None
+        raise
 
 
 @contextmanager
@@ -125,7 +151,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     renamed to ``out`` (one atomic step: a kill leaves it whole or absent); otherwise its
     files move into ``out``, all or none.  On failure it is removed, with ``out`` and the
     folders above it that this call would have created."""
-    out = Path(os.path.abspath(out))        # '..' resolved by name, as the user meant it
+    out = Path(out).resolve()   # as the kernel resolves it: the no-overwrite checks agree
     created = not out.exists()
     made = _missing_parents(out) if created else []
     tmp = None
@@ -151,8 +177,4 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(made):
-            try:
-                folder.rmdir()                  # only if still empty
-            except OSError:
-                break
+        remove_empty(reversed(made))

@@ -39,21 +39,62 @@ def test_a_failed_move_puts_back_what_it_replaced(tmp_path, monkeypatch):
     out.mkdir()
     _write(out, **{"a.json": "old a", "b.json": "old b"})
     before = _listing(out)
-    real, calls = os.rename, []
+    real, calls = os.replace, []
 
     def flaky(src, dst):            # the new b.json cannot be moved in, once
         calls.append(dst)
         if ".staged" in str(src) and ".previous" not in str(src) \
-                and str(dst).endswith("b.json") and len(calls) < 5:
+                and str(dst).endswith("b.json") and len(calls) < 3:
             raise OSError(28, "No space left on device")
         return real(src, dst)
 
-    monkeypatch.setattr(fileio.os, "rename", flaky)
+    monkeypatch.setattr(fileio.os, "replace", flaky)
     with pytest.raises(QuantOpsError, match="nothing was changed"):
         with staged_dir(out) as tmp:
             _write(tmp, **{"a.json": "new a", "b.json": "new b"})
-    monkeypatch.setattr(fileio.os, "rename", real)
+    monkeypatch.setattr(fileio.os, "replace", real)
     assert _listing(out) == before and len(calls) > 2
+
+
+def test_a_stop_signal_while_moving_in_puts_everything_back(tmp_path, monkeypatch):
+    """SIGTERM/SIGINT arrive as exceptions (cli.common.Stopped, KeyboardInterrupt) at any
+    point, also between two moves: the files replaced so far come back."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _write(out, **{"a.json": "old a", "b.json": "old b"})
+    before = _listing(out)
+    real = os.replace
+
+    def stopped(src, dst):
+        if ".staged" in str(src) and ".previous" not in str(src) \
+                and str(dst).endswith("b.json"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(out) as tmp:
+            _write(tmp, **{"a.json": "new a", "b.json": "new b"})
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert _listing(out) == before
+
+
+def test_a_replaced_file_is_never_missing_for_a_reader(tmp_path, monkeypatch):
+    """The old file stays at its name until the new one replaces it in one step."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _write(out, **{"a.json": "old a"})
+    real, seen = os.replace, []
+
+    def watch(src, dst):
+        if str(dst) == str(out / "a.json"):
+            seen.append((out / "a.json").read_text())
+        return real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", watch)
+    with staged_dir(out) as tmp:
+        _write(tmp, **{"a.json": "new a"})
+    assert seen == ["old a"] and (out / "a.json").read_text() == "new a"
 
 
 def test_success_replaces_every_file_and_keeps_the_others(tmp_path):

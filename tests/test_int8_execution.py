@@ -394,3 +394,28 @@ def test_layers_with_an_output_quantizer_are_left_to_onnxruntime_fusion():
     after = session(model.SerializeToString()).run(None, {"x": x})
     for a, b in zip(before, after):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6 * np.abs(a).max())
+
+
+def test_4_bit_layers_keep_their_qdq_in_the_u8_export(tmp_path):
+    """MatMulInteger takes 8-bit codes only: a classifier with 4-bit weights (opset 21)
+    stays DQ -> layer, and onnxruntime loads and runs the model."""
+    from quant_ops.graph.ir import Graph
+
+    d = mx.sym.var("data")
+    x = mx.sym.FullyConnected(mx.sym.Flatten(d), num_hidden=6, name="fc0")
+    x = mx.sym.Activation(x, act_type="relu", name="r0")
+    x = mx.sym.FullyConnected(x, num_hidden=3, name="fc1")
+    rng = np.random.default_rng(0)
+    shapes, _, _ = x.infer_shape(data=(4, 1, 4, 4))
+    params = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
+              for n, s in zip(x.list_arguments(), shapes) if n != "data"}
+    q = QuantizedModel(Graph.from_symbol(x), params).quantize(
+        {"preset": "cpu_int8", "weight": {"bits": 4}})
+    xs = rng.standard_normal((4, 1, 4, 4)).astype(np.float32)
+    q.calibrate(xs, "minmax", progress=False)
+    ex = q.export(tmp_path / "e", input_shape=xs.shape, opset=21, activations="u8",
+                  check_input=xs)
+    ops = [n.op_type for n in onnx.load(str(ex.onnx)).graph.node]
+    assert "MatMulInteger" not in ops and ops.count("Gemm") == 2
+    y = session(ex.onnx).run(None, {"data": xs})[0]
+    np.testing.assert_allclose(y, q.predict(xs), rtol=0, atol=1e-4 * np.abs(y).max())

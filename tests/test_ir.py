@@ -161,3 +161,12 @@ def test_partitioned_graphs_are_refused_before_mxnet_builds_their_operators():
             "arg_nodes": [0], "heads": [[1, 0, 0]]}
     with pytest.raises(QuantOpsError, match=r"node 'c' \(_sg_mkldnn_conv\) runs a subgraph"):
         Graph.from_json(json.dumps(bare), "bare-symbol.json")
+
+
+def test_control_flow_graphs_are_read_without_building_their_operators_alone():
+    """A Gluon net's graph with contrib control flow (foreach) still reads: its operator
+    holds a subgraph, so MXNet is never asked to build it alone (that would crash)."""
+    data = mx.sym.var("data")
+    out, _ = mx.sym.contrib.foreach(lambda x, s: (x * 2, s), data, [mx.sym.var("s")])
+    g = Graph.from_symbol(out)
+    assert any(n.op == "_foreach" for n in g.nodes)

@@ -170,11 +170,12 @@ def load_set(spec: str, src: ModelSource, flag: str, split: str, limit: int | No
     return data
 
 
-def check_fits(model, data) -> None:
-    """The data's images fit the model (the error names the layer that does not), and its
-    labels, if any, are classes the model has (a classifier's output width)."""
+def check_fits(model, data, labels: bool = False) -> None:
+    """The data's images fit the model (the error names the layer that does not), and, with
+    ``labels`` (data whose labels are used), its labels are classes the model has (a
+    classifier's output width)."""
     model.set_input_shape((1,) + tuple(data.x.shape[1:]))
-    if data.y is None or not len(data.y):
+    if not labels or data.y is None or not len(data.y):
         return
     _, outs, _ = model.run_graph.to_symbol().infer_shape(
         **{model.data_names[0]: (1,) + tuple(data.x.shape[1:])})
@@ -288,7 +289,7 @@ class PTQRun:
     def _load(self, spec, flag, split, limit, given, labels):
         data = load_set(spec, self.src, flag, split, limit, given is not None, self.progress,
                         labels=labels)
-        check_fits(self.model, data)
+        check_fits(self.model, data, labels)
         return data
 
     @contextmanager

@@ -101,6 +101,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
                          ("--freeze-bn-after", args.freeze_bn_after, 0)):
         if v is not None and v < low:
             raise QuantOpsError(f"{flag} must be >= {low}, got {v}")
+    if args.progressive and "dist" in args.kvstore:
+        raise QuantOpsError("--progressive runs its stages in one process: use --kvstore "
+                            "local or device")
     if not 0 <= args.seed < 2 ** 32:
         raise QuantOpsError(f"--seed must be in 0..{2 ** 32 - 1}, got {args.seed}")
     if args.kvstore not in KVSTORES:
@@ -177,7 +180,7 @@ def _load_sets(args, model, norm, fmnist: bool, progress: bool):
                                 "an image folder with class subfolders)")
     test = align_classes(train, test)
     for d in (train, test):
-        check_fits(model, d)
+        check_fits(model, d, labels=True)
     return train, test
 
 
@@ -238,12 +241,14 @@ def check_resume(out: Path, manifest: dict):
     """Record the run's settings beside its checkpoints, or, when ``out`` holds the
     checkpoints of an interrupted run, refuse unless that run had the same settings.
     Returns False for a resume, else the folders it made (for ``_forget_record``)."""
-    from ..fileio import atomic_write_text
+    from ..fileio import atomic_write_text, remove_empty
 
     record, ckpt = out / "checkpoint.json", out / "checkpoint"
     if ckpt.is_dir() and any(ckpt.iterdir()):
         try:
             saved = json.loads(record.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a record")
         except (OSError, ValueError):
             raise QuantOpsError(f"{ckpt}: checkpoints without a readable record of their run "
                                 f"({record}): cannot tell whether this is the same run; use "
@@ -256,8 +261,12 @@ def check_resume(out: Path, manifest: dict):
                                 f"delete {ckpt} to start over")
         return False
     made = [d for d in (out, *out.parents) if not d.exists()]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps(manifest, indent=1))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(manifest, indent=1))
+    except BaseException:
+        remove_empty(made)
+        raise
     return made
 
 
@@ -281,14 +290,12 @@ def _differences(saved: dict, now: dict, path: str = "") -> list[str]:
 def _forget_record(out: Path, made) -> None:
     """After a run that failed before its first checkpoint: no record of it, and no folder
     this run made, is left behind."""
+    from ..fileio import remove_empty
+
     if made is False or any((out / "checkpoint").glob("*")):
         return
     (out / "checkpoint.json").unlink(missing_ok=True)
-    for d in made:
-        try:
-            d.rmdir()
-        except OSError:
-            break
+    remove_empty([out / "checkpoint", *made])
 
 
 def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = None,
@@ -397,7 +404,7 @@ def _fit(args, model, rec, train, on_step, checkpoint_dir: Path) -> dict:
     if bad:
         raise QuantOpsError(f"training diverged: {len(bad)} parameter(s), e.g. '{bad[0]}', "
                             f"are NaN or infinite after {progress['step']} steps (last loss "
-                            f"{progress.get('last_loss')}); nothing was written: lower --lr")
+                            f"{progress.get('last_loss')}); no model was written: lower --lr")
     return progress
 
 

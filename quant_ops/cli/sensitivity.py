@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> SensitivityReport:
     if args.eval_images and test_spec is not None:
         test = load_set(test_spec, src, "--test", "test", args.eval_images, False, progress,
                         labels=True)
-        check_fits(m, test)
+        check_fits(m, test, labels=True)
         eval_data = (test.x, test.y)
     rep = layer_sensitivity(m.run_graph, m.params, policy, batches, eval_data,
                             method=args.method,

@@ -74,12 +74,20 @@ class _Wiring:
         return src, flat
 
 
+def _code_type(w: _Wiring, dq) -> int | None:
+    """The ONNX element type of a DequantizeLinear's codes (its zero point's), or None.
+    (Not numpy's dtype: onnx reads int4/uint4 zero points as int8/uint8 arrays.)"""
+    zp = w.inits.get(dq.input[2]) if len(dq.input) > 2 else None
+    return None if zp is None else zp.data_type
+
+
 def _per_tensor_codes(w: _Wiring, dq) -> bool:
     """A per-tensor 8-bit activation DequantizeLinear with constant scale and zero point."""
     scale = _const(w.inits, dq.input[1])
     zp = _const(w.inits, dq.input[2]) if len(dq.input) > 2 else None
     return scale is not None and scale.size == 1 and zp is not None and zp.size == 1 \
-        and zp.dtype in (np.uint8, np.int8) and dq.input[0] not in w.inits
+        and _code_type(w, dq) in (TensorProto.UINT8, TensorProto.INT8) \
+        and dq.input[0] not in w.inits
 
 
 def _weight_scales(w: _Wiring, dq, out_axis: int, n_out: int) -> np.ndarray | None:
@@ -87,7 +95,7 @@ def _weight_scales(w: _Wiring, dq, out_axis: int, n_out: int) -> np.ndarray | No
     point 0, scaled along ``out_axis`` (or per tensor); None if it is not such a weight."""
     scale = _const(w.inits, dq.input[1])
     zp = _const(w.inits, dq.input[2]) if len(dq.input) > 2 else None
-    if scale is None or zp is None or zp.dtype != np.int8 or np.any(zp != 0):
+    if scale is None or zp is None or _code_type(w, dq) != TensorProto.INT8 or np.any(zp != 0):
         return None
     src = w.made_by.get(dq.input[0])
     if dq.input[0] not in w.inits and not (src is not None and src.op_type == "QuantizeLinear"

@@ -31,10 +31,15 @@ class Node:
         return self.op == "null"
 
 
-#: operators that hold a subgraph (MXNet crashes building one without it; the IR keeps
-#: no subgraphs): partitioned graphs' ops (all ``_sg_*``) and control flow
-SUBGRAPH_OPS = frozenset({"_CachedOp", "_default_subgraph_op", "_tensorrt_subgraph_op",
-                          "_foreach", "_while_loop", "_cond"})
+#: operators that hold a subgraph, which MXNet crashes building without it (the IR keeps
+#: no subgraphs, so it never asks MXNet about them): the ops of a graph MXNet partitioned
+#: (all ``_sg_*`` too), which the toolkit refuses, and control flow, which it reads
+PARTITION_OPS = frozenset({"_CachedOp", "_default_subgraph_op", "_tensorrt_subgraph_op"})
+CONTROL_FLOW_OPS = frozenset({"_foreach", "_while_loop", "_cond"})
+
+
+def _partitioned(op: str) -> bool:
+    return op.startswith("_sg_") or op in PARTITION_OPS
 
 
 @dataclass
@@ -63,12 +68,12 @@ class Graph:
             if not isinstance(n, dict) or not isinstance(n.get("op"), str) \
                     or not isinstance(n.get("name"), str):
                 raise QuantOpsError(f"{source}: node #{i} lacks a string 'op' or 'name'")
-            if n.get("subgraphs") or n["op"].startswith("_sg_") or n["op"] in SUBGRAPH_OPS:
+            if _partitioned(n["op"]):
                 raise QuantOpsError(
                     f"{source}: node '{n['name']}' ({n['op']}) runs a subgraph: this is a "
-                    "graph MXNet has partitioned (fused oneDNN or native INT8 operators, "
-                    "control flow); the toolkit reads float and fake-quantized graphs: give "
-                    "the model it was made from")
+                    "graph MXNet has partitioned (fused oneDNN or native INT8 operators); "
+                    "the toolkit reads float and fake-quantized graphs: give the model it "
+                    "was made from")
             attrs = n.get("attrs", n.get("param", {})) or {}
             if not isinstance(attrs, dict):
                 raise QuantOpsError(f"{source}: node '{n['name']}' has attributes that are "
@@ -246,6 +251,8 @@ def _signature(op: str, attrs: dict) -> tuple | None:
     m = methods.of_op(op)
     if m is not None:    # a library operator: MXNet does not create its missing inputs
         return list(m.input_names), 1
+    if _partitioned(op) or op in CONTROL_FLOW_OPS:   # built alone, MXNet would crash
+        return None
     key = (op, tuple(sorted((k, v) for k, v in attrs.items()
                             if not (k.startswith("__") and k.endswith("__")))))
     if key not in _SIGNATURES:
