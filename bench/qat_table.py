@@ -44,7 +44,7 @@ from quant_ops.model import QuantizedModel  # noqa: E402
 from quant_ops.ops import set_training  # noqa: E402
 from quant_ops.policy import QuantPolicy  # noqa: E402
 from quant_ops.train import FitConfig, fit  # noqa: E402
-from quant_ops.train.recipe import default_recipe  # noqa: E402
+from quant_ops.train.recipe import calibrated_start, default_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: table name -> the bundled checkpoint (examples/models/<name>)
@@ -171,7 +171,7 @@ def run_config(model_name: str, name: str, bits: str, data: tuple, args) -> dict
                                 f"{model_name} {name} {bits}")
     rec = default_recipe(pol, info["lr"])
     model.quantize(pol.for_training(), fold_bn=rec.fold_bn)
-    model.calibrate(xtr[:rec.calib_images], rec.calib_method, batch_size=128, progress=False)
+    calibrated_start(model, rec, xtr)
     acc0 = model.evaluate(xte, yte)
     q = model.to_block()
     q.hybridize(static_alloc=True)
@@ -223,15 +223,14 @@ def render(rows: list, acc_float: dict, args, step: dict, missing: list = ()) ->
              "below), quantizer parameters with their method's lr and weight-decay "
              "multipliers. BN is folded with frozen statistics where the weight method keeps "
              "the weight scale (int8, LSQ, DSQ, FQN) and kept after the conv for DoReFa, QIL "
-             "and GDRQ weights. The first conv and the classifier stay INT8. int8 activations "
+             "and GDRQ weights, its statistics then measured again on the calibration images "
+             "with the quantized weights. The first conv and the classifier stay INT8. int8 activations "
              "use the unsigned grid (codes 0..2^b-1) on tensors the graph proves "
              "non-negative. A layer whose input can be negative (ResNet-20: the stem output, "
              "which has no ReLU; MobileNet: the linear bottlenecks and residual sums) reads "
              "it with the row method's signed form, or with the signed int8 quantizer at the "
              "row's activation bits where the method has none (DoReFa, QIL, DSQ, GDRQ, FQN). "
-             "'before' is the calibrated net before fine-tuning (low for DoReFa, QIL and "
-             "GDRQ weights, which rescale the weights, until training lets BN's running "
-             "statistics follow)."]
+             "'before' is the calibrated net before fine-tuning."]
     current = code_version()
     for model in MODELS:
         mine = [r for r in rows if r.get("model", "resnet20") == model]

@@ -413,6 +413,21 @@ class QuantizedModel:
                      "size", self.name, fixed)
         return self
 
+    def reestimate_bn(self, data, batch_size: int = 128) -> QuantizedModel:
+        """Measure every BatchNorm's statistics again on ``data`` through the quantized
+        network (``quant_ops.calib.bn_stats``): for weight methods that rescale weights."""
+        from .calib.bn_stats import reestimate_bn
+
+        batches = _batches(data, batch_size)
+        if not batches:
+            raise QuantOpsError("the data for BatchNorm statistics is empty")
+        self.params, done = reestimate_bn(self.run_graph, self.params, batches,
+                                          self.data_names[0])
+        if done:
+            self.notes.append(f"BatchNorm statistics measured again on "
+                              f"{sum(len(b) for b in batches)} images: {len(done)} layers")
+        return self
+
     def _observe(self, batches: list[np.ndarray], progress: bool) -> dict:
         from mxnet import autograd
 

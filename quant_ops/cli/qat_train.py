@@ -341,9 +341,9 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
 
 
 def _calibrate(model, rec, train, progress: bool) -> None:
-    if rec.calib_images:
-        model.calibrate(train.x[:rec.calib_images], rec.calib_method, batch_size=128,
-                        progress=progress)
+    from ..train.recipe import calibrated_start
+
+    calibrated_start(model, rec, train.x, progress)
 
 
 def _progressive(args, float_model, policy, float_lr, train, test, before, name,

@@ -12,7 +12,8 @@ should get, measured on the bundled models (docs/results.md).
 * BatchNorm: folded into the weights with frozen statistics (as deployed) where every
   weight method keeps the weight's scale (``Method.keeps_weight_scale``); kept after the
   layer where one does not (a method that maps weights to [-1, 1] or reshapes them: BN
-  absorbs the new scale, as those papers train).
+  absorbs the new scale, as those papers train), its statistics then measured again on
+  the calibration images with the quantized weights (``calib.bn_stats``).
 * Quantizer parameters: each method's lr / wd multipliers (descriptor), projected into
   their domains after every step (``train.constraints``).
 * Off by default, switched on by the caller: BatchNorm statistics frozen after a warm-up
@@ -42,6 +43,9 @@ class Recipe:
     fold_bn: str | None        #: "qat" (folded, frozen statistics) or None (BN kept)
     batch_size: int = 128
     wd: float = 1e-4           #: weight decay (quantizer parameters: their method's multiplier)
+    #: BatchNorm statistics measured again on the calibration images with the quantized
+    #: weights (``calib.bn_stats``): where BN is kept because the weight method rescales
+    bn_stats: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,4 +66,16 @@ def default_recipe(policy: QuantPolicy, float_lr: float | None = None) -> Recipe
     fold = all(methods.get(m).keeps_weight_scale for m in weight_methods)
     return Recipe(lr=float_lr / (400 if eight else 20), epochs=1,
                   calib_method="auto", calib_images=512,
-                  fold_bn="qat" if fold else None)
+                  fold_bn="qat" if fold else None, bn_stats=not fold)
+
+
+def calibrated_start(model, rec: Recipe, images, progress: bool = False):
+    """The recipe's starting point for a quantized ``model``: activation ranges calibrated
+    (``rec.calib_method`` on the first ``rec.calib_images`` of ``images``), then, with
+    ``rec.bn_stats``, BatchNorm statistics measured again on the same images."""
+    if rec.calib_images:
+        x = images[:rec.calib_images]
+        model.calibrate(x, rec.calib_method, batch_size=128, progress=progress)
+        if rec.bn_stats:
+            model.reestimate_bn(x)
+    return model
