@@ -103,7 +103,8 @@ def _as_samples(sample) -> list:
         if a is None or a.dtype.kind != "f" or a.ndim == 0:
             raise QuantOpsError(f"a sample is an input batch (a numpy array or an NDArray), "
                                 f"not {type(x).__name__}")
-        out.append(mx.nd.array(a, dtype="float32"))
+        ctx = x.context if isinstance(x, mx.nd.NDArray) else mx.cpu()
+        out.append(mx.nd.array(a, ctx=ctx, dtype="float32"))
     return out
 
 
@@ -594,11 +595,11 @@ class QuantizedModel:
         """``<prefix>-symbol.json`` and ``<prefix>-NNNN.params`` (``arg:``/``aux:``
         prefixes), both or neither; ``SymbolBlock.imports``, ``utils/graph_optimize.py``
         and ``utils/export_onnx.py`` read them."""
-        prefix = Path(prefix)
+        prefix = Path(prefix).resolve()      # the paths returned are where the files are
         sym_name, par_name = f"{prefix.name}-symbol.json", f"{prefix.name}-{epoch:04d}.params"
         self._not_over_sources(prefix.parent, [sym_name, par_name])
         with staged_dir(prefix.parent) as tmp:
-            (tmp / sym_name).write_text(self.graph.to_json())
+            (tmp / sym_name).write_text(self.graph.to_json(), encoding="utf-8")
             save_params(tmp / par_name, self.graph.to_symbol(), self.params)
         return prefix.parent / sym_name, prefix.parent / par_name
 

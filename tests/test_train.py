@@ -324,3 +324,21 @@ def test_stage_widths_never_go_below_the_policy_and_end_at_it():
     assert (p.weight.bits, p.activation.bits) == (4, 3) and p.overrides == w2a2.overrides
     with pytest.raises(QuantOpsError, match="progressive widths must be integers"):
         stage_widths(w2a2, ("a",))
+
+
+def test_fit_refuses_a_resume_with_other_settings_before_touching_the_net(data, tmp_path):
+    """A checkpoint of a run with another lr is refused, and the net keeps its weights."""
+    from quant_ops.errors import QuantOpsError
+
+    train, _ = data
+    ck = str(tmp_path / "ck")
+    fit(small_net(), train, None, FitConfig(epochs=1, batch_size=100, lr=0.05, progress=False,
+                                            checkpoint_dir=ck, checkpoint_every=1,
+                                            stop_after_steps=2))
+    other = small_net(seed=1)
+    before = {k: p.data().asnumpy().copy() for k, p in other.collect_params().items()}
+    with pytest.raises(QuantOpsError, match=r"its run had lr=0.05; resuming with lr=0.01"):
+        fit(other, train, None, FitConfig(epochs=1, batch_size=100, lr=0.01, progress=False,
+                                          checkpoint_dir=ck))
+    for k, p in other.collect_params().items():
+        np.testing.assert_array_equal(p.data().asnumpy(), before[k], err_msg=k)

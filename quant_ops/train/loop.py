@@ -13,6 +13,7 @@ they are is a function of the global step, so a run resumed past that step resum
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,21 @@ KVSTORES = ("local", "device", "dist_sync", "dist_device_sync", "dist_async")
 # settings that decide the run: resuming with other values continues a different run
 RUN_KEYS = ("epochs", "lr", "batch_size", "optimizer", "schedule", "seed", "freeze_bn_after",
             "max_steps_per_epoch")
+
+
+def _same_run(ckpt: Path, cfg: FitConfig) -> None:
+    """Refuse to resume a checkpoint made with other run settings (``RUN_KEYS``)."""
+    try:
+        saved = json.loads((ckpt / checkpoint.PROGRESS).read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return                 # checkpoint.load names what is wrong with the record
+    differ = [k for k in RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if differ:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        now = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in differ)
+        raise QuantOpsError(f"{ckpt}: its run had {was}; resuming with {now} would not "
+                            "continue it: use its settings, another checkpoint_dir, or "
+                            "delete it to start over")
 
 
 def _check_labels(yb: mx.nd.NDArray, out: mx.nd.NDArray) -> None:
@@ -192,20 +208,13 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
         ckpt = ckpt / f"rank{rank}"
     resumed = False
     if ckpt is not None and checkpoint.find(ckpt) is not None:
+        _same_run(ckpt, cfg)           # before the load changes the net
         progress = checkpoint.load(ckpt, net, trainer)
         # the optimizer state holds no update counts: restore them so the schedule continues
         opt = trainer._optimizer
         opt.begin_num_update = opt.num_update = progress["step"]
         opt._index_update_count = {}
         resumed = True
-        saved = progress.get("config", {})
-        differ = [k for k in RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-        if differ:
-            was = ", ".join(f"{k}={saved[k]!r}" for k in differ)
-            now = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in differ)
-            raise QuantOpsError(f"{ckpt}: its run had {was}; resuming with {now} would not "
-                                "continue it: use its settings, another checkpoint_dir, or "
-                                "delete it to start over")
         log.info("resumed at epoch %d batch %d (step %d)", progress["epoch"],
                  progress["batch"], progress["step"])
     bn_after = cfg.freeze_bn_after
