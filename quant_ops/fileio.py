@@ -99,14 +99,15 @@ def remove_empty(folders) -> None:
             break
 
 
-def _missing_parents(path: Path) -> list:
-    """The folders above ``path`` that do not exist yet, outermost first."""
+def missing_folders(path: Path) -> list:
+    """``path`` and the folders above it that do not exist yet, innermost first: what
+    creating ``path`` makes, in the order ``remove_empty`` takes them back."""
     missing = []
-    for parent in path.parents:
-        if parent.exists():
+    for folder in (path, *path.parents):
+        if folder.exists():
             break
-        missing.append(parent)
-    return missing[::-1]
+        missing.append(folder)
+    return missing
 
 
 def _move_in(tmp: Path, out: Path) -> None:
@@ -153,7 +154,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     folders above it that this call would have created."""
     out = Path(out).resolve()   # as the kernel resolves it: the no-overwrite checks agree
     created = not out.exists()
-    made = _missing_parents(out) if created else []
+    made = missing_folders(out.parent) if created else []
     tmp = None
     try:
         try:
@@ -177,4 +178,4 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        remove_empty(reversed(made))
+        remove_empty(made)

@@ -1,13 +1,12 @@
 """BatchNorm statistics measured again on the quantized network.
 
-Weight methods that map weights onto their own scale (DoReFa's tanh to [-1, 1], QIL's
-interval transform, GDRQ's clip) train with BatchNorm kept after the layer, which absorbs
-the new scale in training; but the running statistics still describe the float weights, so
-the calibrated model computes nonsense in inference (ResNet-20, W4A4, 512 images: PACT with
-DoReFa weights 14.1% -> 92.8% once the statistics are measured again, QIL 29.7% -> 93.2%,
-DoReFa 14.9% -> 84.0%).  Each BatchNorm's mean and variance are measured on its input in
-the quantized network in inference, one layer at a time in graph order (a layer's input
-depends on the statistics before it), as BN re-estimation does after quantization.
+Weight methods that map weights onto their own scale (``Method.keeps_weight_scale`` false)
+train with BatchNorm kept after the layer, which absorbs the new scale in training; but the
+running statistics still describe the float weights, so the calibrated model computes
+nonsense in inference until they are measured again (the README gives the numbers).
+Each BatchNorm's mean and variance are measured on its input in the quantized network in
+inference, one layer at a time in graph order (a layer's input depends on the statistics
+before it), as BN re-estimation does after quantization.
 """
 from __future__ import annotations
 

@@ -232,7 +232,7 @@ def run_manifest(args, model, policy, rec, train) -> dict:
             "policy": policy.for_training().to_dict(), "recipe": rec.to_dict(),
             "seed": args.seed, "kvstore": args.kvstore,
             "freeze_bn_after": args.freeze_bn_after,
-            "progressive": list(getattr(args, "progressive", None) or []),
+            "progressive": list(args.progressive or []),
             "train": {"images": len(train), "digest": _digest([("x", train.x),
                                                                ("y", train.y)])}}
 
@@ -241,7 +241,7 @@ def check_resume(out: Path, manifest: dict):
     """Record the run's settings beside its checkpoints, or, when ``out`` holds the
     checkpoints of an interrupted run, refuse unless that run had the same settings.
     Returns False for a resume, else the folders it made (for ``_forget_record``)."""
-    from ..fileio import atomic_write_text, remove_empty
+    from ..fileio import atomic_write_text, missing_folders, remove_empty
 
     record, ckpt = out / "checkpoint.json", out / "checkpoint"
     if ckpt.is_dir() and any(ckpt.iterdir()):
@@ -260,7 +260,7 @@ def check_resume(out: Path, manifest: dict):
                                 f"run it with the same settings, use another --out, or "
                                 f"delete {ckpt} to start over")
         return False
-    made = [d for d in (out, *out.parents) if not d.exists()]
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps(manifest, indent=1))
@@ -306,6 +306,8 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
     ``error:`` line on bad input."""
     import mxnet as mx
 
+    from ..train.recipe import calibrated_start
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     progress_bars = not args.no_progress
     try:
@@ -324,7 +326,7 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         if not model.quantizers:
             raise QuantOpsError(f"{args.policy}: the policy quantizes no layer of {name}: "
                                 "nothing to fine-tune")
-        _calibrate(model, rec, train, progress_bars)
+        calibrated_start(model, rec, train.x, progress_bars)
         before = model.evaluate(test.x, test.y) if rec.calib_images else None
         made = check_resume(args.out, manifest)
         try:
@@ -340,23 +342,18 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         return error(e)
 
 
-def _calibrate(model, rec, train, progress: bool) -> None:
-    from ..train.recipe import calibrated_start
-
-    calibrated_start(model, rec, train.x, progress)
-
-
 def _progressive(args, float_model, policy, float_lr, train, test, before, name,
                  on_step) -> int:
     """``--progressive``: one recipe run per stage (``train.progressive``), each with its
     own checkpoints, so a resume continues the stage it was in."""
     from ..train.progressive import fit_progressive
+    from ..train.recipe import calibrated_start
 
     stages = []
 
     def run_stage(model, stage_policy, i, widths):
         rec = recipe_for(args, stage_policy, float_lr)
-        _calibrate(model, rec, train, not args.no_progress)
+        calibrated_start(model, rec, train.x, not args.no_progress)
         ckpt = args.out / "checkpoint" / f"stage{i}-W{widths[0]}A{widths[1]}"
         progress = _fit(args, model, rec, train, on_step, ckpt)
         stages.append({"weight_bits": widths[0], "activation_bits": widths[1],

@@ -35,14 +35,9 @@ class _Wiring:
     """Producers, consumers, initializers and static shapes of an ONNX graph."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.inits = {t.name: t for t in g.initializer}
-        self.made_by = {o: n for n in g.node for o in n.output}
-        self.used_by: dict = {}
-        for n in g.node:
-            for i in n.input:
-                self.used_by.setdefault(i, []).append(n)
-        self.outputs = {o.name for o in g.output}
+        from .onnx_qdq import _wiring    # (onnx_qdq imports this module)
+
+        self.inits, self.made_by, self.used_by, self.outputs = _wiring(model.graph)
         inferred = onnx.shape_inference.infer_shapes(model)
         self.shapes = {}
         for v in list(inferred.graph.value_info) + list(inferred.graph.input):
