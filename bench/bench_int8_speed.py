@@ -59,9 +59,6 @@ PEERS = {p: ("mx_fp32" if p.startswith("mx") else "ort_fp32") for p in PATHS
 MODELS = {"fmnist_resnet20": (1, 1, 28, 28), "fmnist_mobilenetv2": (1, 1, 28, 28),
           "resnet18_v1": (1, 3, 224, 224), "mobilenetv2_1.0": (1, 3, 224, 224),
           "ssd_512_mobilenet1.0_voc": (1, 3, 512, 512)}
-INTEGER_OPS = ("QLinear", "ConvInteger", "MatMulInteger", "DynamicQuantize")
-FLOAT_LAYERS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
-                "ConvTranspose")
 
 
 # -- timing, in a child process ------------------------------------------------------------
@@ -92,6 +89,8 @@ def _time_ort(path: str, shape: tuple, repeat: int) -> dict:
     import onnx
     import onnxruntime as ort
 
+    from quant_ops.export.ort import kernel_summary
+
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -105,15 +104,7 @@ def _time_ort(path: str, shape: tuple, repeat: int) -> dict:
         sess.run(None, feed)
         if i >= 3:
             times.append(time.perf_counter() - t)
-    ops: dict = {}
-    float_layers = []
-    for n in onnx.load(optimized).graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-        if n.op_type in FLOAT_LAYERS:
-            float_layers.append(n.name or n.output[0])
-    integer = sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS))
-    return {"ms": 1e3 * float(np.median(times)), "integer_nodes": integer,
-            "float_layers": float_layers, "ops": ops}
+    return {"ms": 1e3 * float(np.median(times)), **kernel_summary(onnx.load(optimized))}
 
 
 def child(argv: list[str]) -> None:

@@ -197,6 +197,31 @@ def test_shared_scale_at_residual_adds():
     assert strip_quantizers(q).to_symbol().tojson() == sym.tojson()
 
 
+@pytest.mark.parametrize("preset", ["cpu_int8", "trt_int8_shared"])
+def test_adds_of_parameters_are_biases_not_activations_to_share_a_scale(preset):
+    """BN folded for QAT computes each layer's bias in-graph (an elemwise_add of two values
+    of the parameters), and a graph may add a bias variable after a layer: neither adds
+    activations, so neither gets quantizers under a preset that shares scales at adds.
+    The QAT fold quantizes the same activations as the deployment fold."""
+    from quant_ops.prepare import quantize_graph
+
+    _, _, _, sym, params = zoo_graph("cifar_resnet20_v1", (2, 3, 32, 32))
+    fc = sym.name                                    # the classifier is the output
+    bias = mx.sym.var("extra_bias", shape=(1, 10))
+    sym = mx.sym.broadcast_add(sym, bias, name="bias_add")
+    params = {k: v.asnumpy() for k, v in params.items()}
+    params["extra_bias"] = np.ones((1, 10), np.float32)
+    seen = {}
+    for fold in ("qat", "deploy"):
+        q = quantize_graph(Graph.from_symbol(sym), params, preset, fold_bn=fold)
+        acts = {(r["tensor"], r["node"], r["shared_range"]) for r in q.table
+                if r["input"] != "weight"}
+        assert not any(t in ("extra_bias", fc) or "batchnorm" in t for t, _, _ in acts), acts
+        assert any(g for _, _, g in acts)            # the residual adds still share
+        seen[fold] = acts
+    assert seen["qat"] == seen["deploy"]
+
+
 def test_cpu_int8_is_unsigned_exactly_where_a_tensor_cannot_be_negative():
     """ReLU outputs get codes 0..255; a residual add's conv input (signed) and the network
     input keep int8; the one range a group shares stays one variable."""

@@ -15,7 +15,7 @@ import pytest
 from quant_ops import QuantizedModel, QuantOpsError
 from quant_ops.datasets import load_data
 from quant_ops.export.onnx_qdq import export_onnx, quantize_layer_outputs
-from quant_ops.export.ort import dequantized_outputs, quantize_points, session
+from quant_ops.export.ort import dequantized_outputs, kernels, quantize_points, session
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "examples" / "models"
@@ -277,8 +277,6 @@ def test_cpu_int8_runs_every_conv_in_integers_with_no_rectifier_left(name, convs
     """cpu_int8: post-ReLU tensors are uint8 with zero point 0 in both exports, so
     onnxruntime folds every ReLU/ReLU6 into the layer before it (no float rectifier and no
     lookup table left), and it computes what the simulation computes."""
-    import onnxruntime as ort
-
     q, _, x, _ = _bundled(name, "cpu_int8", n_test=200)
     s8, _, _ = export_onnx(q.run_graph, q.params, tmp_path / "s8.onnx", {"data": (1, 1, 28, 28)})
     zps = {t.name: t for t in onnx.load(str(s8)).graph.initializer
@@ -289,17 +287,17 @@ def test_cpu_int8_runs_every_conv_in_integers_with_no_rectifier_left(name, convs
     a = ex.alignment       # each quantizer alone is exact; a layer's float sums may differ
     assert a["isolated_identical_min"] == 1.0, a
     assert a["per_layer_identical_all"] >= 0.999, a
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    sess = ort.InferenceSession(str(ex.onnx), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-    assert ops.count("QLinearConv") == convs
+    k = kernels(ex.onnx)
+    ops = k["ops"]
+    assert ops.get("QLinearConv") == convs
     assert not {"Conv", "FusedConv", "Relu", "Clip", "QLinearLeakyRelu"} & set(ops)
     # the classifier (no quantizer after it) multiplies codes: no float GEMM, and the
     # alignment still checks its input and weight quantizers
-    assert ops.count("MatMulInteger") == 1 and not {"Gemm", "FusedGemm", "MatMul"} & set(ops)
+    assert ops.get("MatMulInteger") == 1 and not {"Gemm", "FusedGemm", "MatMul"} & set(ops)
+    assert k["float_layers"] == [] and k["integer_nodes"] >= convs + 1
     assert set(a["quantizers_isolated"]) == set(a["quantizers"])
     assert any("dense0_weight" in k for k in a["quantizers_isolated"])
+    sess = session(ex.onnx, optimize=True)
     got = np.array([sess.run(None, {"data": x[i:i + 1]})[0].argmax(1)[0] for i in range(len(x))])
     assert (got == q.predict(x).argmax(1)).mean() >= 0.99
 

@@ -1,7 +1,9 @@
-"""onnxruntime as the reference engine: a session, and the values at every
-QuantizeLinear / DequantizeLinear of an exported model."""
+"""onnxruntime as the reference engine: a session, the values at every
+QuantizeLinear / DequantizeLinear of an exported model, and which layers its optimized
+graph runs on integers."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,41 @@ def session(model, optimize: bool = False):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     data = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+#: operators of onnxruntime's optimized graphs that compute on integer codes
+INTEGER_OPS = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize")
+#: the layers that, left in an optimized graph, compute in float
+FLOAT_LAYERS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul",
+                "ConvTranspose")
+
+
+def kernel_summary(model: onnx.ModelProto) -> dict:
+    """Of an optimized graph (``session(..., optimize=True)`` writes one with
+    ``optimized_model_filepath``): operator counts, the number of integer operators, and
+    the layers left in float, by name."""
+    ops: dict = {}
+    float_layers = []
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        if n.op_type in FLOAT_LAYERS:
+            float_layers.append(n.name or n.output[0])
+    return {"integer_nodes": sum(v for k, v in ops.items() if k.startswith(INTEGER_OPS)),
+            "float_layers": float_layers, "ops": ops}
+
+
+def kernels(model_path: str | Path) -> dict:
+    """``kernel_summary`` of the graph onnxruntime runs for ``model_path`` with all its
+    optimizations on: whether the QDQ placement let it fuse integer kernels, and which
+    layers fell back to float."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="ort_opt_") as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        return kernel_summary(onnx.load(so.optimized_model_filepath))
 
 
 def quantize_points(model_path: str | Path, feeds: dict, optimize: bool = False) -> dict:

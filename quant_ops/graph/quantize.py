@@ -47,16 +47,33 @@ def _known_shape(node: Node, shapes: dict):
     return None
 
 
-def _shared_positions(node: Node) -> range:
+def _shared_positions(node: Node, constant: set) -> list:
     """Data inputs whose scales a runtime fuses into one: all of an add/concat, the one of an
     average pooling.  A max pooling gets none: it passes codes through, so the quantizer
-    after it serves, and a second range before it would make the engine requantize."""
+    after it serves, and a second range before it would make the engine requantize.  An add
+    or concat that reads a ``constant`` (computed from parameters alone) merges no
+    activations: it adds a bias (BN folded for QAT computes one in-graph), which the engine
+    fuses into the layer, so none of its inputs is quantized there."""
     if node.op == "Pooling":
-        return range(0 if node.attrs.get("pool_type", "max") == "max" else 1)
-    return range(len(node.inputs))
+        return list(range(0 if node.attrs.get("pool_type", "max") == "max" else 1))
+    if any(e[0] in constant for e in node.inputs):
+        return []
+    return list(range(len(node.inputs)))
 
 
-def _shared_groups(graph: Graph, policy) -> dict:
+def _constants(graph: Graph, params: set) -> set:
+    """Nodes whose values come from the ``params`` variables alone."""
+    const: set = set()
+    for i, n in enumerate(graph.nodes):
+        if n.is_var:
+            if n.name in params:
+                const.add(i)
+        elif n.inputs and all(e[0] in const for e in n.inputs):
+            const.add(i)
+    return const
+
+
+def _shared_groups(graph: Graph, policy, constant: set) -> dict:
     """(node, output) -> group name, for tensors that must share one range: the inputs of
     each ``policy.shared_inputs`` node, merged transitively (a tensor feeding two adds joins
     both groups)."""
@@ -70,7 +87,7 @@ def _shared_groups(graph: Graph, policy) -> dict:
 
     for n in graph.nodes:
         if n.op in policy.shared_inputs and not policy.skipped(n.name):
-            keys = [(n.inputs[p][0], n.inputs[p][1]) for p in _shared_positions(n)]
+            keys = [(n.inputs[p][0], n.inputs[p][1]) for p in _shared_positions(n, constant)]
             keys = [k for k in keys if not methods.is_quantizer(graph.nodes[k[0]].op)]
             for k in keys[1:]:
                 parent[find(k)] = find(keys[0])
@@ -134,7 +151,8 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
     new_index: dict = {}               # old node index -> new index
     quantized: dict = {}               # (old src, out) -> new entry of the quantizer output
     res = Rewrite(graph)
-    group_of = _shared_groups(graph, policy)   # tensor -> name of its shared-scale group
+    constant = _constants(graph, set(shapes))
+    group_of = _shared_groups(graph, policy, constant)   # tensor -> its shared-scale group
     group_range: dict = {}             # group name -> new index of its range variable
 
     def emit(node: Node, old=None) -> int:
@@ -214,7 +232,7 @@ def insert_quantizers(graph: Graph, policy, shapes: dict | None = None,
             rule = policy.rule_for(node.name, node.op, i == first, i == last)
         new_inputs = [[new_index[e[0]], e[1], e[2]] for e in node.inputs]
         if node.op in policy.shared_inputs and not policy.skipped(node.name):
-            for pos in _shared_positions(node):
+            for pos in _shared_positions(node, constant):
                 key = (node.inputs[pos][0], node.inputs[pos][1])
                 if methods.is_quantizer(graph.nodes[key[0]].op):
                     continue
