@@ -27,7 +27,8 @@ quantized with BatchNorm folded and calibrated by entropy (as the MXNet peer).
 
     python bench/bench_int8_speed.py                        # every model, batch 1 and 32
     python bench/bench_int8_speed.py --models fmnist_resnet20 --batches 1 --repeat 5
-    python bench/bench_int8_speed.py --models mobilenetv2_1.0 --batches 32 --rounds 5
+    python bench/bench_int8_speed.py --models mobilenetv2_1.0 --batches 32 --rounds 7 \
+        --paths mx_fp32,mx_int8,mx_int8_peer      # one comparison, interleaved
 """
 from __future__ import annotations
 
@@ -304,7 +305,13 @@ def main(argv=None) -> int:
                     help="times each path's process runs, interleaved with the other paths "
                          "(the median round is reported)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "int8_speed.json")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help="the paths to time (all are built)")
     args = ap.parse_args(argv)
+    paths = args.paths.split(",")
+    unknown = sorted(set(paths) - set(PATHS))
+    if unknown:
+        ap.error(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATHS)})")
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
     batches = [int(b) for b in args.batches.split(",")]
     results = []
@@ -323,7 +330,7 @@ def main(argv=None) -> int:
                 # rounds interleave the paths, so that a drift of the machine's speed
                 # during the run reaches every path alike; the median round is kept
                 for _ in range(args.rounds):
-                    for path in PATHS:
+                    for path in paths:
                         key = f"{path}@{b}" if path.startswith("ort") else path
                         if key not in built["files"]:
                             per[path] = {"error": built["errors"].get(key, "not built")}
@@ -336,7 +343,7 @@ def main(argv=None) -> int:
                         per[path] = {**got, "ms": statistics.median(rounds),
                                      "rounds_ms": rounds}
                 for path, peer in PEERS.items():
-                    if "ms" in per[path] and "ms" in per[peer]:
+                    if path in per and peer in per and "ms" in per[path] and "ms" in per[peer]:
                         per[path]["speedup"] = per[peer]["ms"] / per[path]["ms"]
                 row["batches"][str(b)] = per
             results.append(row)
@@ -360,12 +367,13 @@ def table(rows: list) -> str:
     for r in rows:
         for b, per in r["batches"].items():
             def ms(p):
-                return f"{per[p]['ms']:.2f}" if "ms" in per[p] else "fail"
+                return "-" if p not in per else f"{per[p]['ms']:.2f}" if "ms" in per[p] else "fail"
 
             def up(p):
-                return f"{per[p]['speedup']:.2f}x" if "speedup" in per[p] else "fail"
+                return ("-" if p not in per else f"{per[p]['speedup']:.2f}x"
+                        if "speedup" in per[p] else "fail")
 
-            left = per["ort_int8"].get("float_layers")
+            left = per.get("ort_int8", {}).get("float_layers")
             lines.append(f"{r['model']:<26} {b:>5} {ms('mx_fp32'):>10} {ms('ort_fp32'):>11} "
                          + " ".join(f"{up(c):>12}" for c in cols) + "  "
                          + (", ".join(left[:3]) + (" ..." if len(left) > 3 else "")
