@@ -19,7 +19,8 @@ a graph, so neither ``hybridize`` nor ``export`` works: gluoncv's GroupNorm call
 ``reshape`` with positional sizes, which the symbol API reads as other arguments);
 ``nondeterministic`` (it binds and runs finite, but MXNet's own float graph gives another
 output when run twice on one input, so the exact comparison cannot be made: gluoncv's
-R-CNNs); ``skip`` (not a float network: the zoo's ``*_int8``
+R-CNNs; and any net whose float graph gives another output in a second executor);
+``skip`` (not a float network: the zoo's ``*_int8``
 entries are MXNet-quantized graphs; several inputs); ``timeout``.
 """
 from __future__ import annotations
@@ -163,6 +164,12 @@ def _check(name: str, fold: str, shape: tuple, work: Path) -> dict:
     scale = max(max(float(np.abs(y).max()) for y in y_float), 1e-12)
     exact = len(y_strip) == len(y_folded) and all(
         a.shape == b.shape and np.array_equal(a, b) for a, b in zip(y_strip, y_folded))
+    if not exact and deterministic:
+        # a second executor of the same float graph: a net whose result depends on the
+        # executor (a machine under load can change how oneDNN splits a 3-D convolution
+        # across threads) cannot be compared exactly either
+        deterministic = all(np.array_equal(a, b) for a, b in
+                            zip(y_folded, Runner(fg, fp, shape, fusion=False)(x)))
     row = {"status": "FAIL" if not finite else "ok" if exact else
            "nondeterministic" if not deterministic else "FAIL",
            "quantizers": len(q.quantizers), "outputs_finite": bool(finite),
