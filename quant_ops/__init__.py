@@ -14,10 +14,11 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 LIBRARY_PATH = _load()
 
-from . import ops, reference  # noqa: E402  (ops needs the library loaded)
+from . import ops, reference, shape_guard  # noqa: E402  (ops needs the library loaded)
 from .ops import FakeQuantInt8, OperatorError, set_training, track_training  # noqa: E402
 
 ops.install_wrappers()
+shape_guard.install(lambda: ops.QUANTIZERS)
 
 from . import methods  # noqa: E402
 from .model import QuantizedModel, quantize  # noqa: E402

@@ -270,6 +270,29 @@ class QuantizedModel:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise QuantOpsError(f"{self.graph.source}: the params do not match the symbol: "
                                 f"missing {', '.join(missing[:5])}{more}")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """What MXNet would run on without complaint but compute wrong: a quantizer whose
+        range or state holds no value, a BatchNorm whose running variance is negative
+        (its output is NaN, folded or not)."""
+        src = self.graph.source
+        for q in self.quantizers:
+            for inp, var in q.inputs.items():
+                v = self.params.get(var)
+                if v is not None and (v.ndim == 0 or v.size == 0):
+                    raise QuantOpsError(f"{src}: {q.method.op} '{q.name}': its '{inp}' "
+                                        f"('{var}') has shape {tuple(v.shape)}; it holds "
+                                        "one value per tensor or per channel")
+        for node in self.graph.nodes:
+            if node.op != "BatchNorm" or len(node.inputs) < 5:
+                continue
+            var_name = self.graph.nodes[node.inputs[4][0]].name
+            v = self.params.get(var_name)
+            eps = float(node.attrs.get("eps", "0.001"))
+            if v is not None and v.size and (v + eps <= 0).any():
+                raise QuantOpsError(f"{src}: BatchNorm '{node.name}': running variance "
+                                    f"'{var_name}' is negative ({float(v.min()):.3g})")
 
     def set_input_shape(self, shape: Sequence[int]) -> QuantizedModel:
         """Record the input shape, after checking that the graph and its params take it

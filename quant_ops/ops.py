@@ -79,6 +79,10 @@ def _wrap(raw, method: methods.Method):
             raise OperatorError(f"{method.op}: input {missing} missing (it takes "
                                 f"{', '.join(inputs)})")
         for i, v in enumerate(args[:len(inputs)]):
+            if isinstance(v, mx.nd.NDArray) and v.ndim == 0:
+                # MXNet 1.x reads shape () as "unknown" and runs past the buffer
+                raise OperatorError(f"{method.op}: input '{inputs[i]}' has no dimensions "
+                                    "(shape ()); give it shape (1,)")
             if i and isinstance(v, mx.nd.NDArray) and v.size == 0:
                 # MXNet takes a 0 in a shape for "unknown": say so here, not at the next sync
                 raise OperatorError(f"{method.op}: input '{inputs[i]}' is empty (shape "

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """``utils/qat_train.py`` with what only tests need: the ``tiny`` model (a small CNN from a
 fixed seed, no checkpoint needed) and ``--fail-at-step N [--fail-rank R]``, which kills
-worker R with SIGKILL after optimizer step N (a crashed worker of a distributed job)."""
+worker R with SIGKILL after optimizer step N (a crashed worker of a distributed job).
+SIGTERM and SIGINT are handled as the command line handles them."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant_ops.cli import qat_train  # noqa: E402
+from quant_ops.cli.common import stoppable  # noqa: E402
 
 TINY_LR = 0.1   # what the tiny model would have been trained with
 
@@ -41,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == args.fail_rank and step == args.fail_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return qat_train.run(args, models={"tiny": tiny},
-                         on_step=kill_at_step if args.fail_at_step is not None else None)
+    return stoppable(lambda: qat_train.run(
+        args, models={"tiny": tiny},
+        on_step=kill_at_step if args.fail_at_step is not None else None))
 
 
 if __name__ == "__main__":

@@ -221,6 +221,12 @@ def world(tmp_path_factory):
         .calibrate(x, "minmax", progress=False).save(d / "netd")
     QuantizedModel.load(d / "net").quantize({"weight": {"bits": 3}, "activation": {"bits": 3}}) \
         .calibrate(x, "minmax", progress=False).save(d / "net3")
+    shutil.copy(d / "netc-symbol.json", d / "netc_norange-symbol.json")
+    nr = {k: mx.nd.array(v[:0] if k == m.quantizers[-1].range_var else v)
+          for k, v in m.params.items()}
+    aux = set(m.graph.to_symbol().list_auxiliary_states())
+    mx.nd.save(str(d / "netc_norange-0000.params"),
+               {f"{'aux' if k in aux else 'arg'}:{k}": v for k, v in nr.items()})
     # policy files
     policies = {
         "unknown_key.yaml": "preset: trt_int8\nweights: {bits: 4}\n",
@@ -317,6 +323,9 @@ class Op:
     change: tuple | None = None              # (input name, array -> array)
     channels: int = 1
     symbolic: bool = False
+    #: a Symbol entry given a graph whose data has no shape: "partial" (infer_shape_partial
+    #: without it), "simple_bind" (without it), "bind" (with a 0-d array)
+    unknown_data: str | None = None
     drop_last: bool = False
     needles: tuple = ()
 
@@ -331,10 +340,21 @@ def _call_op(c: Op):
     if c.change:
         name, fn = c.change
         vals[name] = fn(vals[name])
-    if c.symbolic:
+    if c.symbolic or c.unknown_data:
         y = getattr(mx.sym, m.op)(mx.sym.var("data"), *[mx.sym.var(k) for k in vals],
                                   **c.attrs)
-        y.infer_shape(data=shape)
+        if c.unknown_data == "partial":
+            y.infer_shape_partial()
+        elif c.unknown_data == "simple_bind":
+            y.simple_bind(mx.cpu(), **{k: v.shape for k, v in vals.items()})
+        elif c.unknown_data == "bind":
+            aux = set(y.list_auxiliary_states())
+            arrays = {"data": mx.nd.array(np.float32(0.5))}
+            arrays.update({k: mx.nd.array(v) for k, v in vals.items()})
+            y.bind(mx.cpu(), {k: v for k, v in arrays.items() if k not in aux},
+                   aux_states={k: v for k, v in arrays.items() if k in aux})
+        else:
+            y.infer_shape(data=shape)
         return
     args = [mx.nd.array(x, dtype=x.dtype)] + [mx.nd.array(v, dtype=v.dtype)
                                               for v in vals.values()]
@@ -363,8 +383,16 @@ def _op_rows() -> list:
                                needles=(f"{op}: unknown attribute 'bogus_attr'",)))
         row("symbol-nbits", Op(m, {"nbits": hi + 5}, symbolic=True, needles=(
             f"{op}: attribute 'nbits' = {hi + 5} is out of range [{lo}, {hi}]",)))
+        # MXNet 1.9 overflows a buffer on an external operator's input of unknown rank
+        row("data-0d", Op(m, data=("float32", ()),
+                          needles=(f"{op}: input 'data' has no dimensions",)))
+        for how in ("partial", "simple_bind", "bind"):
+            row(f"data-unknown-{how}", Op(m, unknown_data=how, needles=(
+                f"{op} '", "the shape of its data is not known")))
         for i in m.inputs:
             n, size = i.name, i.size(1)
+            row(f"{n}-0d", Op(m, change=(n, lambda v: v[0]),
+                              needles=(f"{op}: input '{n}' has no dimensions",)))
             row(f"{n}-empty", Op(m, change=(n, lambda v: v[:0]),
                                  needles=(f"{op}: input '{n}' is empty",)))
             row(f"{n}-rank2", Op(m, change=(n, lambda v: v.reshape(1, -1)),
@@ -484,6 +512,26 @@ def _ck_plant(c: Ctx, consistent: bool) -> None:
 
 def _ck_record(c: Ctx, text: str) -> None:
     (_ck_copy(c) / "progress.json").write_text(text)
+
+
+def _ck_edit(c: Ctx, **fields) -> None:
+    """The record with ``fields`` changed (its digests still match the parts)."""
+    p = _ck_copy(c) / "progress.json"
+    rec = json.loads(p.read_text())
+    rec.update(fields)
+    p.write_text(json.dumps(rec))
+
+
+def _ck_nan_weights(c: Ctx) -> None:
+    """A weight set to NaN and the record's digest updated to match (a forgery)."""
+    ck = _ck_copy(c)
+    arrays = mx.nd.load(str(ck / "net.params"))
+    first = sorted(k for k in arrays if k.endswith("weight"))[0]
+    arrays[first][:] = np.nan
+    mx.nd.save(str(ck / "net.params"), arrays)
+    rec = json.loads((ck / "progress.json").read_text())
+    rec["parts"]["net.params"] = hashlib.sha256((ck / "net.params").read_bytes()).hexdigest()
+    (ck / "progress.json").write_text(json.dumps(rec))
 
 
 def _ck_drop(c: Ctx) -> None:
@@ -857,6 +905,30 @@ API_ROWS = [
         prep=lambda c: _ck_record(c, '{"step": 1}')),
     api("checkpoint-part-missing", _resume, "optimizer.npz: missing from the checkpoint",
         prep=_ck_drop),
+    api("checkpoint-step-past-the-run", _resume, "progress.json: 'step' is 1000",
+        prep=lambda c: _ck_edit(c, step=1000)),
+    api("checkpoint-step-negative", _resume, "progress.json: 'step' is -3",
+        prep=lambda c: _ck_edit(c, step=-3)),
+    api("checkpoint-step-not-epoch-and-batch", _resume,
+        "progress.json: step 0 is not epoch 0, batch 1",
+        prep=lambda c: _ck_edit(c, step=0)),
+    api("checkpoint-epoch-past-the-run", _resume, "progress.json: 'epoch' is 5",
+        prep=lambda c: _ck_edit(c, epoch=5)),
+    api("checkpoint-epoch-text", _resume, "progress.json: 'epoch' is '0'",
+        prep=lambda c: _ck_edit(c, epoch="0")),
+    api("checkpoint-batch-past-the-epoch", _resume, "progress.json: 'batch' is 999",
+        prep=lambda c: _ck_edit(c, batch=999)),
+    api("checkpoint-batch-negative", _resume, "progress.json: 'batch' is -1",
+        prep=lambda c: _ck_edit(c, batch=-1)),
+    api("checkpoint-running-loss-nan", _resume, "progress.json: 'run_loss' is nan",
+        prep=lambda c: _ck_edit(c, run_loss=float("nan"))),
+    api("checkpoint-nan-weights-with-digest", _resume, "net.params: 'net_", "holds NaN",
+        prep=_ck_nan_weights),
+    api("model-quantizer-range-empty", lambda c: _load(c, "netc_norange"),
+        "has shape (0,); it holds one value per tensor or per channel"),
+    api("model-negative-bn-variance-unfolded", lambda c: QuantizedModel.from_symbol(
+        _sym(c, "net"), c.d / "negvar-0000.params"),
+        "BatchNorm 'bn1': running variance 'bn1_moving_var' is negative"),
 ]
 
 
@@ -970,6 +1042,10 @@ CLI_ROWS = [
         "i32-0000.params: parameter 'fc_bias' is int32"),
     cli("params-nan", GO, lambda c: go(c, params="nan"),
         "nan-0000.params: parameter 'c1_weight' has NaN"),
+    cli("negative-bn-variance", GO, lambda c: go(c, params="negvar"),
+        "BatchNorm 'bn1': running variance 'bn1_moving_var' is negative"),
+    cli("quantizer-range-empty", GO, lambda c: go(c, model="netc_norange"),
+        "has shape (0,); it holds one value per tensor or per channel"),
     cli("negative-bn-variance-folded", GO, lambda c: go(c, "--fold-bn", "deploy",
                                                          params="negvar"),
         "BatchNorm 'bn1': running variance 'bn1_moving_var' is negative"),
@@ -1064,7 +1140,13 @@ CLI_ROWS = [
         "quantizer 'c1_weight_dorefa' (DoReFa) has no ONNX format"),
     cli("opset-5", EX, lambda c: ex(c, "--opset", "5"), "opset 5 is not supported"),
     cli("trt-version-negative", EX, lambda c: ex(c, "--trt-version", "-1"),
-        "--trt-version must be a positive integer"),
+        "--trt-version must be TensorRT"),
+    cli("trt-version-huge", EX, lambda c: ex(c, "--trt-version", str(10 ** 30)),
+        "--trt-version must be TensorRT's number for itself", "got 1000000000000000000000"),
+    cli("mean-without-calib", EX, lambda c: ex(c, "--mean", "0.5", "--std", "0.2"),
+        "--mean, --std: only for --calib images"),
+    cli("calib-images-without-calib", EX, lambda c: ex(c, "--calib-images", "8"),
+        "--calib-images: only for --calib images"),
     cli("check-input-missing", EX, lambda c: ex(c, "--check-input", c.f("nosuch.npy")),
         "nosuch.npy: cannot read"),
     cli("check-input-pickled", EX, lambda c: ex(c, "--check-input", c.f("evil.npy")),
@@ -1156,6 +1238,17 @@ CLI_ROWS = [
         prep=lambda c: [c.out.joinpath("rank0").mkdir(parents=True),
                         shutil.copy(c.d / "net-symbol.json", c.out / "rank0" / "final-symbol.json"),
                         shutil.copy(c.d / "net-0000.params", c.out / "rank0" / "final-0000.params")]),
+    cli("out-holds-the-policy-as-run-record", QT, lambda c: qt_tiny(
+        c, "--data", c.f("test.npz"), "--test", c.f("test.npz"), "--policy",
+        str(c.out / "checkpoint.json")),
+        "checkpoint.json: this output would overwrite an input",
+        prep=lambda c: [c.out.mkdir(parents=True),
+                        c.out.joinpath("checkpoint.json").write_text('{"preset": "trt_int8"}')]),
+    cli("out-checkpoints-hold-the-data", QT, lambda c: qt_tiny(
+        c, "--data", str(c.out / "checkpoint" / "test.npz"), "--test", c.f("test.npz")),
+        "checkpoint: this output would overwrite an input",
+        prep=lambda c: [c.out.joinpath("checkpoint").mkdir(parents=True),
+                        shutil.copy(c.d / "test.npz", c.out / "checkpoint" / "test.npz")]),
     # -- sensitivity --------------------------------------------------------------------------
     cli("test-label-beyond-the-classes", SE, lambda c: calib(c, "--test", c.f("lbl7.npz"),
                                                              "--eval-images", "4"),

@@ -70,10 +70,12 @@ def output_name(name: str) -> str:
 
 def no_overwrite(out: Path, names: list[str], inputs: list,
                  choose: str = "another --out or --name") -> None:
-    """Refuse an output that would replace an input (the same file, through any path)."""
+    """Refuse an output that would replace an input (the same file, through any path, or
+    a file inside an output folder)."""
     ins = {Path(i).resolve() for i in inputs if i is not None}
     for n in names:
-        if (Path(out) / n).resolve() in ins:
+        target = (Path(out) / n).resolve()
+        if any(target == i or target in i.parents for i in ins):
             raise QuantOpsError(f"{Path(out) / n}: this output would overwrite an input; "
                                 f"choose {choose}")
 

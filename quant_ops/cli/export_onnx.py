@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA",
                    help="with --mxnet-int8: images that give ranges to the tensors MXNet "
                         f"quantizes and this model keeps in float ({DATA_HELP})")
-    p.add_argument("--calib-images", type=int, default=256,
+    p.add_argument("--calib-images", type=int, default=None,
                    help="images of --calib to use (default 256)")
     p.add_argument("--mean", type=floats,
                    help="pixel normalization of --calib images (x - mean) / std")
@@ -51,9 +51,14 @@ def run(args: argparse.Namespace) -> dict:
     """Export, check the alignment (``<name>.alignment.json``), all or none; the report."""
     import numpy as np
 
-    if args.trt_version <= 0:
-        raise QuantOpsError(f"--trt-version must be a positive integer (TensorRT's number "
-                            f"for itself, 8601 for 8.6.1), got {args.trt_version}")
+    if not 0 < args.trt_version < 10_000_000:
+        raise QuantOpsError(f"--trt-version must be TensorRT's number for itself (8601 for "
+                            f"8.6.1), got {args.trt_version}")
+    unused = [f for f, v in (("--calib-images", args.calib_images), ("--mean", args.mean),
+                             ("--std", args.std)) if v is not None]
+    if unused and not args.calib:
+        raise QuantOpsError(f"{', '.join(unused)}: only for --calib images (with "
+                            "--mxnet-int8); give --calib or leave them out")
     model = QuantizedModel.from_symbol(args.symbol, args.params)
     name = output_name(args.name) if args.name is not None else model.name
     outputs = [f"{name}{ext}" for ext in (".onnx", ".calib.cache", ".ranges.json",
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace) -> dict:
 def _calib(args: argparse.Namespace, model: QuantizedModel):
     from ..datasets import load_data
 
+    if args.calib_images is None:
+        args.calib_images = 256
     if args.calib_images < 1:
         raise QuantOpsError(f"--calib-images must be >= 1, got {args.calib_images}")
     if (args.mean is None) != (args.std is None):

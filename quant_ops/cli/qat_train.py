@@ -315,8 +315,11 @@ def run(args: argparse.Namespace, models: Mapping[str, ModelLoader] | None = Non
         policy = load_policy(args.policy)
         args.input_files = []
         model, norm, float_lr, name, fmnist = _load_model(args, models or {})
-        no_overwrite(args.out / f"rank{_env_rank(args)}", list(OUTPUTS),
-                     args.input_files + [args.policy, args.data, args.test], "another --out")
+        inputs = args.input_files + [args.policy, args.data, args.test]
+        no_overwrite(args.out / f"rank{_env_rank(args)}", list(OUTPUTS), inputs,
+                     "another --out")
+        no_overwrite(args.out, ["checkpoint.json", "checkpoint", ".checkpoint.old"], inputs,
+                     "another --out")   # the run record and its checkpoints (resume)
         rec = recipe_for(args, policy, float_lr)
         train, test = _load_sets(args, model, norm, fmnist, progress_bars)
         manifest = run_manifest(args, model, policy, rec, train)

@@ -29,7 +29,7 @@ def check_arrays(params: dict, source: str, cast: bool = False) -> dict:
         if a.dtype != np.float32:
             if not (cast and np.issubdtype(a.dtype, np.floating)):
                 raise QuantOpsError(f"{source}: parameter '{k}' is {a.dtype}, not float32"
-                                    + ("" if cast else " (cast=True converts float types)"))
+                                    + ("" if cast else " (convert the file to float32; in the Python API, cast=True converts float types)"))
             a = a.astype(np.float32)
         if a.size and not np.isfinite(a).all():
             raise QuantOpsError(f"{source}: parameter '{k}' has NaN or infinite values")

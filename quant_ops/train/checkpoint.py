@@ -116,10 +116,61 @@ def save(ckpt: Path, net: gluon.Block, trainer: gluon.Trainer, progress: dict) -
         if ckpt.exists():
             os.rename(ckpt, old)
         os.rename(tmp, ckpt)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder even when a signal's exception (SIGTERM, SIGINT) interrupts the
+    removal: it is finished first, then the exception goes on."""
+    pending = None
+    for _ in range(3):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            break
+        except BaseException as e:  # noqa: B036  (re-raised below)
+            pending = e
+    if pending is not None:
+        raise pending
+
+
+def check_progress(progress: dict, steps_per_epoch: int, epochs: int, source: str) -> None:
+    """A resumed record must be a point of this run: whole numbers in range, and the step
+    the epoch and batch give (a record edited by hand, or of another schedule, is refused
+    rather than trained on from a wrong place)."""
+    def whole(key: str, low: int, high: int) -> int:
+        v = progress.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise QuantOpsError(f"{source}: '{key}' is {v!r}; a checkpoint of this run has a "
+                                f"whole number from {low} to {high}")
+        return v
+
+    epoch = whole("epoch", 0, epochs)
+    batch = whole("batch", 0, steps_per_epoch - 1 if epoch < epochs else 0)
+    step = whole("step", 0, epochs * steps_per_epoch)
+    if step != epoch * steps_per_epoch + batch:
+        raise QuantOpsError(f"{source}: step {step} is not epoch {epoch}, batch {batch} of "
+                            f"{steps_per_epoch} batches an epoch: the record is not of this "
+                            "run")
+    for key in ("history", "curve"):
+        if not isinstance(progress.get(key, []), list):
+            raise QuantOpsError(f"{source}: '{key}' is not a list")
+    for key in ("run_loss", "run_n"):
+        v = progress.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) \
+                or v < 0:
+            raise QuantOpsError(f"{source}: '{key}' is {v!r}, not a finite number >= 0")
+
+
+def check_finite(net: gluon.Block, source: str) -> None:
+    """Every parameter and state the checkpoint put into ``net`` is finite."""
+    for name, p in net.collect_params().items():
+        if p._data is None:
+            continue
+        if not np.isfinite(p.data().asnumpy()).all():
+            raise QuantOpsError(f"{source}: '{name}' holds NaN or infinite values")
 
 
 def _savez(path: Path, arrays: dict) -> None:

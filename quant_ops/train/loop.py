@@ -210,6 +210,9 @@ def fit(net: gluon.Block, train, val=None, cfg: FitConfig | None = None) -> dict
     if ckpt is not None and checkpoint.find(ckpt) is not None:
         _same_run(ckpt, cfg)           # before the load changes the net
         progress = checkpoint.load(ckpt, net, trainer)
+        checkpoint.check_progress(progress, steps_per_epoch, cfg.epochs,
+                                  str(ckpt / checkpoint.PROGRESS))
+        checkpoint.check_finite(net, str(ckpt / "net.params"))
         # the optimizer state holds no update counts: restore them so the schedule continues
         opt = trainer._optimizer
         opt.begin_num_update = opt.num_update = progress["step"]
