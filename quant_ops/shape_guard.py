@@ -98,6 +98,11 @@ def _named(names: list, values) -> dict:
     return {k: getattr(v, "shape", None) for k, v in zip(names, values)}
 
 
+def _bound_shapes(sym: _Symbol, args, aux) -> dict:
+    """name -> shape of the arguments and auxiliary states given to a bind."""
+    return {**_named(sym.list_arguments(), args), **_named(sym.list_auxiliary_states(), aux)}
+
+
 def install(quantizers: Callable[[], Iterable[str]]) -> None:
     """Guard the Symbol methods that infer shapes (idempotent)."""
     if getattr(_Symbol, "__qo_shape_guard__", False):
@@ -122,10 +127,8 @@ def install(quantizers: Callable[[], Iterable[str]]) -> None:
 
     @functools.wraps(bind)
     def guarded_bind(self, ctx, args, *rest, **kwargs):
-        shapes = _named(self.list_arguments(), args)
         aux = kwargs.get("aux_states", rest[2] if len(rest) > 2 else None)
-        shapes.update(_named(self.list_auxiliary_states(), aux))
-        check(self, shapes, quantizers(), infer)
+        check(self, _bound_shapes(self, args, aux), quantizers(), infer)
         return bind(self, ctx, args, *rest, **kwargs)
 
     optimize_for = _Symbol.optimize_for
@@ -133,9 +136,7 @@ def install(quantizers: Callable[[], Iterable[str]]) -> None:
     @functools.wraps(optimize_for)
     def guarded_optimize_for(self, backend, args=None, aux=None, *rest, **kwargs):
         if args is not None:
-            shapes = _named(self.list_arguments(), args)
-            shapes.update(_named(self.list_auxiliary_states(), aux))
-            check(self, shapes, quantizers(), infer)
+            check(self, _bound_shapes(self, args, aux), quantizers(), infer)
         return optimize_for(self, backend, args, aux, *rest, **kwargs)
 
     _Symbol._infer_shape_impl = _infer_shape_impl
